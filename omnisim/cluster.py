@@ -1,0 +1,84 @@
+"""The serving cluster's shape: xPyD (or colocated) instance groups, their parallelism and engine limits."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class InstanceGroup:
+    """``count`` identical engine instances, each on ``tp * dp`` devices.
+
+    tp: tensor parallel; dp: attention data parallel inside the instance; ep: expert parallel degree of the MoE
+    layers (1 for dense models; at most tp * dp). Engine limits follow vLLM's names.
+    ``kv_capacity_tokens`` overrides the capacity derived from device memory (0 = derive).
+    """
+
+    count: int = 1
+    tp: int = 1
+    dp: int = 1
+    ep: int = 1
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    block_size: int = 16
+    gpu_memory_utilization: float = 0.9
+    kv_capacity_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("count", "tp", "dp", "ep", "max_num_seqs", "max_num_batched_tokens", "block_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"cluster: {name} must be >= 1, got {getattr(self, name)}")
+        if self.ep > self.tp * self.dp:
+            raise ValueError(f"cluster: ep={self.ep} exceeds the instance's devices tp*dp={self.tp * self.dp}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"cluster: gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.kv_capacity_tokens < 0:
+            raise ValueError(f"cluster: kv_capacity_tokens must be >= 0, got {self.kv_capacity_tokens}")
+
+    @property
+    def devices(self) -> int:
+        return self.tp * self.dp
+
+
+@dataclass(frozen=True)
+class KVLink:
+    """Path of KV from a prefill to a decode instance: per-prefill-instance egress bandwidth, shared FIFO."""
+
+    bandwidth_GBps: float = 50.0
+    latency_s: float = 0.0005
+
+    def __post_init__(self) -> None:
+        if self.bandwidth_GBps <= 0 or self.latency_s < 0:
+            raise ValueError(f"cluster.kv_link: bandwidth_GBps must be > 0 and latency_s >= 0, got {self}")
+
+    def transfer_s(self, nbytes: float) -> float:
+        return self.latency_s + nbytes / (self.bandwidth_GBps * 1e9)
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """Either disaggregated (``prefill`` and ``decode`` groups) or colocated (``mixed``), not both."""
+
+    prefill: InstanceGroup | None = None
+    decode: InstanceGroup | None = None
+    mixed: InstanceGroup | None = None
+    kv_link: KVLink = field(default_factory=KVLink)
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        pd = self.prefill is not None or self.decode is not None
+        if pd and self.mixed is not None:
+            raise ValueError("cluster: give either prefill+decode (disaggregated) or mixed (colocated), not both")
+        if pd and (self.prefill is None or self.decode is None):
+            raise ValueError("cluster: a disaggregated cluster needs both a prefill and a decode group")
+        if not pd and self.mixed is None:
+            raise ValueError("cluster: no instances (give prefill+decode or mixed)")
+
+    @property
+    def disaggregated(self) -> bool:
+        return self.mixed is None
+
+    def groups(self) -> list[tuple[str, InstanceGroup]]:
+        """(role name, group) pairs: instance ids are f"{role}-{index}"."""
+        if self.disaggregated:
+            return [("prefill", self.prefill), ("decode", self.decode)]
+        return [("mixed", self.mixed)]

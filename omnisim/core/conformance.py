@@ -1,0 +1,207 @@
+"""Conformance checks any policy can be run through (in the spirit of Gymnasium's check_env).
+
+``check_proxy_policy(factory)`` and ``check_placement_policy(factory)`` take ``factory(seed) -> policy`` and raise
+``ConformanceError`` listing every violation: invalid ids or duplicates, non-determinism for a seed, mutated
+inputs, and forbidden dependencies (simulator or backend internals, wall clock, global randomness).
+"""
+from __future__ import annotations
+
+import ast
+import inspect
+import random
+import sys
+from typing import Callable, Sequence
+
+import numpy as np
+
+from omnisim.core.dispatch import Assignment, Phase, ProxyPolicy, Waiting
+from omnisim.core.instance import BatchSample, InstanceState, Role
+from omnisim.core.placement import ExpertLoad, Placement, PlacementPolicy, Topology
+from omnisim.core.request import Request
+from omnisim.core.view import ClusterView
+
+FORBIDDEN_IMPORTS = ("simpy", "omnisim.sim", "backends", "vllm", "torch", "torch_npu", "hydra", "aiohttp",
+                     "time", "datetime", "socket", "requests", "urllib", "subprocess", "os")
+_WALL_CLOCK = {("time", "time"), ("time", "monotonic"), ("time", "perf_counter"), ("datetime", "now"),
+               ("datetime", "utcnow"), ("date", "today")}
+_SEEDED_RNG = {"Random", "default_rng", "Generator", "PCG64", "SeedSequence", "Philox", "SFC64", "MT19937"}
+
+
+class ConformanceError(AssertionError):
+    pass
+
+
+class _DictPrefix:
+    def __init__(self, cached: dict[tuple[str, str], int]):
+        self._cached = cached
+
+    def cached_tokens(self, request: Request, instance_id: str) -> int:
+        return self._cached.get((request.id, instance_id), 0)
+
+
+def _dotted(node: ast.AST) -> list[str]:
+    parts: list[str] = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    if isinstance(node, ast.Name):
+        parts.append(node.id)
+    return parts[::-1]
+
+
+def source_violations(obj: object) -> list[str]:
+    """Forbidden imports, wall-clock reads and global-RNG calls in the module that defines ``obj``'s class."""
+    module = sys.modules.get(type(obj).__module__)
+    try:
+        tree = ast.parse(inspect.getsource(module))
+    except (TypeError, OSError):
+        return []
+    where = getattr(module, "__name__", "?")
+    found = []
+    for node in ast.walk(tree):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module]
+        for name in names:
+            if any(name == f or name.startswith(f + ".") for f in FORBIDDEN_IMPORTS):
+                found.append(f"{where}:{node.lineno} imports {name}")
+        if isinstance(node, ast.Call):
+            parts = _dotted(node.func)
+            if len(parts) >= 2 and (parts[-2], parts[-1]) in _WALL_CLOCK:
+                found.append(f"{where}:{node.lineno} reads the wall clock ({'.'.join(parts)})")
+            if len(parts) >= 2 and parts[-2] == "random" and parts[-1] not in _SEEDED_RNG:
+                found.append(f"{where}:{node.lineno} uses global randomness ({'.'.join(parts)})")
+    return found
+
+
+def random_view(rng: random.Random, queue: Sequence[Waiting], colocated: bool) -> ClusterView:
+    roles = [Role.MIXED] * rng.randint(1, 6) if colocated else (
+        [Role.PREFILL] * rng.randint(1, 5) + [Role.DECODE] * rng.randint(1, 3))
+    states = []
+    for i, role in enumerate(roles):
+        cap = rng.choice([4096, 65536, 1 << 20])
+        states.append(InstanceState(
+            id=f"{role.value}-{i}", role=role, healthy=rng.random() > 0.15, num_running=rng.randint(0, 40),
+            num_waiting=rng.randint(0, 20), inflight_prompt_tokens=rng.randint(0, 40000),
+            decode_tokens=rng.randint(0, cap), kv_usage=rng.random(), kv_capacity_tokens=cap,
+            max_num_seqs=rng.choice([0, 32, 256]),
+            recent_batches=tuple(BatchSample(rng.uniform(0.005, 0.5), rng.randint(0, 8192), rng.randint(0, 64))
+                                 for _ in range(rng.randint(0, 4)))))
+    cached = {(w.request.id, s.id): rng.randint(0, w.request.prompt_tokens - 1)
+              for w in queue for s in states if rng.random() < 0.3}
+    return ClusterView(now_s=rng.uniform(0, 1000), instances=tuple(states), prefix=_DictPrefix(cached))
+
+
+def random_queue(rng: random.Random, phase: Phase, start: int, now_hint: float = 1000.0) -> list[Waiting]:
+    out = []
+    for i in range(rng.randint(0, 12)):
+        blocks = rng.randint(0, 8)
+        req = Request(id=f"r{start + i}", arrival_s=rng.uniform(0, now_hint), prompt_tokens=rng.randint(1, 20000),
+                      output_tokens=rng.randint(1, 2000), prefix_hashes=tuple(rng.randint(0, 50) for _ in range(blocks)),
+                      hash_block_tokens=512 if blocks else 0, priority=rng.randint(0, 2))
+        out.append(Waiting(req, queued_s=req.arrival_s, source_id=None if phase is Phase.PREFILL else "prefill-0"))
+    return out
+
+
+def _check_assignments(out: object, phase: Phase, queue: Sequence[Waiting], view: ClusterView) -> list[str]:
+    problems = []
+    if not isinstance(out, (list, tuple)):
+        return [f"schedule returned {type(out).__name__}, not a list or tuple of Assignment"]
+    queued = {w.request.id for w in queue}
+    healthy = {s.id: s for s in view.instances if s.healthy}
+    seen = set()
+    for a in out:
+        if not isinstance(a, Assignment):
+            problems.append(f"schedule returned {a!r}, not an Assignment")
+            continue
+        if a.request_id not in queued:
+            problems.append(f"{phase.value}: assigned {a.request_id!r}, which is not in the queue")
+        if a.request_id in seen:
+            problems.append(f"{phase.value}: assigned {a.request_id!r} twice")
+        seen.add(a.request_id)
+        state = healthy.get(a.instance_id)
+        if state is None:
+            problems.append(f"{phase.value}: assigned to {a.instance_id!r}, not a healthy instance in the view")
+        elif phase is Phase.DECODE and state.role is Role.PREFILL:
+            problems.append(f"decode: assigned to prefill instance {a.instance_id!r}")
+    return problems
+
+
+def _run_proxy(policy: ProxyPolicy, calls) -> tuple[list, list[str]]:
+    outputs, problems = [], []
+    for phase, queue, view in calls:
+        before = list(queue)
+        out = policy.schedule(phase, queue, view)
+        if list(queue) != before:
+            problems.append(f"{phase.value}: schedule mutated its queue")
+        problems += _check_assignments(out, phase, queue, view)
+        outputs.append(list(out) if isinstance(out, (list, tuple)) else out)
+    return outputs, problems
+
+
+def check_proxy_policy(factory: Callable[[int], ProxyPolicy], *, calls: int = 200, seed: int = 0) -> None:
+    rng = random.Random(seed)
+    script = []
+    for k in range(calls):
+        phase = rng.choice([Phase.PREFILL, Phase.DECODE])
+        colocated = phase is Phase.PREFILL and rng.random() < 0.3
+        queue = random_queue(rng, phase, start=k * 100)
+        script.append((phase, queue, random_view(rng, queue, colocated)))
+    first = factory(seed)
+    problems = source_violations(first)
+    out_a, p = _run_proxy(first, script)
+    problems += p
+    out_b, _ = _run_proxy(factory(seed), script)
+    if out_a != out_b:
+        problems.append("two policies built with the same seed made different decisions on the same calls")
+    if problems:
+        raise ConformanceError(f"{type(first).__name__}: " + "; ".join(dict.fromkeys(problems)))
+
+
+def random_placement_case(rng: np.random.Generator) -> tuple[ExpertLoad, Placement, Topology, int]:
+    experts = int(rng.choice([8, 16, 64, 256]))
+    nodes = int(rng.choice([1, 2, 4]))
+    ranks = nodes * int(rng.choice([1, 2, 4]))
+    while ranks > experts:
+        ranks //= 2
+    nodes = min(nodes, ranks)
+    groups = int(rng.choice([g for g in (1, 2, 4, 8) if experts % g == 0 and g % nodes == 0] or [1]))
+    base = -(-experts // ranks)
+    topo = Topology(num_ranks=ranks, slots_per_rank=base + int(rng.integers(0, 3)), num_nodes=nodes, num_groups=groups)
+    layers = int(rng.integers(1, 5))
+    counts = rng.zipf(1.5, size=(layers, experts)).astype(float) * rng.integers(1, 100)
+    counts[rng.random(counts.shape) < 0.1] = 0.0
+    return ExpertLoad(counts), Placement.contiguous(layers, experts, topo), topo, experts
+
+
+def check_placement_policy(factory: Callable[[int], PlacementPolicy], *, cases: int = 30, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    script = [random_placement_case(rng) for _ in range(cases)]
+    first, second = factory(seed), factory(seed)
+    problems = source_violations(first)
+    for load, current, topo, experts in script:
+        snapshot = (load.counts.copy(), current.phy2log.copy())
+        try:
+            new = first.rebalance(load, current, topo)
+            again = second.rebalance(load, current, topo)
+        except Exception as e:  # a policy may reject a topology it cannot serve, but must say so clearly
+            if not isinstance(e, ValueError):
+                problems.append(f"raised {type(e).__name__}: {e} for {topo}")
+            continue
+        if not isinstance(new, Placement):
+            problems.append(f"rebalance returned {type(new).__name__}, not a Placement")
+            continue
+        try:
+            new.validate(experts, topo)
+        except ValueError as e:
+            problems.append(f"invalid placement for {topo}: {e}")
+        if new.num_layers != load.num_layers:
+            problems.append(f"placement has {new.num_layers} layers, load has {load.num_layers}")
+        if not np.array_equal(new.phy2log, again.phy2log):
+            problems.append("two policies built with the same seed placed differently")
+        if not (np.array_equal(snapshot[0], load.counts) and np.array_equal(snapshot[1], current.phy2log)):
+            problems.append("rebalance mutated its inputs")
+    if problems:
+        raise ConformanceError(f"{type(first).__name__}: " + "; ".join(dict.fromkeys(problems)))

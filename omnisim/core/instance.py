@@ -1,0 +1,42 @@
+"""What a policy may know about one serving instance: a cheap, immutable snapshot."""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class Role(enum.Enum):
+    PREFILL = "prefill"
+    DECODE = "decode"
+    MIXED = "mixed"  # colocated: prefill and decode on the same instance
+
+
+@dataclass(frozen=True, slots=True)
+class BatchSample:
+    """One observed engine step (or the mean of a run of identical decode steps)."""
+
+    duration_s: float
+    prefill_tokens: int
+    decode_seqs: int
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceState:
+    """Load of one instance as the proxy sees it.
+
+    ``inflight_prompt_tokens``: prompt tokens assigned to the instance and not yet prefilled (uncached part).
+    ``decode_tokens``: context tokens of the requests decoding here or assigned here to decode.
+    ``recent_batches``: the last few engine steps, oldest first (OmniProxy predicts from them).
+    """
+
+    id: str
+    role: Role
+    healthy: bool = True
+    num_running: int = 0
+    num_waiting: int = 0
+    inflight_prompt_tokens: int = 0
+    decode_tokens: int = 0
+    kv_usage: float = 0.0
+    kv_capacity_tokens: int = 0
+    max_num_seqs: int = 0
+    recent_batches: tuple[BatchSample, ...] = ()
