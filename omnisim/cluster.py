@@ -10,7 +10,8 @@ class InstanceGroup:
 
     tp: tensor parallel; dp: attention data parallel inside the instance; ep: expert parallel degree of the MoE
     layers (1 for dense models; at most tp * dp). Engine limits follow vLLM's names.
-    ``kv_capacity_tokens`` overrides the capacity derived from device memory (0 = derive).
+    ``kv_capacity_tokens`` overrides the capacity derived from device memory (0 = derive). As in vLLM, an instance
+    whose KV cannot hold one ``max_model_len`` sequence does not start, and longer requests are rejected.
     """
 
     count: int = 1
@@ -22,9 +23,11 @@ class InstanceGroup:
     block_size: int = 16
     gpu_memory_utilization: float = 0.9
     kv_capacity_tokens: int = 0
+    max_model_len: int = 32768
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("count", "tp", "dp", "ep", "max_num_seqs", "max_num_batched_tokens", "block_size"):
+        for name in ("count", "tp", "dp", "ep", "max_num_seqs", "max_num_batched_tokens", "block_size", "max_model_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"cluster: {name} must be >= 1, got {getattr(self, name)}")
         if self.ep > self.tp * self.dp:

@@ -1,0 +1,128 @@
+"""Build a simulated cluster from an Experiment, replay its workload, and collect the records."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pandas as pd
+import simpy
+
+from omnisim.core import PrefixIndex, Role
+from omnisim.experiment import Experiment, RunResult
+from omnisim.metrics import records_frame
+from omnisim.sim.instance import Instance
+from omnisim.sim.proxy_driver import ProxyDriver
+
+_ROLES = {"prefill": Role.PREFILL, "decode": Role.DECODE, "mixed": Role.MIXED}
+
+
+def _derived_capacity(model, hardware, parallel, group) -> int:
+    from omnisim.cost import kv_capacity_tokens
+
+    return kv_capacity_tokens(model, hardware, parallel, group.gpu_memory_utilization)
+
+
+class Simulation:
+    """One run. ``timer_s``: the proxy's re-dispatch timer while requests are held; ``reserve_tokens``: KV an
+    instance reserves for a decoding request at a time (vLLM allocates a block per block_size tokens; reserving
+    a few blocks ahead only changes when, never whether, a preemption happens by more than that slack)."""
+
+    def __init__(self, experiment: Experiment, *, timer_s: float = 0.01, reserve_tokens: int = 256,
+                 progress: bool = False, moe_factory=None) -> None:
+        from omnisim.cost.parallelism import Parallelism
+
+        self.experiment = experiment
+        self.progress = progress
+        self.env = env = simpy.Environment()
+        self.rows: list[tuple] = []
+        self.prefix = PrefixIndex()
+        cluster, model = experiment.cluster, experiment.model
+        groups = cluster.groups()
+        sizes = {g.block_size for _, g in groups}
+        if len(sizes) > 1:
+            raise ValueError(f"cluster: prefill and decode block_size differ ({sorted(sizes)}); KV moves block by block")
+        self.driver = ProxyDriver(env, experiment.proxy, self.prefix, block_size=sizes.pop(),
+                                  max_model_len=min(g.max_model_len for _, g in groups), timer_s=timer_s,
+                                  on_record=self._record)
+        self.instances: list[Instance] = []
+        for role, group in groups:
+            parallel = Parallelism(tp=group.tp, dp=group.dp, ep=group.ep)
+            cost = experiment.cost(model=model, hardware=experiment.hardware, parallel=parallel)
+            capacity = group.kv_capacity_tokens or _derived_capacity(model, experiment.hardware, parallel, group)
+            if capacity < group.max_model_len:
+                raise ValueError(
+                    f"cluster.{role}: the KV cache holds {capacity} tokens, less than one max_model_len="
+                    f"{group.max_model_len} sequence (raise gpu_memory_utilization or tp/dp, or lower max_model_len)")
+            for i in range(group.count):
+                iid = f"{role}-{i}"
+                inst = Instance(env, iid, _ROLES[role], group, cost, capacity // group.block_size,
+                                model.kv_bytes_per_token, cluster.kv_link, self.driver,
+                                moe=moe_factory(role, group, i) if moe_factory else None,
+                                reserve_tokens=reserve_tokens,
+                                kv_listener=lambda events, iid=iid: self.prefix.apply(iid, events))
+                self.instances.append(inst)
+                self.driver.add(inst)
+        self._requests = iter(experiment.workload.requests())
+        self._next = None
+        self._arrived = 0
+        self._bar = None
+
+    def _record(self, row: tuple) -> None:
+        self.rows.append(row)
+        if self._bar is not None and len(self.rows) % 256 == 0:
+            self._bar.update(256)
+
+    def _arrive(self, _event=None) -> None:
+        if self._next is not None:
+            self.driver.arrive(self._next)
+        req = next(self._requests, None)
+        self._next = req
+        if req is None:
+            return
+        delay = req.arrival_s - self.env.now
+        if delay < 0:
+            raise ValueError(f"workload: request {req.id} arrives at {req.arrival_s} s, before the previous one")
+        self._arrived += 1
+        self.env.timeout(delay).callbacks.append(self._arrive)
+
+    def run(self) -> RunResult:
+        if self.progress:
+            from tqdm import tqdm
+
+            self._bar = tqdm(unit="req", desc="simulating", file=sys.stderr, mininterval=0.5)
+        try:
+            self._arrive()
+            self.env.run()
+        finally:
+            if self._bar is not None:
+                self._bar.update(len(self.rows) % 256)
+                self._bar.close()
+        stuck = self.driver.unfinished()
+        if stuck:  # cannot happen unless an engine invariant broke: say so rather than lose requests
+            raise RuntimeError(f"simulation ended with {len(stuck)} unfinished requests, e.g. {stuck[0].id}")
+        if len(self.rows) != self._arrived:
+            raise RuntimeError(f"{self._arrived} requests arrived but {len(self.rows)} were recorded")
+        duration = self.env.now
+        records = records_frame(self.rows)
+        instances = pd.DataFrame([i.stats(duration) for i in self.instances])
+        extra = {"simulated_s": duration, "max_proxy_queue": self.driver.max_queue,
+                 "preemptions": int(instances["preemptions"].sum())}
+        return RunResult(records=records, instances=instances, extra=extra)
+
+
+class SimBackend:
+    """``backend=sim``: the embedded discrete-event simulator (no servers)."""
+
+    def __init__(self, timer_s: float = 0.01, reserve_tokens: int = 256, progress: str | bool = "auto") -> None:
+        if timer_s < 0:
+            raise ValueError(f"backend.timer_s must be >= 0, got {timer_s}")
+        if reserve_tokens < 1:
+            raise ValueError(f"backend.reserve_tokens must be >= 1, got {reserve_tokens}")
+        self.timer_s = timer_s
+        self.reserve_tokens = reserve_tokens
+        self.progress = progress
+
+    def run(self, experiment: Experiment, out_dir: Path | None = None) -> RunResult:
+        progress = sys.stderr.isatty() if self.progress == "auto" else bool(self.progress)
+        sim = Simulation(experiment, timer_s=self.timer_s, reserve_tokens=self.reserve_tokens, progress=progress)
+        return sim.run()
