@@ -30,7 +30,7 @@ _FINISH, _EXTEND = 0, 1
 class Instance:
     def __init__(self, env: simpy.Environment, instance_id: str, role: Role, group: InstanceGroup, cost,
                  num_blocks: int, kv_bytes_per_token: float, link, driver: "ProxyDriver", moe=None,
-                 reserve_tokens: int = 256, kv_listener=None) -> None:
+                 reserve_tokens: int = 256, kv_listener=None, max_run_steps: int = 0) -> None:
         self.env = env
         self.id = instance_id
         self.role = role
@@ -45,6 +45,7 @@ class Instance:
         self.max_model_len = group.max_model_len
         self.caching = group.enable_prefix_caching
         self.reserve_blocks = max(1, -(-reserve_tokens // B))
+        self.max_run_steps = max_run_steps  # 0: unbounded runs of decode steps; 1: one event per step (reference)
         self.bm = BlockManager(num_blocks, B, kv_listener)
         self.waiting: deque[Sequence] = deque()  # need (re)computation here, in arrival order
         self.remote: deque[Sequence] = deque()  # PD: KV on a prefill instance, waiting for blocks here
@@ -203,6 +204,8 @@ class Instance:
             k = heap[0][0] - self.steps
             if k < 1:
                 raise AssertionError(f"{self.id}: event at step {heap[0][0]} is behind step {self.steps}")
+            if self.max_run_steps and k > self.max_run_steps:
+                k = self.max_run_steps
             ctx0 = self.ctx_sum
             cost = self.cost.step_time
             if self.moe is not None:

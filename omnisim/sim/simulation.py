@@ -28,7 +28,7 @@ class Simulation:
     a few blocks ahead only changes when, never whether, a preemption happens by more than that slack)."""
 
     def __init__(self, experiment: Experiment, *, timer_s: float = 0.01, reserve_tokens: int = 256,
-                 progress: bool = False, moe_factory=None) -> None:
+                 progress: bool = False, moe_factory=None, max_run_steps: int = 0) -> None:
         from omnisim.cost.parallelism import Parallelism
 
         self.experiment = experiment
@@ -58,7 +58,7 @@ class Simulation:
                 inst = Instance(env, iid, _ROLES[role], group, cost, capacity // group.block_size,
                                 model.kv_bytes_per_token, cluster.kv_link, self.driver,
                                 moe=moe_factory(role, group, i) if moe_factory else None,
-                                reserve_tokens=reserve_tokens,
+                                reserve_tokens=reserve_tokens, max_run_steps=max_run_steps,
                                 kv_listener=lambda events, iid=iid: self.prefix.apply(iid, events))
                 self.instances.append(inst)
                 self.driver.add(inst)
