@@ -1,31 +1,31 @@
-"""Fewest in-flight tokens: uncached prompt tokens for prefill, resident context tokens for decode."""
+"""Fewest in-flight tokens (vLLM router / llm-d 'least load'): uncached prompt tokens still to prefill for the prefill
+phase, resident context tokens for decode; dispatches everything at once."""
 from __future__ import annotations
 
 from typing import Sequence
 
-from omnisim.core import Assignment, ClusterView, InstanceState, Phase, Waiting
-
-
-def inflight_tokens(state: InstanceState, phase: Phase) -> int:
-    if phase is Phase.PREFILL:
-        return state.inflight_prompt_tokens + (state.decode_tokens if state.role.value == "mixed" else 0)
-    return state.decode_tokens
+from omnisim.core import Assignment, ClusterView, Phase, Waiting
+from omnisim.policies.load import added_tokens, inflight_tokens
 
 
 class LeastLoad:
+    """Each request goes to the candidate with the fewest in-flight tokens, counting what this call already sent;
+    ties go to the earlier candidate in the view. ``seed`` is accepted for a uniform constructor; this policy draws
+    no random numbers."""
+
     def __init__(self, seed: int = 0) -> None:
-        pass
+        self.seed = seed
 
     def schedule(self, phase: Phase, queue: Sequence[Waiting], view: ClusterView) -> list[Assignment]:
         candidates = view.candidates(phase)
         if not candidates:
             return []
-        load = {s.id: inflight_tokens(s, phase) for s in candidates}
-        order = {s.id: k for k, s in enumerate(candidates)}  # ties go to the first candidate: deterministic
+        load = [inflight_tokens(s, phase) for s in candidates]
         out = []
         for w in queue:
-            target = min(load, key=lambda i: (load[i], order[i]))
+            k = min(range(len(load)), key=load.__getitem__)
+            target = candidates[k].id
             out.append(Assignment(w.request.id, target))
-            r = w.request
-            load[target] += r.prompt_tokens if phase is Phase.PREFILL else r.prompt_tokens + r.output_tokens
+            cached = view.cached_tokens(w.request, target) if phase is Phase.PREFILL else 0
+            load[k] += added_tokens(w.request, phase, cached)
         return out

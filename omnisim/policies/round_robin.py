@@ -7,7 +7,11 @@ from omnisim.core import Assignment, ClusterView, Phase, Waiting
 
 
 class RoundRobin:
+    """One cyclic pointer per phase over ``view.candidates(phase)``. ``seed`` is accepted for a uniform constructor;
+    this policy draws no random numbers."""
+
     def __init__(self, seed: int = 0) -> None:
+        self.seed = seed
         self._next = {Phase.PREFILL: 0, Phase.DECODE: 0}
 
     def schedule(self, phase: Phase, queue: Sequence[Waiting], view: ClusterView) -> list[Assignment]:
