@@ -34,3 +34,8 @@ Request extensions (optional): headers ``X-Prefix-Hashes: 12,34,56`` with ``X-Ha
 request's prefix-block hashes exactly (the load generator sends the workload's); ``X-Prompt-Tokens: 1234`` gives
 the exact prompt length. Without them the proxy estimates from the prompt (see backends/common/tokens.py).
 """
+from backends.proxy.config import ProxyConfig, Upstream, upstreams_from_urls
+from backends.proxy.proxy import Proxy
+from backends.proxy.proxy_thread import ProxyThread
+
+__all__ = ["Proxy", "ProxyConfig", "ProxyThread", "Upstream", "upstreams_from_urls"]

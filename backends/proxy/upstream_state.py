@@ -1,0 +1,51 @@
+"""What the proxy knows about one upstream engine: its own in-flight accounting, health, and the engine's /metrics."""
+from __future__ import annotations
+
+from omnisim.core import InstanceState, Role
+
+from backends.proxy.config import Upstream
+
+
+class UpstreamState:
+    """Counts change at dispatch and completion (exact for this proxy's traffic); the engine's running/waiting
+    split and KV usage come from its last /metrics scrape (stale by up to one poll interval)."""
+
+    def __init__(self, upstream: Upstream) -> None:
+        self.upstream = upstream
+        self.id = upstream.id
+        self.url = upstream.url.rstrip("/")
+        self.role = Role(upstream.role)
+        self.healthy = True
+        self.failures = 0
+        self.outstanding = 0
+        self.inflight_prompt_tokens = 0
+        self.decode_tokens = 0
+        self.engine_running: int | None = None
+        self.engine_waiting: int | None = None
+        self.kv_usage = 0.0
+
+    def snapshot(self) -> InstanceState:
+        if self.engine_running is None:
+            running, waiting = self.outstanding, 0
+        else:  # requests sent since the last scrape are assumed waiting
+            running = min(self.engine_running, self.outstanding)
+            waiting = self.outstanding - running
+        return InstanceState(
+            id=self.id, role=self.role, healthy=self.healthy, num_running=running, num_waiting=waiting,
+            inflight_prompt_tokens=self.inflight_prompt_tokens, decode_tokens=self.decode_tokens,
+            kv_usage=self.kv_usage, kv_capacity_tokens=self.upstream.kv_capacity_tokens,
+            max_num_seqs=self.upstream.max_num_seqs)
+
+    def check_passed(self) -> None:
+        self.failures = 0
+        self.healthy = True
+
+    def check_failed(self, threshold: int) -> None:
+        self.failures += 1
+        if self.failures >= threshold:
+            self.healthy = False
+
+    def connection_failed(self, threshold: int) -> None:
+        """A dispatch could not connect: out of rotation now, back after its next passing health check."""
+        self.failures = max(self.failures, threshold)
+        self.healthy = False
