@@ -13,7 +13,7 @@ from omnisim.metrics import (
     RECORD_COLUMNS, SLO, compare_runs, compare_summaries, confidence_interval, format_summary, json_ready,
     read_records, records_frame, request_latencies, summarize, validate_records, write_plots, write_run,
 )
-from omnisim.metrics.plots import _tokens_per_bin
+from omnisim.metrics.plots import _peak_occupancy, _tokens_per_bin
 
 NAN = math.nan
 CONF_SLO = Path(__file__).resolve().parents[1] / "conf" / "slo"
@@ -401,3 +401,11 @@ def test_output_tokens_over_time_are_conserved_and_spread():
     tokens = _tokens_per_bin(records, edges)
     assert tokens.sum() == pytest.approx(16.0)
     assert tokens == pytest.approx([1 + 2, 2, 2 + 1, 2 + 4, 2])  # bins [0,2) [2,4) [4,6) [6,8) [8,10]
+
+
+def test_queue_length_is_the_exact_peak_within_each_bin():
+    # [0, 1) and [0.5, 2) overlap in the first bin; [3, 3) is a zero-length stay; the last row never left
+    enter = np.array([0.0, 0.5, 3.0, 1.0])
+    leave = np.array([1.0, 2.0, 3.0, NAN])
+    peaks = _peak_occupancy(enter, leave, np.array([0.0, 1.0, 2.0, 3.0, 4.0]))
+    assert peaks.tolist() == [2.0, 1.0, 0.0, 0.0]
