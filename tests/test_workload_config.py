@@ -15,11 +15,12 @@ NEEDS_TRACES = {"azure", "mooncake", "sharegpt"}
 HAVE_TRACES = (REPO_ROOT / "../shared/traces").is_dir()
 
 
-def instantiate(name: str, **overrides):
+def instantiate(name: str, convert: str = "all", **overrides):
+    """Like the app (omnisim/app.py), which instantiates each group with _convert_="all"."""
     cfg = OmegaConf.create({"seed": 7, "workload": OmegaConf.load(CONF / "workload" / f"{name}.yaml")})
     for key, value in overrides.items():
         OmegaConf.update(cfg, f"workload.{key}", value)
-    return hydra.utils.instantiate(cfg.workload)
+    return hydra.utils.instantiate(cfg.workload, _convert_=convert)
 
 
 def assert_keys_match_constructor(node: dict, where: str) -> None:
@@ -71,10 +72,11 @@ def test_seed_interpolation_changes_the_sequence():
     assert list(hydra.utils.instantiate(cfg.workload).requests()) != first
 
 
-def test_rate_steps_from_yaml_list():
-    workload = instantiate("gamma", rate_steps=[[0, 1.0], [10, 0.0], [20, 1.0]], max_requests=200)
+@pytest.mark.parametrize("convert", ["all", "none"])  # "none": the constructor receives a ListConfig
+def test_rate_steps_from_yaml_list(convert):
+    workload = instantiate("gamma", convert, rate_steps=[[0, 1.0], [10, 0.0], [20, 1.0]], max_requests=200)
     times = [r.arrival_s for r in workload.requests()]
-    assert not any(10.0 <= t < 20.0 for t in times)
+    assert len(times) == 200 and not any(10.0 <= t < 20.0 for t in times)
 
 
 @pytest.mark.skipif(not HAVE_TRACES, reason="public traces not found at ../shared/traces")
