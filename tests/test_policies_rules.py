@@ -205,7 +205,7 @@ def test_omni_proxy_decode_longest_first_onto_fewest_tokens_with_running_limit()
     # l -> d0 (1000 < 5000) -> 4000; m -> d0 (4000 < 5000) -> 5000, running 32 (full); s -> d1
     assert [(a.request_id, a.instance_id) for a in out] == [("l", "d0"), ("m", "d0"), ("s", "d1")]
     full = view(inst("d0", Role.DECODE, num_running=32))
-    assert OmniProxy().schedule(D, q, full) == []
+    assert OmniProxy(decode_max_running=32).schedule(D, q, full) == []
     # 0 = the instance's own max_num_seqs
     assert len(OmniProxy(decode_max_running=0).schedule(D, q, view(inst("d0", Role.DECODE, num_running=32,
                                                                        max_num_seqs=34)))) == 2
@@ -297,7 +297,7 @@ def test_pd_decider_prefills_short_uncached_prompts_on_decode():
 
 def test_pd_decider_short_requests_follow_the_inner_decode_rule():
     v = view(inst("p0"), inst("d0", Role.DECODE, num_running=32), inst("d1", Role.DECODE, num_running=10))
-    out = PDDecider(OmniProxy(), threshold_tokens=512).schedule(P, [wait("s", 100)], v)
+    out = PDDecider(OmniProxy(decode_max_running=32), threshold_tokens=512).schedule(P, [wait("s", 100)], v)
     assert targets(out) == {"s": "d1"}  # d0 is at OmniProxy's decode running limit
 
 
@@ -323,3 +323,12 @@ def test_no_candidates_means_no_assignment():
     for policy in (RoundRobin(), RandomChoice(), LeastLoad(), LeastRequests(), PowerOfTwo(), PrefixAware(), KVAware(),
                    OmniProxy(), Predictive(), PDDecider(LeastLoad())):
         assert policy.schedule(P, [wait("a")], v) == [] and policy.schedule(D, [wait("a")], v) == []
+
+
+def test_predictive_waits_for_a_busy_instance_whose_cache_makes_it_faster():
+    policy = Predictive(prefill_step_s=0.1, prefill_s_per_token=1e-4, batch_token_budget=10000, max_queue_s=0.5,
+                        aging=0.0)
+    # p0 holds 9000 of a's 10000 tokens but has 5000 queued (0.6 s > 0.5 s horizon): a's TTFT there is
+    # 1e-4 * 6000 + 0.1 = 0.7 s against 1.1 s on idle p1, so a waits in the proxy; b (no cache) goes to p1.
+    v = view(inst("p0", inflight_prompt_tokens=5000), inst("p1"), cached={("a", "p0"): 9000})
+    assert targets(policy.schedule(P, [wait("a", 10000), wait("b", 10000)], v)) == {"b": "p1"}

@@ -15,8 +15,9 @@ Decode:
 - pick the eligible decode upstream (requests < ``decode_max_running``) with the fewest context tokens, scanning
   round robin from the one after the last pick; with none eligible the rest is held.
 
-The published upstreams are per DP rank; here an upstream is an instance, so ``decode_max_running`` = 0 means "the
-instance's own max_num_seqs" (no limit where the view does not say). Dispatched work is counted as the view counts
+The published decode upstreams are DP ranks (32 running each); here an upstream is an instance (all its DP ranks), so
+``decode_max_running`` = 0, the default, means "the instance's own max_num_seqs" (no limit where the view does not
+say); give 32 * dp to mirror a published deployment exactly. Dispatched work is counted as the view counts
 it: uncached prompt tokens for prefill (the C code adds the whole prompt), prompt tokens for decode.
 (The C snapshot skips the limits in the no-match branch; REFERENCE.md and this class apply them to both.)
 """
@@ -33,7 +34,7 @@ MIN_MAX_WAIT_S = 0.050
 
 class OmniProxy:
     def __init__(self, prefill_max_inflight_tokens: int = 32000, prefill_max_running: int = 32,
-                 decode_max_running: int = 32, prompt_weight: float = 0.8, seed: int = 0) -> None:
+                 decode_max_running: int = 0, prompt_weight: float = 0.8, seed: int = 0) -> None:
         for name, value in (("prefill_max_inflight_tokens", prefill_max_inflight_tokens),
                             ("prefill_max_running", prefill_max_running), ("decode_max_running", decode_max_running)):
             if value < 0:

@@ -12,8 +12,9 @@ Prefill (and colocated) phase:
 - the proxy holds requests: an instance takes work only while its predicted wait before a new request could start
   is <= ``max_queue_s``; the rest waits in the proxy, where later short requests can still pass it.
 - the queue is served by priority = predicted own prefill seconds - ``aging`` * seconds waited (shortest predicted
-  job first, aged so long prompts are not starved); each request goes to the eligible instance with the lowest
-  predicted TTFT (ties: earlier candidate).
+  job first, aged so long prompts are not starved); each of the first ``lookahead`` requests goes to the instance
+  with the lowest predicted TTFT (ties: earlier candidate) if that instance takes work now, else it stays in the
+  proxy waiting for that instance (a cached prefix there can beat an idle instance elsewhere).
 Decode phase (TPOT guard):
 - decode step line per instance (seconds vs decoding sequences) from its pure-decode batches, prior
   ``decode_step_s + decode_s_per_seq * seqs``.
@@ -34,7 +35,7 @@ from omnisim.policies.step_fit import StepLine, fit_step_line
 
 class Predictive:
     def __init__(self, prefill_step_s: float = 0.12007, prefill_s_per_token: float = 0.0345e-3,
-                 batch_token_budget: int = 16384, max_queue_s: float = 0.5, aging: float = 0.5,
+                 batch_token_budget: int = 16384, max_queue_s: float = 0.25, aging: float = 0.05, lookahead: int = 64,
                  decode_step_s: float = 0.03, decode_s_per_seq: float = 2e-5, tpot_slo_s: float = 0.05,
                  prior_weight: float = 1.0, seed: int = 0) -> None:
         for name, value in (("prefill_step_s", prefill_step_s), ("prefill_s_per_token", prefill_s_per_token),
@@ -44,6 +45,8 @@ class Predictive:
                 raise ValueError(f"predictive: {name} must be > 0, got {value}")
         if batch_token_budget < 1:
             raise ValueError(f"predictive: batch_token_budget must be >= 1, got {batch_token_budget}")
+        if lookahead < 1:
+            raise ValueError(f"predictive: lookahead must be >= 1, got {lookahead}")
         if max_queue_s < 0 or aging < 0:
             raise ValueError(f"predictive: max_queue_s and aging must be >= 0, got {max_queue_s}, {aging}")
         self.prefill_prior = StepLine(prefill_step_s, prefill_s_per_token)
@@ -51,6 +54,7 @@ class Predictive:
         self.batch_token_budget = batch_token_budget
         self.max_queue_s = max_queue_s
         self.aging = aging
+        self.lookahead = lookahead
         self.tpot_slo_s = tpot_slo_s
         self.prior_weight = prior_weight
         self.seed = seed  # uniform constructor; the rule draws no random numbers
@@ -90,30 +94,32 @@ class Predictive:
     # ---- prefill -------------------------------------------------------------------------------------------------
     def _prefill(self, queue: Sequence[Waiting], view: ClusterView,
                  candidates: tuple[InstanceState, ...]) -> list[Assignment]:
+        n = len(candidates)
         lines = [self.step_line(s, Phase.PREFILL) for s in candidates]
         queued = [s.inflight_prompt_tokens for s in candidates]
-        eligible = [k for k in range(len(candidates))
-                    if self.prefill_seconds(lines[k], queued[k]) <= self.max_queue_s]
-        if not eligible:
+        open_ = [self.prefill_seconds(lines[k], queued[k]) <= self.max_queue_s for k in range(n)]
+        if not any(open_):
             return []
         ids = [s.id for s in candidates]
         slope = min(line.slope_s for line in lines)
         now, aging = view.now_s, self.aging
         order = sorted(queue, key=lambda w: slope * w.request.prompt_tokens - aging * (now - w.queued_s))
         out = []
-        for w in order:
+        for w in order[:self.lookahead]:
             r = w.request
             best, best_ttft, best_uncached = -1, math.inf, 0
-            for k in eligible:
+            for k in range(n):
                 uncached = r.prompt_tokens - view.cached_tokens(r, ids[k])
                 ttft = self.prefill_seconds(lines[k], queued[k] + uncached)
                 if ttft < best_ttft:
                     best, best_ttft, best_uncached = k, ttft, uncached
+            if not open_[best]:
+                continue  # its fastest instance is busy beyond the horizon: wait for it in the proxy
             out.append(Assignment(r.id, ids[best]))
             queued[best] += best_uncached
             if self.prefill_seconds(lines[best], queued[best]) > self.max_queue_s:
-                eligible.remove(best)
-                if not eligible:
+                open_[best] = False
+                if not any(open_):
                     break
         return out
 
