@@ -61,6 +61,7 @@ class EngineStats:
     finished: int = 0
     aborted: int = 0
     preemptions: int = 0
+    kv_loaded: int = 0  # requests whose prompt KV came from elsewhere (PD transfer or shared storage)
     steps: int = 0
     busy_s: float = 0.0
 
@@ -209,9 +210,10 @@ class EmulatedEngine:
         seq.blocks = hit_blocks + new_blocks
         seq.num_computed = computed
         if seq.preemptions == 0:
-            seq.cached_tokens = computed
+            seq.cached_tokens = hit_tokens  # local prefix-cache hits only (transferred KV is not a cache hit)
             self.stats.prefix_queries += seq.num_prompt
             self.stats.prefix_hits += hit_tokens
+            self.stats.kv_loaded += seq.remote_kv
         return True
 
     def _step_time(self, batch: list[tuple[EngineSequence, int]]) -> float:

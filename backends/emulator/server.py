@@ -71,6 +71,7 @@ class EmulatorServer:
         self.kv_role = kv_role
         self.healthy = True  # tests flip this to make /health fail
         self.received: deque[dict] = deque(maxlen=log_requests)  # bodies as received (tests check PD params)
+        self.sent_kv: dict[str, dict] = {}  # request id -> kv_transfer_params this engine answered with
         self._kv_events_endpoint = kv_events_endpoint
         self.publisher: KVEventPublisher | None = None
         self._runner: web.AppRunner | None = None
@@ -256,9 +257,12 @@ class EmulatorServer:
         n_blocks = max(1, -(-seq.num_prompt // self.engine.block_size))
         ids = list(range(self._next_block_id, self._next_block_id + n_blocks))
         self._next_block_id += n_blocks
-        return {"do_remote_prefill": True, "do_remote_decode": False, "remote_block_ids": ids,
-                "remote_engine_id": self.engine_id, "remote_request_id": seq.rid, "remote_host": self.host,
-                "remote_port": self.port, "tp_size": 1}
+        out = {"do_remote_prefill": True, "do_remote_decode": False, "remote_block_ids": ids,
+               "remote_engine_id": self.engine_id, "remote_request_id": seq.rid, "remote_host": self.host,
+               "remote_port": self.port, "tp_size": 1}
+        if len(self.sent_kv) < self.received.maxlen:
+            self.sent_kv[seq.rid] = out
+        return out
 
     def _usage(self, seq: EngineSequence) -> dict:
         return {"prompt_tokens": seq.num_prompt, "completion_tokens": seq.generated,

@@ -17,7 +17,7 @@ import asyncio
 import hmac
 import itertools
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import aiohttp
 import msgspec
@@ -94,7 +94,7 @@ class _Timing:
     prefill_dispatch: float | None = None
     prefill_end: float | None = None
     decode_dispatch: float | None = None
-    extra: dict = field(default_factory=dict)
+    prefill_cached_tokens: int | None = None
 
     def headers(self) -> dict[str, str]:
         h = {"x-omnisim-prefill-instance": self.prefill_instance, "x-omnisim-decode-instance": self.decode_instance}
@@ -102,6 +102,8 @@ class _Timing:
                         ("decode-dispatch", self.decode_dispatch)):
             if t is not None:
                 h[f"x-omnisim-{name}-s"] = f"{t - self.received:.6f}"
+        if self.prefill_cached_tokens is not None:
+            h["x-omnisim-prefill-cached-tokens"] = str(self.prefill_cached_tokens)
         return h
 
 
@@ -477,7 +479,7 @@ class Proxy:
             return await self._final(request, endpoint, path, ticket, body, req, timing)
         timing.prefill_instance = up.id
         timing.prefill_dispatch = self._loop.time()
-        kv_params = await self._prefill(ticket, path, body, req)
+        kv_params = await self._prefill(ticket, path, body, req, timing)
         timing.prefill_end = self._loop.time()
         ticket = await self._assign(Phase.DECODE, req, up.id)
         timing.decode_instance = ticket.up.id
@@ -491,7 +493,8 @@ class Proxy:
     def _upstream_headers(req: Request) -> dict[str, str]:
         return {"X-Request-Id": req.id, "Content-Type": "application/json"}
 
-    async def _prefill(self, ticket: _Ticket, path: str, body: dict, req: Request) -> dict | None:
+    async def _prefill(self, ticket: _Ticket, path: str, body: dict, req: Request, timing: _Timing
+                       ) -> dict | None:
         up = ticket.up
         pbody = {k: v for k, v in body.items() if k not in ("stream_options", "min_tokens")}
         pbody["max_tokens"] = 1
@@ -516,12 +519,15 @@ class Proxy:
             raise _Retry(f"prefill on {up.id}: HTTP {status}")
         if status != 200:
             raise _UpstreamAnswer(status, data, content_type)
-        if self.config.pd_mode != "kv_transfer_params":
-            return None
         try:
-            params = _json_decode(data).get("kv_transfer_params")
+            answer = _json_decode(data)
+            params = answer.get("kv_transfer_params")
+            cached = ((answer.get("usage") or {}).get("prompt_tokens_details") or {}).get("cached_tokens")
+            timing.prefill_cached_tokens = cached if isinstance(cached, int) else None
         except (msgspec.DecodeError, AttributeError):
             params = None
+        if self.config.pd_mode != "kv_transfer_params":
+            return None
         if not isinstance(params, dict):
             self.metrics.errors.labels("no_kv_transfer_params").inc()
             raise _Retry(f"prefill on {up.id} returned no kv_transfer_params (is its KV connector a producer?)")

@@ -1,0 +1,118 @@
+"""``omnisim-proxy``: run the proxy as a process.
+
+    omnisim-proxy --config proxy.yaml
+    omnisim-proxy --upstream prefill=http://127.0.0.1:8100 --upstream decode=http://127.0.0.1:8200 \\
+                  --policy round_robin --port 8000
+
+The YAML holds backends.proxy.ProxyConfig's keys (upstreams: a list of {url, role, id?, kv_events?, ...}), plus
+``proxy:`` (a policy node in conf/proxy/ format, e.g. ``{_target_: omnisim.policies.LeastLoad, seed: ${seed}}``)
+and ``seed:`` (default 0). ``--policy NAME`` uses conf/proxy/NAME.yaml instead of the ``proxy:`` node. Command-line
+flags override the file. Unknown keys fail, naming the key.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from backends.proxy.config import ProxyConfig, Upstream
+from backends.proxy.proxy import Proxy
+
+CONF_PROXY = Path(__file__).resolve().parents[2] / "conf" / "proxy"
+
+
+def build_policy(node, seed: int):
+    """Instantiate a conf/proxy/-style policy node with ``${seed}`` resolved (the CLI's one use of Hydra)."""
+    from hydra.utils import instantiate
+
+    root = OmegaConf.create({"seed": seed, "proxy": node})
+    return instantiate(root.proxy, _convert_="all")
+
+
+def policy_node(name: str):
+    path = CONF_PROXY / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in CONF_PROXY.glob("*.yaml"))
+        raise ValueError(f"--policy: no conf/proxy/{name}.yaml; known: {known}")
+    return OmegaConf.to_container(OmegaConf.load(path))
+
+
+def load(argv=None) -> tuple[ProxyConfig, object]:
+    p = argparse.ArgumentParser(prog="omnisim-proxy", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", type=Path, help="YAML file with the proxy's settings")
+    p.add_argument("--upstream", action="append", default=[], metavar="ROLE=URL",
+                   help="an engine (role prefill, decode or mixed); repeatable")
+    p.add_argument("--policy", help="conf/proxy/NAME.yaml (default: the file's proxy: node, else round_robin)")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--api-key")
+    p.add_argument("--pd-mode", choices=("kv_transfer_params", "shared_storage"))
+    p.add_argument("--prefix-source", choices=("history", "kv_events", "none"))
+    p.add_argument("--seed", type=int)
+    args = p.parse_args(argv)
+
+    data: dict = {}
+    where = "command line"
+    if args.config:
+        where = str(args.config)
+        if not args.config.is_file():
+            raise ValueError(f"--config: no such file {args.config}")
+        loaded = OmegaConf.to_container(OmegaConf.load(args.config), resolve=False)
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{where}: expected a mapping of settings")
+        data = loaded
+    node = data.pop("proxy", None)
+    seed = data.pop("seed", 0)
+    if args.seed is not None:
+        seed = args.seed
+    for k, raw in enumerate(args.upstream):
+        role, sep, url = raw.partition("=")
+        if not sep:
+            raise ValueError(f"--upstream #{k + 1}: expected ROLE=URL, got {raw!r}")
+        data.setdefault("upstreams", [])
+        data["upstreams"] = list(data["upstreams"]) + [{"url": url, "role": role}]
+    for key in ("host", "port", "api_key", "pd_mode", "prefix_source"):
+        if getattr(args, key) is not None:
+            data[key] = getattr(args, key)
+    config = ProxyConfig.from_dict(data, where)
+    if args.policy:
+        node = policy_node(args.policy)
+    elif node is None:
+        node = policy_node("round_robin")
+    return config, build_policy(node, int(seed))
+
+
+async def serve(config: ProxyConfig, policy) -> None:
+    proxy = Proxy(config, policy)
+    await proxy.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"omnisim-proxy: {type(policy).__name__} on {proxy.url} -> "
+          f"{', '.join(f'{u.id}={u.url}' for u in config.upstreams)}", flush=True)
+    try:
+        await stop.wait()
+    finally:
+        await proxy.stop()
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config, policy = load(argv)
+    except ValueError as e:
+        print(f"omnisim-proxy: {e}", file=sys.stderr)
+        return 2
+    asyncio.run(serve(config, policy))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

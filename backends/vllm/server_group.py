@@ -1,0 +1,167 @@
+"""Start planned server instances as process groups, wait for their /health, and always stop them.
+
+    with ServerGroup(launches, startup_timeout_s=300) as servers:   # starts all, waits until every /health is 200
+        ...                                                          # stops all on exit, error or Ctrl-C
+
+Each server runs in its own session (process group), so stopping reaches vLLM's engine-core and worker children:
+SIGTERM to the group, then SIGKILL after ``stop_timeout_s``. On Linux each server also gets SIGTERM when the
+thread that started it dies (PR_SET_PDEATHSIG), so a killed launcher does not leave servers behind; start the
+group from a thread that outlives it (the main thread).
+"""
+from __future__ import annotations
+
+import atexit
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections import deque
+from pathlib import Path
+from typing import Sequence
+
+from backends.vllm.launch_plan import InstanceLaunch
+
+
+class ServerStartError(RuntimeError):
+    """A server exited or did not become healthy in time; the message carries the tail of its log."""
+
+
+def log_tail(path: Path, lines: int = 40) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return "".join(deque(f, maxlen=lines))
+    except OSError as e:
+        return f"(no log: {e})"
+
+
+def _die_with_parent() -> None:
+    if sys.platform.startswith("linux"):
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def free_port_block(count: int, host: str = "127.0.0.1", start: int = 20000, stop: int = 60000) -> int:
+    """First port p >= start such that p .. p+count-1 can all be bound on ``host`` right now."""
+    p = start
+    while p + count <= stop:
+        for k in range(count):
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                try:
+                    s.bind((host, p + k))
+                except OSError:
+                    p = p + k + 1
+                    break
+        else:
+            return p
+    raise RuntimeError(f"no block of {count} free ports on {host} in {start}..{stop}")
+
+
+def http_ok(url: str, timeout_s: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as r:
+            return r.status == 200
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+class ServerGroup:
+    def __init__(self, launches: Sequence[InstanceLaunch], startup_timeout_s: float = 300.0,
+                 stop_timeout_s: float = 20.0, poll_interval_s: float = 1.0) -> None:
+        if not launches:
+            raise ValueError("ServerGroup: no instances to launch")
+        if startup_timeout_s <= 0 or stop_timeout_s <= 0:
+            raise ValueError("startup_timeout_s and stop_timeout_s must be > 0")
+        self.launches = tuple(launches)
+        self.startup_timeout_s = startup_timeout_s
+        self.stop_timeout_s = stop_timeout_s
+        self.poll_interval_s = poll_interval_s
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.ready_after_s: dict[str, float] = {}  # seconds from start() to a healthy /health, per instance
+        self._logs: list = []
+        self._started_at = 0.0
+
+    def start(self) -> None:
+        """Start every server (without waiting for it to be ready)."""
+        atexit.register(self.stop)
+        self._started_at = time.monotonic()
+        for launch in self.launches:
+            (launch.work_dir / "tmp").mkdir(parents=True, exist_ok=True)
+            log = open(launch.log_path, "ab")
+            self._logs.append(log)
+            self.procs[launch.id] = subprocess.Popen(
+                launch.argv, env={**os.environ, **launch.env}, cwd=launch.work_dir, stdin=subprocess.DEVNULL,
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent)
+
+    def wait_healthy(self) -> None:
+        """Block until every server answers /health with 200; ServerStartError (with the log tail) if one exits
+        first or the timeout passes."""
+        deadline = self._started_at + self.startup_timeout_s
+        pending = {launch.id: launch for launch in self.launches}
+        while pending:
+            for instance_id, launch in list(pending.items()):
+                code = self.procs[instance_id].poll()
+                if code is not None:
+                    raise ServerStartError(f"{instance_id} exited with code {code} while starting "
+                                           f"({launch.log_path}):\n{log_tail(launch.log_path)}")
+                if http_ok(launch.url + "/health"):
+                    self.ready_after_s[instance_id] = time.monotonic() - self._started_at
+                    del pending[instance_id]
+            if not pending:
+                break
+            if time.monotonic() > deadline:
+                instance_id, launch = next(iter(pending.items()))
+                raise ServerStartError(
+                    f"{', '.join(pending)} not healthy after {self.startup_timeout_s:.0f} s; "
+                    f"log of {instance_id} ({launch.log_path}):\n{log_tail(launch.log_path)}")
+            time.sleep(self.poll_interval_s)
+
+    def dead(self) -> dict[str, int]:
+        """Instances whose process has exited: id -> exit code."""
+        return {i: p.returncode for i, p in self.procs.items() if p.poll() is not None}
+
+    def stop(self) -> None:
+        """SIGTERM every server's process group, SIGKILL what is left after stop_timeout_s. Idempotent."""
+        running = [p for p in self.procs.values() if p.poll() is None]
+        for p in running:
+            _signal_group(p, signal.SIGTERM)
+        deadline = time.monotonic() + self.stop_timeout_s
+        for p in running:
+            try:
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        for p in self.procs.values():
+            # Also the group's leftovers: children of a server that exited by itself.
+            _signal_group(p, signal.SIGKILL)
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+        for log in self._logs:
+            log.close()
+        self._logs.clear()
+        atexit.unregister(self.stop)
+
+    def __enter__(self) -> "ServerGroup":
+        try:
+            self.start()
+            self.wait_healthy()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)  # start_new_session: the server's pid is its process group id
+    except (ProcessLookupError, PermissionError):
+        pass
