@@ -245,24 +245,25 @@ def test_predictive_learns_a_slow_instance_from_its_batches():
 
 
 def test_predictive_holds_when_every_queue_exceeds_the_horizon_and_orders_shortest_first():
-    policy = Predictive(prefill_step_s=0.1, prefill_s_per_token=1e-4, batch_token_budget=10000, max_queue_s=0.5,
-                        aging=0.0)
+    policy = Predictive(prefill_step_s=0.1, prefill_s_per_token=1e-4, batch_token_budget=2000, max_queue_s=0.5)
     busy = view(inst("p0", inflight_prompt_tokens=5000), inst("p1", inflight_prompt_tokens=9000))
-    assert policy.schedule(P, [wait("a")], busy) == []  # 0.6 s and 1.0 s of queued work
+    assert policy.schedule(P, [wait("a")], busy) == []  # 0.8 s and 1.4 s of queued work
     # an idle instance takes requests shortest first until its queue reaches 0.5 s (4000 tokens + one step)
-    # an idle instance takes requests shortest first while its queue stays within 0.5 s: 0.2, 0.4, then 0.7 s
+    # an idle instance takes requests shortest first while under one batch (2000) or 0.5 s queued: 1000, 3000 tokens
+    # (0.3 + 0.2 = 0.5 s), then 6000 (0.9 s) closes it
     idle = view(inst("p0"))
     q = [wait("long", 3000), wait("short", 1000), wait("mid", 2000), wait("longest", 4000)]
     assert [a.request_id for a in policy.schedule(P, q, idle)] == ["short", "mid", "long"]
 
 
-def test_predictive_aging_lets_a_long_wait_pass_shorter_prompts():
-    policy = Predictive(prefill_step_s=0.1, prefill_s_per_token=1e-4, batch_token_budget=10000, max_queue_s=0.0,
-                        aging=0.5)
+def test_predictive_serves_the_queue_in_omni_proxy_order():
+    policy = Predictive(prefill_step_s=0.1, prefill_s_per_token=1e-4, batch_token_budget=1, max_queue_s=0.0)
     v = view(inst("p0"), now=100.0)
-    # priority = 1e-4 * prompt - 0.5 * waited: old 0.8 - 1.0 < new 0.1; only one fits the zero horizon
-    q = [wait("new", 1000, arrival=100.0), wait("old", 8000, arrival=98.0)]
-    assert [a.request_id for a in policy.schedule(P, q, v)] == ["old"]
+    # one request fills the idle instance; OmniProxy's weights: aged 0.2 * 1/1 = 0.2 beats fresh 0.8 * 500/4000
+    q = [wait("fresh", 3500, arrival=100.0), wait("aged", 4000, arrival=99.0)]
+    assert [a.request_id for a in policy.schedule(P, q, v)] == ["aged"]
+    q = [wait("fresh", 3000, arrival=100.0), wait("aged", 4000, arrival=99.0)]  # fresh: 0.8 * 1000/4000 = 0.2
+    assert [a.request_id for a in policy.schedule(P, q, v)] == ["fresh"]  # equal weights: queue order
 
 
 def test_predictive_decode_tpot_guard():
@@ -326,9 +327,8 @@ def test_no_candidates_means_no_assignment():
 
 
 def test_predictive_waits_for_a_busy_instance_whose_cache_makes_it_faster():
-    policy = Predictive(prefill_step_s=0.1, prefill_s_per_token=1e-4, batch_token_budget=10000, max_queue_s=0.5,
-                        aging=0.0)
-    # p0 holds 9000 of a's 10000 tokens but has 5000 queued (0.6 s > 0.5 s horizon): a's TTFT there is
-    # 1e-4 * 6000 + 0.1 = 0.7 s against 1.1 s on idle p1, so a waits in the proxy; b (no cache) goes to p1.
+    policy = Predictive(prefill_step_s=0.1, prefill_s_per_token=1e-4, batch_token_budget=2000, max_queue_s=0.5)
+    # p0 holds 9000 of a's 10000 tokens but has 5000 queued (0.5 + 3 * 0.1 = 0.8 s > 0.5 s): a's TTFT there is
+    # 1e-4 * 6000 + 3 * 0.1 = 0.9 s against 1.5 s on idle p1, so a waits in the proxy; b (no cache) goes to p1.
     v = view(inst("p0", inflight_prompt_tokens=5000), inst("p1"), cached={("a", "p0"): 9000})
     assert targets(policy.schedule(P, [wait("a", 10000), wait("b", 10000)], v)) == {"b": "p1"}

@@ -32,6 +32,16 @@ from omnisim.policies.load import requests
 MIN_MAX_WAIT_S = 0.050
 
 
+def prefill_weights(queue: Sequence[Waiting], now_s: float, prompt_weight: float = 0.8) -> list[float]:
+    """prompt_weight * (maxPrompt - prompt) / maxPrompt + (1 - prompt_weight) * waited / max(maxWait, 50 ms)."""
+    prompts = [w.request.prompt_tokens for w in queue]
+    waited = [now_s - w.request.arrival_s for w in queue]
+    max_prompt = max(prompts)
+    pw = prompt_weight / max_prompt
+    tw = (1.0 - prompt_weight) / max(MIN_MAX_WAIT_S, max(waited))
+    return [pw * (max_prompt - p) + tw * t for p, t in zip(prompts, waited)]
+
+
 class OmniProxy:
     def __init__(self, prefill_max_inflight_tokens: int = 32000, prefill_max_running: int = 32,
                  decode_max_running: int = 0, prompt_weight: float = 0.8, seed: int = 0) -> None:
@@ -59,12 +69,7 @@ class OmniProxy:
     # ---- prefill -------------------------------------------------------------------------------------------------
     def prefill_weights(self, queue: Sequence[Waiting], now_s: float) -> list[float]:
         """OmniProxy's prefill weight of each queued request (higher goes first)."""
-        prompts = [w.request.prompt_tokens for w in queue]
-        waited = [now_s - w.request.arrival_s for w in queue]
-        max_prompt = max(prompts)
-        pw = self.prompt_weight / max_prompt
-        tw = (1.0 - self.prompt_weight) / max(MIN_MAX_WAIT_S, max(waited))
-        return [pw * (max_prompt - p) + tw * t for p, t in zip(prompts, waited)]
+        return prefill_weights(queue, now_s, self.prompt_weight)
 
     def prefill_order(self, queue: Sequence[Waiting], now_s: float) -> Iterator[Waiting]:
         """The queue, highest weight first, equal weights in queue order; lazily (a heap), since a call usually

@@ -9,10 +9,11 @@ Prefill (and colocated) phase:
 - predicted TTFT of request r on instance i = slope_i * (queued_i + uncached_i(r)) + step_i * ceil((queued_i +
   uncached_i(r)) / batch_token_budget), with queued_i the prompt tokens waiting there (plus this call's own
   dispatches) and uncached_i(r) the part of r's prompt not in i's cache: prefix hits and load in one unit, seconds.
-- the proxy holds requests: an instance takes work only while its predicted wait before a new request could start
-  is <= ``max_queue_s``; the rest waits in the proxy, where later short requests can still pass it.
-- the queue is served by priority = predicted own prefill seconds - ``aging`` * seconds waited (shortest predicted
-  job first, aged so long prompts are not starved); each of the first ``lookahead`` requests goes to the instance
+- the proxy holds requests: an instance takes work only while less than one full batch (``batch_token_budget``, the
+  engines' max_num_batched_tokens) is queued there or its predicted wait is <= ``max_queue_s``; the rest waits in
+  the proxy, where later short requests can still pass it and the best instance for each can free up.
+- the queue is served in OmniProxy's prefill order (shortest prompt first with aging, ``prompt_weight`` as there:
+  scale-free, so it needs no tuning to the hardware's speed); each of the first ``lookahead`` requests goes to the instance
   with the lowest predicted TTFT (ties: earlier candidate) if that instance takes work now, else it stays in the
   proxy waiting for that instance (a cached prefix there can beat an idle instance elsewhere).
 Decode phase (TPOT guard):
@@ -25,17 +26,19 @@ Decode phase (TPOT guard):
 """
 from __future__ import annotations
 
+import heapq
 import math
 from typing import Sequence
 
 from omnisim.core import Assignment, BatchSample, ClusterView, InstanceState, Phase, Waiting
 from omnisim.policies.load import requests
+from omnisim.policies.omni_proxy import prefill_weights
 from omnisim.policies.step_fit import StepLine, fit_step_line
 
 
 class Predictive:
     def __init__(self, prefill_step_s: float = 0.12007, prefill_s_per_token: float = 0.0345e-3,
-                 batch_token_budget: int = 16384, max_queue_s: float = 0.25, aging: float = 0.05, lookahead: int = 64,
+                 batch_token_budget: int = 16384, max_queue_s: float = 0.25, prompt_weight: float = 0.8, lookahead: int = 64,
                  decode_step_s: float = 0.03, decode_s_per_seq: float = 2e-5, tpot_slo_s: float = 0.05,
                  prior_weight: float = 1.0, seed: int = 0) -> None:
         for name, value in (("prefill_step_s", prefill_step_s), ("prefill_s_per_token", prefill_s_per_token),
@@ -47,13 +50,15 @@ class Predictive:
             raise ValueError(f"predictive: batch_token_budget must be >= 1, got {batch_token_budget}")
         if lookahead < 1:
             raise ValueError(f"predictive: lookahead must be >= 1, got {lookahead}")
-        if max_queue_s < 0 or aging < 0:
-            raise ValueError(f"predictive: max_queue_s and aging must be >= 0, got {max_queue_s}, {aging}")
+        if max_queue_s < 0:
+            raise ValueError(f"predictive: max_queue_s must be >= 0, got {max_queue_s}")
+        if not 0.0 <= prompt_weight <= 1.0:
+            raise ValueError(f"predictive: prompt_weight must be in [0, 1], got {prompt_weight}")
         self.prefill_prior = StepLine(prefill_step_s, prefill_s_per_token)
         self.decode_prior = StepLine(decode_step_s, decode_s_per_seq)
         self.batch_token_budget = batch_token_budget
         self.max_queue_s = max_queue_s
-        self.aging = aging
+        self.prompt_weight = prompt_weight
         self.lookahead = lookahead
         self.tpot_slo_s = tpot_slo_s
         self.prior_weight = prior_weight
@@ -97,15 +102,14 @@ class Predictive:
         n = len(candidates)
         lines = [self.step_line(s, Phase.PREFILL) for s in candidates]
         queued = [s.inflight_prompt_tokens for s in candidates]
-        open_ = [self.prefill_seconds(lines[k], queued[k]) <= self.max_queue_s for k in range(n)]
+        open_ = [self._takes_work(lines[k], queued[k]) for k in range(n)]
         if not any(open_):
             return []
         ids = [s.id for s in candidates]
-        slope = min(line.slope_s for line in lines)
-        now, aging = view.now_s, self.aging
-        order = sorted(queue, key=lambda w: slope * w.request.prompt_tokens - aging * (now - w.queued_s))
+        weights = prefill_weights(queue, view.now_s, self.prompt_weight)
+        head = heapq.nsmallest(self.lookahead, range(len(queue)), key=lambda j: (-weights[j], j))
         out = []
-        for w in order[:self.lookahead]:
+        for w in (queue[j] for j in head):
             r = w.request
             best, best_ttft, best_uncached = -1, math.inf, 0
             for k in range(n):
@@ -117,11 +121,16 @@ class Predictive:
                 continue  # its fastest instance is busy beyond the horizon: wait for it in the proxy
             out.append(Assignment(r.id, ids[best]))
             queued[best] += best_uncached
-            if self.prefill_seconds(lines[best], queued[best]) > self.max_queue_s:
+            if not self._takes_work(lines[best], queued[best]):
                 open_[best] = False
                 if not any(open_):
                     break
         return out
+
+    def _takes_work(self, line: StepLine, queued: int) -> bool:
+        """Less than one full batch waiting (holding more back would shrink the engine's batches), or less than
+        ``max_queue_s`` of predicted work."""
+        return queued < self.batch_token_budget or self.prefill_seconds(line, queued) <= self.max_queue_s
 
     # ---- decode --------------------------------------------------------------------------------------------------
     def _decode(self, queue: Sequence[Waiting], candidates: tuple[InstanceState, ...]) -> list[Assignment]:
