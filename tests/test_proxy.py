@@ -416,6 +416,7 @@ def emulator_processes():
         if p.poll() is None:
             p.kill()
         p.wait(10)
+        p.stdout.close()
 
 
 def test_instance_killed_mid_stream_gives_a_clean_error_and_traffic_moves_on(emulator_processes):
@@ -471,6 +472,9 @@ def test_cli_serves_from_a_yaml_config(emulator_processes, tmp_path):
         finally:
             if proc.poll() is None:
                 proc.kill()
+                proc.wait(10)
+            proc.stdout.close()
+            proc.stderr.close()
     path.write_text("upstreams: [{url: 'http://127.0.0.1:1', role: mixed}]\nbogus: 1\n")
     bad = subprocess.run([sys.executable, "-m", "backends.proxy.cli", "--config", str(path)], cwd=REPO,
                          capture_output=True, text=True, timeout=30)

@@ -144,21 +144,23 @@ class EmulatedEngine:
     # -- the loop ----------------------------------------------------------------------------------------------
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
+        idle = True
         while True:
-            if not self.waiting and not self.running:
+            batch = self._schedule() if self.waiting or self.running else None
+            if not batch:  # idle (or nothing fits, which make_sequence's check rules out): never spin
+                idle = True
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            batch = self._schedule()
-            if not batch:  # nothing fits (cannot happen with make_sequence's check, but never spin)
-                self._wake.clear()
-                await self._wake.wait()
-                continue
+            if idle:  # a busy period starts now
+                idle = False
+                self._deadline = loop.time()
             step_s = self._step_time(batch)
             self.stats.steps += 1
             self.stats.busy_s += step_s
-            # Deadline-based sleeping: timer rounding does not accumulate over a busy period.
-            self._deadline = max(self._deadline, loop.time()) + step_s * self.time_scale
+            # Steps of a busy period end at exact multiples of the model's times: a late wake-up (timer
+            # granularity, a busy event loop) shortens the next sleep instead of delaying every later step.
+            self._deadline += step_s * self.time_scale
             await asyncio.sleep(max(0.0, self._deadline - loop.time()))
             self._advance(batch)
 
@@ -231,7 +233,8 @@ class EmulatedEngine:
                                           decode_context, self.moe_imbalance))
 
     def _advance(self, batch: list[tuple[EngineSequence, int]]) -> None:
-        now = self.now()
+        # Stamp the step's modelled end, not the (possibly late) wake-up time.
+        now = (self._deadline - self._t0) / self.time_scale if self.time_scale > 0 else self.now()
         for seq, chunk in batch:
             if seq.done or seq not in self.running:  # aborted or preempted during the step
                 continue
@@ -253,7 +256,7 @@ class EmulatedEngine:
                 self.running.remove(seq)
                 self._free(seq)
                 self.stats.finished += 1
-                self._finish(seq, None)
+                self._finish(seq, None, now)
             else:
                 seq.changed.set()
 
@@ -272,8 +275,8 @@ class EmulatedEngine:
         seq.blocks = 0
         seq.committed_blocks = 0
 
-    def _finish(self, seq: EngineSequence, error: str | None) -> None:
+    def _finish(self, seq: EngineSequence, error: str | None, now: float | None = None) -> None:
         seq.done = True
         seq.error = error
-        seq.finish_s = self.now()
+        seq.finish_s = self.now() if now is None else now
         seq.changed.set()
