@@ -86,7 +86,7 @@ def test_tight_kv_preempts_and_still_finishes_everything():
     sim, res = run(experiment(cluster, Workload(n=120, rate=20, prompt=(500, 2000), output=(200, 800))))
     r = res.records
     assert (r.status == "ok").all()
-    assert r.preemptions.sum() > 0 and res.extra["preemptions"] == r.preemptions.sum()
+    assert r.preemptions.sum() > 0 and res.extra["engine_preemptions"] == r.preemptions.sum()
     assert sim.instances[0].bm.used == 0
 
 

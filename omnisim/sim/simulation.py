@@ -106,7 +106,7 @@ class Simulation:
         records = records_frame(self.rows)
         instances = pd.DataFrame([i.stats(duration) for i in self.instances])
         extra = {"simulated_s": duration, "max_proxy_queue": self.driver.max_queue,
-                 "preemptions": int(instances["preemptions"].sum())}
+                 "engine_preemptions": int(instances["preemptions"].sum())}
         return RunResult(records=records, instances=instances, extra=extra)
 
 
