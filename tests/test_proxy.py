@@ -188,6 +188,23 @@ def test_round_robin_alternates_and_dispatch_metrics_count_it():
     run(main())
 
 
+def test_instance_states_combine_own_accounting_with_engine_metrics():
+    async def main():
+        async with cluster(prefill=1, decode=1, model=SLOW, metrics_interval_s=0.05) as (fleet, proxy, s):
+            long = asyncio.create_task(post(s, proxy.url, {"prompt": "a b c", "max_tokens": 50}))
+            dec = proxy.upstreams["decode-0"]
+            await wait_until(lambda: dec.outstanding == 1 and dec.engine_running == 1)
+            state = proxy.view().instance("decode-0")
+            assert (state.num_running, state.num_waiting) == (1, 0)
+            assert state.decode_tokens == 3 + 50 and state.kv_usage > 0
+            assert proxy.view().instance("prefill-0").inflight_prompt_tokens == 0  # prefill is over
+            assert (await long)[0] == 200
+            await wait_until(lambda: dec.engine_running == 0)
+            assert proxy.view().instance("decode-0").decode_tokens == 0
+
+    run(main())
+
+
 class OneAtATime:
     """Holds requests until an instance has nothing running (exercises hold and re-dispatch on completion)."""
 

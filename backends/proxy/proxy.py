@@ -23,7 +23,6 @@ import aiohttp
 import msgspec
 from aiohttp import web
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from prometheus_client.parser import text_string_to_metric_families
 
 from backends.common.kv_wire import KVEventSubscriber
 from backends.common.tokens import block_hashes, prompt_tokens
@@ -38,6 +37,27 @@ _json_decode = msgspec.json.Decoder().decode
 _json_encode = msgspec.json.Encoder().encode
 _PREFILL_PARAMS = {"do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None,
                    "remote_block_ids": None, "remote_host": None, "remote_port": None}
+
+
+_ENGINE_GAUGES = ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc")
+
+
+def _engine_gauges(text: str) -> tuple[dict[str, float], set[str]]:
+    """The three gauges the proxy reads from an engine's /metrics, summed over label sets. Only their sample lines
+    are parsed (``name{labels} value``): a full exposition parse of vLLM's histograms costs far more."""
+    values = dict.fromkeys(_ENGINE_GAUGES, 0.0)
+    seen = set()
+    for line in text.splitlines():
+        if not line.startswith("vllm:"):
+            continue
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in values:
+            try:
+                values[name] += float(line.rsplit("}", 1)[-1].split()[0])
+            except (ValueError, IndexError):
+                continue
+            seen.add(name)
+    return values, seen
 
 
 class _Retry(Exception):
@@ -247,7 +267,8 @@ class Proxy:
             self._kick()  # room freed: held requests may go now
 
     async def _assign(self, phase: Phase, request: Request, source: str | None) -> _Ticket:
-        if not self.view().candidates(phase):
+        roles = (Role.PREFILL, Role.MIXED) if phase is Phase.PREFILL else (Role.DECODE, Role.MIXED)
+        if not any(u.healthy and u.role in roles for u in self.upstreams.values()):  # == view.candidates(phase)
             raise _Reject(503, f"no healthy instance for the {phase.value} phase", "no_instance", True)
         future = self._loop.create_future()
         self._queues[phase][request.id] = _Pending(Waiting(request, self.now_s(), source), future)
@@ -308,16 +329,7 @@ class Proxy:
                     text = await resp.text()
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
                 return
-            values = {"vllm:num_requests_running": 0.0, "vllm:num_requests_waiting": 0.0,
-                      "vllm:kv_cache_usage_perc": 0.0}
-            seen = set()
-            try:
-                for family in text_string_to_metric_families(text):
-                    if family.name in values:
-                        seen.add(family.name)
-                        values[family.name] += sum(s.value for s in family.samples)
-            except ValueError:
-                return
+            values, seen = _engine_gauges(text)
             if "vllm:num_requests_running" in seen:
                 up.engine_running = int(values["vllm:num_requests_running"])
                 up.engine_waiting = int(values["vllm:num_requests_waiting"])

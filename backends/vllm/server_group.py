@@ -4,7 +4,8 @@
         ...                                                          # stops all on exit, error or Ctrl-C
 
 Each server runs in its own session (process group), so stopping reaches vLLM's engine-core and worker children:
-SIGTERM to the group, then SIGKILL after ``stop_timeout_s``. On Linux each server also gets SIGTERM when the
+SIGTERM to the server (twice: the second one closes open client connections), then SIGKILL to its group once
+it exited or ``stop_timeout_s`` passed. On Linux each server also gets SIGTERM when the
 thread that started it dies (PR_SET_PDEATHSIG), so a killed launcher does not leave servers behind; start the
 group from a thread that outlives it (the main thread).
 """
@@ -125,16 +126,22 @@ class ServerGroup:
         return {i: p.returncode for i, p in self.procs.items() if p.poll() is not None}
 
     def stop(self) -> None:
-        """SIGTERM every server's process group, SIGKILL what is left after stop_timeout_s. Idempotent."""
+        """SIGTERM every server, then SIGKILL its whole process group (after stop_timeout_s at most). Idempotent."""
         running = [p for p in self.procs.values() if p.poll() is None]
-        for p in running:
-            _signal_group(p, signal.SIGTERM)
         deadline = time.monotonic() + self.stop_timeout_s
-        for p in running:
-            try:
-                p.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
+        # The server alone first: it shuts its engine-core and worker children down in order (signalling the whole
+        # group at once kills the children under a server that then waits for them). A second SIGTERM makes
+        # uvicorn stop waiting for open client connections ("Waiting for connections to close").
+        for grace in (min(3.0, self.stop_timeout_s / 2), None):
+            for p in running:
+                if p.poll() is None:
+                    p.send_signal(signal.SIGTERM)
+            until = deadline if grace is None else time.monotonic() + grace
+            for p in running:
+                try:
+                    p.wait(timeout=max(0.1, until - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    pass
         for p in self.procs.values():
             # Also the group's leftovers: children of a server that exited by itself.
             _signal_group(p, signal.SIGKILL)
