@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +20,7 @@ from omnisim.metrics import SLO, SUMMARY_FILE, records_frame, summarize, write_r
 from omnisim.policies import RoundRobin
 
 pytestmark = pytest.mark.timeout(120)
+REPO = Path(__file__).resolve().parents[1]
 MODEL = LinearStepTime(overhead_s=0.002, prefill_token_s=1e-5, decode_seq_s=1e-4)
 
 
@@ -140,3 +144,24 @@ def test_settings_are_checked():
         LoadGenerator("http://x", endpoint="chat", prompt_format="token_ids")
     with pytest.raises(ValueError, match="time_scale"):
         LoadGenerator("http://x", time_scale=0)
+
+
+def test_cli_replays_a_workload_file_and_writes_the_run(tmp_path):
+    fleet = subprocess.Popen([sys.executable, "-m", "backends.emulator", "--mixed", "2", "--overhead-s", "0.002"],
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=REPO, text=True)
+    try:
+        url = json.loads(fleet.stdout.readline())["upstreams"][0]["url"]
+        cmd = [sys.executable, "-m", "backends.loadgen", "--url", url, "--workload",
+               str(REPO / "conf" / "workload" / "poisson.yaml"), "--set", "max_requests=12", "--set", "rate=40",
+               "--slo", str(REPO / "conf" / "slo" / "default.yaml"), "--out", str(tmp_path / "run"), "--seed", "2"]
+        done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=90)
+        assert done.returncode == 0, done.stderr
+        summary = json.loads((tmp_path / "run" / SUMMARY_FILE).read_text())
+        assert summary["requests"] == summary["completed"] == 12
+        bad = subprocess.run(cmd[:-4] + ["--set", "bogus=1", "--out", str(tmp_path / "bad")], cwd=REPO,
+                             capture_output=True, text=True, timeout=60)
+        assert bad.returncode == 2 and "no key 'bogus'" in bad.stderr
+    finally:
+        fleet.kill()
+        fleet.wait(10)
+        fleet.stdout.close()

@@ -205,6 +205,20 @@ def test_instance_states_combine_own_accounting_with_engine_metrics():
     run(main())
 
 
+def test_a_16p4d_fleet_runs_in_one_process_behind_the_proxy():
+    from backends.loadgen import LoadGenerator
+
+    async def main():
+        async with cluster(prefill=16, decode=4, fleet_kw={"time_scale": 0.2}) as (fleet, proxy, s):
+            requests = [Request(f"r{i}", 0.01 * i, 200 + 10 * i, 8) for i in range(64)]
+            return await LoadGenerator(proxy.url, seed=0, time_scale=0.2).run(requests)
+
+    rows = run(main())
+    assert [r[-2] for r in rows] == ["ok"] * 64
+    assert {r[5] for r in rows} == {f"prefill-{i}" for i in range(16)}  # round robin reaches every instance
+    assert {r[6] for r in rows} == {f"decode-{i}" for i in range(4)}
+
+
 class OneAtATime:
     """Holds requests until an instance has nothing running (exercises hold and re-dispatch on completion)."""
 

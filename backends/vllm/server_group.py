@@ -149,6 +149,9 @@ class ServerGroup:
                 p.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 pass
+        until = time.monotonic() + 5.0
+        while time.monotonic() < until and any(_group_alive(p) for p in self.procs.values()):
+            time.sleep(0.1)  # killed grandchildren vanish once their new parent (init) reaps them
         for log in self._logs:
             log.close()
         self._logs.clear()
@@ -172,3 +175,11 @@ def _signal_group(proc: subprocess.Popen, sig: int) -> None:
         os.killpg(proc.pid, sig)  # start_new_session: the server's pid is its process group id
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def _group_alive(proc: subprocess.Popen) -> bool:
+    try:
+        os.killpg(proc.pid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
