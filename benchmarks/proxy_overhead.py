@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import os
 import shutil
@@ -199,6 +200,8 @@ def main(argv=None) -> int:
     p.add_argument("--engines", type=int, default=4)
     p.add_argument("--tokens", type=int, default=4, help="streamed output tokens per request")
     p.add_argument("--concurrency", type=int, default=64, help="closed-loop clients for the saturation phase")
+    p.add_argument("--proxy-loop", choices=("auto", "asyncio", "uvloop"), default="auto",
+                   help="the omnisim proxy's event loop (auto: uvloop when installed)")
     p.add_argument("--no-spin", action="store_true", help="no low-priority busy loops")
     p.add_argument("--no-router", action="store_true", help="skip vllm-router even if installed")
     p.add_argument("--max-wall-s", type=float, default=600.0, help="spinners and the whole run stop by then")
@@ -226,9 +229,11 @@ def main(argv=None) -> int:
         port = _free_port()
         ups = [arg for u in engines for arg in ("--upstream", f"mixed={u}")]
         proxy = procs.start([sys.executable, "-m", "backends.proxy.cli", *ups, "--policy", "round_robin",
-                             "--port", str(port)], PROXY_CORE, stdout=subprocess.DEVNULL)
+                             "--port", str(port), "--loop", args.proxy_loop], PROXY_CORE, stdout=subprocess.DEVNULL)
         result = measure("omnisim", f"http://127.0.0.1:{port}", proxy.pid, direct, args, body)
-        result.update(rate=args.rate, tokens=args.tokens, engines=args.engines, direct=direct)
+        result.update(rate=args.rate, tokens=args.tokens, engines=args.engines, direct=direct,
+                      proxy_loop=args.proxy_loop if args.proxy_loop != "auto" else (
+                          "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"))
         proxy.send_signal(signal.SIGTERM)
         proxy.wait(10)
 
@@ -245,7 +250,7 @@ def main(argv=None) -> int:
         signal.alarm(0)
         procs.stop_all()
     summary = {k: result[k] for k in ("p50_added_ms", "p99_added_ms", "max_rps", "achieved_rps", "rate",
-                                      "tokens", "engines")}
+                                      "tokens", "engines", "proxy_loop")}
     for k in ("vllm_router", "max_rps_ratio_vs_vllm_router"):
         if k in result:
             summary[k] = result[k]

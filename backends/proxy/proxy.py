@@ -147,6 +147,7 @@ class Proxy:
         self._ids = itertools.count()
         self._inflight = 0
         self._kicked = False
+        self._held = asyncio.Event()
         self._t0 = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._session: aiohttp.ClientSession | None = None
@@ -272,6 +273,7 @@ class Proxy:
             raise _Reject(503, f"no healthy instance for the {phase.value} phase", "no_instance", True)
         future = self._loop.create_future()
         self._queues[phase][request.id] = _Pending(Waiting(request, self.now_s(), source), future)
+        self._held.set()
         self._kick()
         try:
             return await future
@@ -287,6 +289,8 @@ class Proxy:
         while True:
             await asyncio.sleep(interval)
             if not (self._queues[Phase.PREFILL] or self._queues[Phase.DECODE]):
+                self._held.clear()
+                await self._held.wait()  # idle: no timer wake-ups until a request is held
                 continue
             self._schedule()
             deadline = self.now_s() - self.config.queue_timeout_s

@@ -20,7 +20,7 @@ import pandas as pd
 
 from backends.vllm.engine_metrics import EngineCounters, scrape_counters
 from backends.vllm.launch_plan import InstanceLaunch
-from backends.vllm.server_group import ServerGroup, log_tail
+from backends.vllm.server_group import AttachedServers, ServerGroup, log_tail, process_key
 from omnisim.experiment import Experiment, RunResult
 
 log = logging.getLogger(__name__)
@@ -103,13 +103,15 @@ def _scrape_all(launches: Sequence[InstanceLaunch]) -> dict[str, EngineCounters]
 
 def run_on_servers(experiment: Experiment, out_dir: Path, launches: Sequence[InstanceLaunch], *, pd_mode: str,
                    model_name: str, block_size: int, kv_events: bool, replay: ReplaySettings,
-                   backend_name: str, work_dir: Path | None = None) -> RunResult:
+                   backend_name: str, work_dir: Path | None = None, start_servers: bool = True) -> RunResult:
     """Launch, proxy, replay, scrape, stop. Server logs are copied to ``out_dir/logs/`` whatever happens;
-    ``work_dir`` (the servers' scratch space, e.g. the shared KV store) is removed afterwards when given."""
+    ``work_dir`` (the servers' scratch space, e.g. the shared KV store) is removed afterwards when given.
+    ``start_servers`` False: the servers were started elsewhere; wait for their /health and leave them running."""
     from backends.loadgen import LoadGenerator
     from backends.proxy import ProxyThread
 
-    config = proxy_config(launches, pd_mode, block_size, replay.proxy_options, kv_events)  # fail before launching
+    servers_http = [x for x in launches if not x.headless]  # one per instance: the proxy's upstreams
+    config = proxy_config(servers_http, pd_mode, block_size, replay.proxy_options, kv_events)  # fail early
 
     def load_generator(url: str) -> LoadGenerator:
         return LoadGenerator(
@@ -118,46 +120,52 @@ def run_on_servers(experiment: Experiment, out_dir: Path, launches: Sequence[Ins
             request_timeout_s=replay.request_timeout_s)
 
     load_generator("http://127.0.0.1:1")  # its settings fail here, before any server starts
-    servers = ServerGroup(launches, startup_timeout_s=replay.startup_timeout_s, stop_timeout_s=replay.stop_timeout_s)
+    if start_servers:
+        servers = ServerGroup(launches, startup_timeout_s=replay.startup_timeout_s,
+                              stop_timeout_s=replay.stop_timeout_s)
+    else:
+        servers = AttachedServers(launches, startup_timeout_s=replay.startup_timeout_s)
     try:
         with sigterm_as_interrupt():
-            log.info("%s: starting %d server(s): %s", backend_name, len(launches), ", ".join(x.id for x in launches))
+            log.info("%s: %s %d server(s): %s", backend_name, "starting" if start_servers else "waiting for",
+                     len(servers_http), ", ".join(x.id for x in servers_http))
             with servers:
                 log.info("%s: servers healthy after %s s", backend_name,
                          {k: round(v, 1) for k, v in servers.ready_after_s.items()})
-                before = _scrape_all(launches)
+                before = _scrape_all(servers_http)
                 with ProxyThread(config, experiment.proxy) as proxy:
                     started = time.monotonic()
                     records = load_generator(proxy.url).replay(experiment.workload.requests())
                     replay_wall_s = time.monotonic() - started
                 dead = servers.dead()
                 if dead:
-                    first = next(x for x in launches if x.id in dead)
+                    first = next(x for x in launches if process_key(x) in dead)
                     raise RuntimeError(f"{backend_name}: server(s) {dead} exited during the run; log of {first.id}:\n"
                                        f"{log_tail(first.log_path)}")
-                counters = {k: v.minus(before[k]) for k, v in _scrape_all(launches).items()}
+                counters = {k: v.minus(before[k]) for k, v in _scrape_all(servers_http).items()}
     finally:
-        _keep_logs(launches, Path(out_dir) / "logs")
+        if start_servers:
+            _keep_logs(launches, Path(out_dir) / "logs")
         if work_dir is not None:
             shutil.rmtree(work_dir, ignore_errors=True)
 
     duration = float(np.nanmax(records["finish_s"].to_numpy(dtype=float), initial=0.0)) if len(records) else 0.0
     rows = []
-    for x in launches:
+    for x in servers_http:
         c = counters[x.id]
         rows.append({"instance_id": x.id, "role": x.role, "busy_s": busy_seconds(records, x.id, x.role),
                      "duration_s": duration, "url": x.url, "ready_after_s": servers.ready_after_s.get(x.id, np.nan),
                      "external_kv_tokens": c.external_kv_tokens,
                      **{k: (np.nan if v is None else v) for k, v in c.as_dict().items()}})
     instances = pd.DataFrame(rows)
-    consumers = [x.id for x in launches if x.role == "decode"]
+    consumers = [x.id for x in servers_http if x.role == "decode"]
     extra = {
         "backend": backend_name,
         # Prompt tokens whose KV the decode instances received from prefill, by vLLM's own count.
         "external_kv_tokens": float(sum(counters[i].external_kv_tokens for i in consumers)),
         "engine_prompt_tokens_computed": float(sum(counters[x.id].prompt_tokens_local_compute or 0.0
-                                                   for x in launches)),
-        "engine_prefix_cache_hit_tokens": float(sum(counters[x.id].prefix_cache_hits or 0.0 for x in launches)),
+                                                   for x in servers_http)),
+        "engine_prefix_cache_hit_tokens": float(sum(counters[x.id].prefix_cache_hits or 0.0 for x in servers_http)),
         "server_startup_s": float(max(servers.ready_after_s.values(), default=0.0)),
         "replay_wall_s": replay_wall_s,
     }
@@ -168,4 +176,4 @@ def _keep_logs(launches: Sequence[InstanceLaunch], dest: Path) -> None:
     for x in launches:
         if x.log_path.is_file():
             dest.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(x.log_path, dest / f"{x.id}.log")
+            shutil.copyfile(x.log_path, dest / (f"{x.id}.log" if not x.headless else f"{x.id}.part{x.part}.log"))

@@ -88,7 +88,12 @@ class EngineSettings:
 
 @dataclass(frozen=True)
 class InstanceLaunch:
-    """One vLLM server: ``argv`` to run with ``env`` (added to the caller's environment) in ``work_dir``."""
+    """One vLLM server process: ``argv`` to run with ``env`` (added to the caller's environment) in ``work_dir``.
+
+    An instance spread over several nodes (multi-node data parallel) has one launch per node: the first serves
+    HTTP, the others are ``headless`` engine processes with no API server (``part`` counts them, 0 = the server).
+    ``node``: the host the process must run on.
+    """
 
     id: str
     role: str
@@ -99,6 +104,12 @@ class InstanceLaunch:
     work_dir: Path
     kv_events_endpoint: str | None = None
     devices: tuple[int, ...] = ()
+    node: str = "127.0.0.1"
+    part: int = 0
+
+    @property
+    def headless(self) -> bool:
+        return self.part > 0
 
     @property
     def url(self) -> str:
@@ -240,6 +251,6 @@ def plan_instances(cluster: ClusterSpec, settings: EngineSettings) -> tuple[Inst
             env.update(settings.env)
             launches.append(InstanceLaunch(
                 id=instance_id, role=role, host=settings.host, port=port, argv=tuple(argv), env=env,
-                work_dir=work_dir, kv_events_endpoint=events_endpoint, devices=devices))
+                work_dir=work_dir, kv_events_endpoint=events_endpoint, devices=devices, node=settings.host))
             k += 1
     return tuple(launches)

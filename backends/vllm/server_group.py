@@ -94,7 +94,7 @@ class ServerGroup:
             (launch.work_dir / "tmp").mkdir(parents=True, exist_ok=True)
             log = open(launch.log_path, "ab")
             self._logs.append(log)
-            self.procs[launch.id] = subprocess.Popen(
+            self.procs[process_key(launch)] = subprocess.Popen(
                 launch.argv, env={**os.environ, **launch.env}, cwd=launch.work_dir, stdin=subprocess.DEVNULL,
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent)
 
@@ -102,16 +102,16 @@ class ServerGroup:
         """Block until every server answers /health with 200; ServerStartError (with the log tail) if one exits
         first or the timeout passes."""
         deadline = self._started_at + self.startup_timeout_s
-        pending = {launch.id: launch for launch in self.launches}
+        pending = {process_key(x): x for x in self.launches if not x.headless}  # headless parts serve no HTTP
+        by_key = {process_key(x): x for x in self.launches}
         while pending:
-            for instance_id, launch in list(pending.items()):
-                code = self.procs[instance_id].poll()
-                if code is not None:
-                    raise ServerStartError(f"{instance_id} exited with code {code} while starting "
-                                           f"({launch.log_path}):\n{log_tail(launch.log_path)}")
+            for key, code in self.dead().items():
+                path = by_key[key].log_path
+                raise ServerStartError(f"{key} exited with code {code} while starting ({path}):\n{log_tail(path)}")
+            for key, launch in list(pending.items()):
                 if http_ok(launch.url + "/health"):
-                    self.ready_after_s[instance_id] = time.monotonic() - self._started_at
-                    del pending[instance_id]
+                    self.ready_after_s[launch.id] = time.monotonic() - self._started_at
+                    del pending[key]
             if not pending:
                 break
             if time.monotonic() > deadline:
@@ -122,7 +122,7 @@ class ServerGroup:
             time.sleep(self.poll_interval_s)
 
     def dead(self) -> dict[str, int]:
-        """Instances whose process has exited: id -> exit code."""
+        """Processes that have exited: id (with "/part" for headless parts) -> exit code."""
         return {i: p.returncode for i, p in self.procs.items() if p.poll() is not None}
 
     def stop(self) -> None:
@@ -170,6 +170,10 @@ class ServerGroup:
         self.stop()
 
 
+def process_key(launch: InstanceLaunch) -> str:
+    return launch.id if not launch.headless else f"{launch.id}/{launch.part}"
+
+
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:
     try:
         os.killpg(proc.pid, sig)  # start_new_session: the server's pid is its process group id
@@ -183,3 +187,36 @@ def _group_alive(proc: subprocess.Popen) -> bool:
     except (ProcessLookupError, PermissionError):
         return False
     return True
+
+
+class AttachedServers:
+    """Servers started by someone else (e.g. the per-node scripts of a multi-node cluster): entering waits for
+    their /health; nothing is started or stopped here."""
+
+    def __init__(self, launches: Sequence[InstanceLaunch], startup_timeout_s: float = 300.0,
+                 poll_interval_s: float = 2.0) -> None:
+        self.launches = tuple(x for x in launches if not x.headless)
+        self.startup_timeout_s = startup_timeout_s
+        self.poll_interval_s = poll_interval_s
+        self.ready_after_s: dict[str, float] = {}
+
+    def __enter__(self) -> "AttachedServers":
+        started = time.monotonic()
+        pending = {x.id: x for x in self.launches}
+        while pending:
+            for instance_id, launch in list(pending.items()):
+                if http_ok(launch.url + "/health"):
+                    self.ready_after_s[instance_id] = time.monotonic() - started
+                    del pending[instance_id]
+            if pending and time.monotonic() - started > self.startup_timeout_s:
+                raise ServerStartError(f"{', '.join(f'{i} ({x.url})' for i, x in pending.items())} not healthy "
+                                       f"after {self.startup_timeout_s:.0f} s; were the node scripts started?")
+            if pending:
+                time.sleep(self.poll_interval_s)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def dead(self) -> dict[str, int]:
+        return {}
