@@ -46,6 +46,10 @@ class Simulation:
                                   on_record=self._record)
         self.instances: list[Instance] = []
         for role, group in groups:
+            experts = getattr(model, "num_experts", 0)
+            if experts and experts % group.ep:
+                raise ValueError(f"cluster.{role}.ep={group.ep} does not divide the {experts} routed experts of "
+                                 f"{model.name}")
             parallel = Parallelism(tp=group.tp, dp=group.dp, ep=group.ep)
             cost = experiment.cost(model=model, hardware=experiment.hardware, parallel=parallel)
             capacity = group.kv_capacity_tokens or _derived_capacity(model, experiment.hardware, parallel, group)
