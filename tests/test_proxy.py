@@ -339,6 +339,10 @@ def test_bad_requests_are_refused_with_clear_errors():
             assert status == 400 and "prompt" in text
             status, _, text = await post(s, proxy.url, {"prompt": "a"}, "/v1/chat/completions", headers=ok)
             assert status == 400 and "messages" in text
+            status, _, text = await post(s, proxy.url, body, headers={**ok, "X-Prompt-Tokens": "many"})
+            assert status == 400 and "X-Prompt-Tokens" in text
+            status, _, text = await post(s, proxy.url, body, headers={**ok, "X-Prefix-Hashes": "1,x"})
+            assert status == 400 and "X-Prefix-Hashes" in text
             async with s.get(proxy.url + "/health") as r:  # health and metrics need no key
                 assert r.status == 200
             assert fleet["mixed-0"].engine.stats.finished == 1  # nothing bad reached the engine

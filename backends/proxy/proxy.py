@@ -60,6 +60,13 @@ def _engine_gauges(text: str) -> tuple[dict[str, float], set[str]]:
     return values, seen
 
 
+def _header_int(headers, name: str) -> int:
+    try:
+        return int(headers[name])
+    except ValueError:
+        raise ValueError(f"{name}: expected an integer, got {headers[name]!r}") from None
+
+
 class _Retry(Exception):
     """The upstream failed before the client got anything: try again elsewhere."""
 
@@ -240,7 +247,8 @@ class Proxy:
                     self.metrics.errors.labels("policy").inc()
                     continue
                 del queue[a.request_id]
-                pending.future.set_result(self._reserve(up, pending.waiting.request, phase))
+                if not pending.future.done():  # done: its client left (or it timed out) a moment ago
+                    pending.future.set_result(self._reserve(up, pending.waiting.request, phase))
 
     @staticmethod
     def _serves(up: UpstreamState, phase: Phase) -> bool:
@@ -408,7 +416,7 @@ class Proxy:
         h = request.headers
         tokens = None
         if "X-Prompt-Tokens" in h:
-            n_prompt = int(h["X-Prompt-Tokens"])
+            n_prompt = _header_int(h, "X-Prompt-Tokens")
         else:
             tokens = prompt_tokens(body)
             n_prompt = len(tokens)
@@ -418,8 +426,11 @@ class Proxy:
         hashes: tuple[int, ...] = ()
         block = 0
         if self.config.prefix_source == "history" and "X-Prefix-Hashes" in h:
-            hashes = tuple(int(x) for x in h["X-Prefix-Hashes"].split(",") if x.strip())
-            block = int(h.get("X-Hash-Block-Tokens", "0"))
+            try:
+                hashes = tuple(int(x) for x in h["X-Prefix-Hashes"].split(",") if x.strip())
+            except ValueError:
+                raise ValueError("X-Prefix-Hashes: expected comma-separated integers") from None
+            block = _header_int(h, "X-Hash-Block-Tokens") if "X-Hash-Block-Tokens" in h else 0
             if hashes and block < 1:
                 raise ValueError("X-Hash-Block-Tokens: required (>= 1) with X-Prefix-Hashes")
         elif self.config.prefix_source != "none":
