@@ -35,6 +35,7 @@ class Simulation:
         self.progress = progress
         self.env = env = simpy.Environment()
         self.rows: list[tuple] = []
+        self.moe: dict = {}  # instance id -> MoeRuntime
         self.prefix = PrefixIndex()
         cluster, model = experiment.cluster, experiment.model
         groups = cluster.groups()
@@ -45,11 +46,12 @@ class Simulation:
                                   max_model_len=min(g.max_model_len for _, g in groups), timer_s=timer_s,
                                   on_record=self._record)
         self.instances: list[Instance] = []
+        moe_factory = moe_factory or self._moe_factory()
         for role, group in groups:
             experts = getattr(model, "num_experts", 0)
-            if experts and experts % group.ep:
+            if experts and experts % group.ep and not (moe_factory and group.ep > 1):
                 raise ValueError(f"cluster.{role}.ep={group.ep} does not divide the {experts} routed experts of "
-                                 f"{model.name}")
+                                 f"{model.name} (add redundant slots with placement= and rebalance=)")
             parallel = Parallelism(tp=group.tp, dp=group.dp, ep=group.ep)
             cost = experiment.cost(model=model, hardware=experiment.hardware, parallel=parallel)
             capacity = group.kv_capacity_tokens or _derived_capacity(model, experiment.hardware, parallel, group)
@@ -70,6 +72,41 @@ class Simulation:
         self._next = None
         self._arrived = 0
         self._bar = None
+
+    def _moe_factory(self):
+        """Expert placement per EP group, when the experiment models it: a MoE model, a placement policy and an
+        expert-load model (placement=, expert_load=, optional rebalance=). Instances with ep=1 have none."""
+        exp, model = self.experiment, self.experiment.model
+        load = exp.options.get("expert_load")
+        if not getattr(model, "num_experts", 0) or exp.placement is None or load is None:
+            return None
+        from omnisim.moe import MoeRuntime, RebalanceConfig
+
+        rebalance = exp.options.get("rebalance") or RebalanceConfig()
+        per_node = getattr(exp.hardware, "devices_per_node", 8)
+        expert_bytes = 3 * model.hidden * model.expert_intermediate * model.dtype_bytes
+
+        def build(role: str, group, index: int):
+            if group.ep == 1:
+                return None
+            runtime = MoeRuntime.for_ep(
+                model.moe_layers, model.num_experts, model.top_k, group.ep, load, exp.placement, rebalance,
+                expert_bytes, seed=exp.seed * 1_000_003 + len(self.moe), num_nodes=max(1, group.ep // per_node),
+                num_groups=model.num_expert_groups)
+            self.moe[f"{role}-{index}"] = runtime
+            return runtime
+
+        return build
+
+    def _moe_results(self) -> tuple[dict, dict]:
+        tables: dict[str, list] = {}
+        extra: dict[str, float] = {}
+        for iid, runtime in self.moe.items():
+            for name, table in runtime.tables().items():
+                tables.setdefault(name, []).append(table.assign(instance_id=iid))
+            for key, value in runtime.summary().items():
+                extra[f"{key}.{iid}"] = value
+        return {k: pd.concat(v, ignore_index=True) for k, v in tables.items()}, extra
 
     def _record(self, row: tuple) -> None:
         self.rows.append(row)
@@ -111,7 +148,9 @@ class Simulation:
         instances = pd.DataFrame([i.stats(duration) for i in self.instances])
         extra = {"simulated_s": duration, "max_proxy_queue": self.driver.max_queue,
                  "engine_preemptions": int(instances["preemptions"].sum())}
-        return RunResult(records=records, instances=instances, extra=extra)
+        tables, moe_extra = self._moe_results()
+        extra.update(moe_extra)
+        return RunResult(records=records, instances=instances, extra=extra, tables=tables)
 
 
 class SimBackend:
