@@ -30,6 +30,13 @@ Endpoints: POST /v1/completions and /v1/chat/completions (streaming SSE and not)
 receipt of the request, in seconds: x-omnisim-prefill-instance, x-omnisim-decode-instance,
 x-omnisim-prefill-dispatch-s, x-omnisim-prefill-end-s, x-omnisim-decode-dispatch-s (absent where not applicable).
 
+Prefix index (what ``view.cached_tokens`` answers): ``prefix_source="kv_events"`` subscribes to each upstream's
+ZMQ KV-event publisher (vLLM's wire format) and matches the request's block hashes, which the proxy computes from
+the prompt with backends/common/tokens.py: exact against the emulator (it hashes the same way); against vLLM the
+engine's hashes (its tokenizer + its hash function) cannot be reproduced without the tokenizer, so use the default
+``"history"`` there: the proxy's own record of which instance prefilled which prefix blocks (approximate: no
+evictions seen). ``"none"`` turns prefix matching off.
+
 Request extensions (optional): headers ``X-Prefix-Hashes: 12,34,56`` with ``X-Hash-Block-Tokens: 512`` give the
 request's prefix-block hashes exactly (the load generator sends the workload's); ``X-Prompt-Tokens: 1234`` gives
 the exact prompt length. Without them the proxy estimates from the prompt (see backends/common/tokens.py).
