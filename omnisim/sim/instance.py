@@ -76,19 +76,20 @@ class Instance:
         self.peak_kv_usage = 0.0
         self.recent: deque[BatchSample] = deque(maxlen=8)
         self._state: InstanceState | None = None
+        self._timeout = env.timeout
+        self._done_cb = self._done  # one bound method, not one per step
 
     # -- what the proxy sees -------------------------------------------------------------------------------------
     def state(self) -> InstanceState:
         s = self._state
         if s is None:
             bm = self.bm
-            s = self._state = InstanceState(
-                id=self.id, role=self.role, healthy=True,
-                num_running=len(self.running) + len(self.prefilling),
-                num_waiting=len(self.waiting) + len(self.remote) + self.transferring + len(self.ready),
-                inflight_prompt_tokens=self.pending_prefill, decode_tokens=self.ctx_sum + self.remote_tokens,
-                kv_usage=bm.used / bm.num_blocks, kv_capacity_tokens=bm.num_blocks * self.block_size,
-                max_num_seqs=self.max_seqs, recent_batches=tuple(self.recent))
+            s = self._state = InstanceState(  # positional, in field order: this runs once per step and dispatch
+                self.id, self.role, True, len(self.running) + len(self.prefilling),
+                len(self.waiting) + len(self.remote) + self.transferring + len(self.ready),
+                self.pending_prefill, self.ctx_sum + self.remote_tokens,
+                (bm.num_blocks - bm.free - bm.lru_blocks) / bm.num_blocks, bm.num_blocks * self.block_size,
+                self.max_seqs, tuple(self.recent))
         return s
 
     # -- work arriving -------------------------------------------------------------------------------------------
@@ -226,8 +227,8 @@ class Instance:
 
     def _schedule_done(self, delay: float) -> None:
         # A cut run leaves its original timeout in the calendar; only the latest one counts.
-        ev = self.pending = self.env.timeout(delay)
-        ev.callbacks.append(self._done)
+        ev = self.pending = self._timeout(delay)
+        ev.callbacks.append(self._done_cb)
 
     def _schedule_prefill(self, now: float) -> list:
         """vLLM v1 order: running decodes take one token each, ongoing prefills continue, then waiting requests are
@@ -303,7 +304,8 @@ class Instance:
             self.recent.append(BatchSample(duration, pt, n))
         else:
             self.recent.append(BatchSample(duration / k, 0, n))
-        usage = self.bm.used / self.bm.num_blocks
+        bm = self.bm
+        usage = (bm.num_blocks - bm.free - bm.lru_blocks) / bm.num_blocks
         if usage > self.peak_kv_usage:
             self.peak_kv_usage = usage
         self._state = None
