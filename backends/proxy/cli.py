@@ -20,7 +20,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from backends.proxy.config import ProxyConfig, Upstream
+from backends.proxy.config import ProxyConfig
 from backends.proxy.proxy import Proxy
 
 CONF_PROXY = Path(__file__).resolve().parents[2] / "conf" / "proxy"

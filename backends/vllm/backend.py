@@ -57,8 +57,10 @@ class VllmBackend:
                  startup_timeout_s: float = 300.0, stop_timeout_s: float = 20.0, endpoint: str = "completions",
                  stream: bool = True, prompt_format: str = "token_ids", time_scale: float = 1.0,
                  request_timeout_s: float = 600.0, proxy_options: Mapping | None = None,
-                 extra_args: Sequence[str] = (), env: Mapping[str, str] | None = None, seed: int = 0) -> None:
+                 extra_args: Sequence[str] = (), env: Mapping[str, str] | None = None, start_servers: bool = True,
+                 seed: int = 0) -> None:
         self.model_path = model_path
+        self.start_servers = start_servers
         self.model_cache_dir = Path(model_cache_dir)
         self.engine = dict(device=device, connector=connector, host=host, enforce_eager=enforce_eager,
                            kv_events=kv_events, eplb=dict(eplb) if eplb is not None else None,
@@ -68,6 +70,9 @@ class VllmBackend:
                            env={str(k): str(v) for k, v in (env or {}).items()})
         if base_port < 0:
             raise ValueError(f"backend.base_port: expected 0 (pick free ports) or a port, got {base_port}")
+        if not start_servers and not base_port:
+            raise ValueError("backend.base_port: start_servers=false attaches to running servers, so give the "
+                             "base_port they were started with")
         self.base_port = base_port
         self.replay = ReplaySettings(
             endpoint=endpoint, stream=stream, prompt_format=prompt_format, time_scale=time_scale,
@@ -86,15 +91,19 @@ class VllmBackend:
             extra["nixl_side_channel_base_port"] = free_port_block(n_instances, host, start=base_port + 2 * n_instances)
         return EngineSettings(model=model, work_dir=work_dir, base_port=base_port, **extra, **self.engine)
 
-    def run(self, experiment: Experiment, out_dir: Path) -> RunResult:
+    def plan(self, experiment: Experiment, work_dir: Path) -> tuple[EngineSettings, tuple]:
+        """The engine settings and one launch per instance for ``experiment`` (builds a tiny model if needed)."""
         model = resolve_model(self.model_path, experiment, self.model_cache_dir)
         n = sum(g.count for _, g in experiment.cluster.groups())
+        settings = self.settings(model, work_dir, n)
+        return settings, plan_instances(experiment.cluster, settings)
+
+    def run(self, experiment: Experiment, out_dir: Path) -> RunResult:
         # Short scratch path: vLLM puts ZMQ IPC sockets under TMPDIR and socket paths are limited to ~107 bytes.
         work_dir = Path(tempfile.mkdtemp(prefix="omnisim-vllm-"))
         try:
-            settings = self.settings(model, work_dir, n)
-            launches = plan_instances(experiment.cluster, settings)
-            replay = dataclasses.replace(self.replay, vocab_size=model_vocab_size(model))
+            settings, launches = self.plan(experiment, work_dir)
+            replay = dataclasses.replace(self.replay, vocab_size=model_vocab_size(settings.model))
         except BaseException:
             shutil.rmtree(work_dir, ignore_errors=True)
             raise
@@ -102,6 +111,6 @@ class VllmBackend:
         result = run_on_servers(
             experiment, out_dir, launches, pd_mode=settings.pd_mode, model_name=settings.model_name,
             block_size=block_size, kv_events=settings.kv_events, replay=replay, backend_name="vllm",
-            work_dir=work_dir)
-        result.extra.update(model_path=model, connector=settings.connector, device=settings.device)
+            work_dir=work_dir, start_servers=self.start_servers)
+        result.extra.update(model_path=settings.model, connector=settings.connector, device=settings.device)
         return result
