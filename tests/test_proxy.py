@@ -191,7 +191,7 @@ def test_round_robin_alternates_and_dispatch_metrics_count_it():
 def test_instance_states_combine_own_accounting_with_engine_metrics():
     async def main():
         async with cluster(prefill=1, decode=1, model=SLOW, metrics_interval_s=0.05) as (fleet, proxy, s):
-            long = asyncio.create_task(post(s, proxy.url, {"prompt": "a b c", "max_tokens": 50}))
+            long = asyncio.create_task(post(s, proxy.url, {"prompt": "a b c", "max_tokens": 50, "stream": True}))
             dec = proxy.upstreams["decode-0"]
             await wait_until(lambda: dec.outstanding == 1 and dec.engine_running == 1)
             state = proxy.view().instance("decode-0")
@@ -201,6 +201,12 @@ def test_instance_states_combine_own_accounting_with_engine_metrics():
             assert (await long)[0] == 200
             await wait_until(lambda: dec.engine_running == 0)
             assert proxy.view().instance("decode-0").decode_tokens == 0
+            # what the proxy saw of engine steps: the stream's chunk gaps and the lone prefill's duration
+            (step,) = proxy.view().instance("decode-0").recent_batches
+            assert step.decode_seqs == 1 and step.prefill_tokens == 0
+            assert step.duration_s == pytest.approx(0.0201, abs=0.004)  # SLOW: 20 ms + 0.1 ms per sequence
+            (prefill,) = proxy.view().instance("prefill-0").recent_batches
+            assert prefill.prefill_tokens == 3 and 0.02 <= prefill.duration_s < 0.1
 
     run(main())
 

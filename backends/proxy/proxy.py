@@ -30,7 +30,9 @@ from backends.proxy.config import ProxyConfig
 from backends.proxy.proxy_metrics import ProxyMetrics
 from backends.proxy.routing_history import RoutingHistory
 from backends.proxy.upstream_state import UpstreamState
-from omnisim.core import ClusterView, NO_PREFIX_CACHE, Phase, PrefixIndex, ProxyPolicy, Request, Role, Waiting
+from omnisim.core import (
+    BatchSample, ClusterView, NO_PREFIX_CACHE, Phase, PrefixIndex, ProxyPolicy, Request, Role, Waiting,
+)
 
 log = logging.getLogger(__name__)
 _json_decode = msgspec.json.Decoder().decode
@@ -91,6 +93,7 @@ class _Ticket:
     up: UpstreamState
     prompt: int
     decode: int
+    alone: bool = False  # nothing else of ours was in flight there when it was assigned
     open: bool = True
 
     def prompt_done(self) -> None:
@@ -269,7 +272,7 @@ class Proxy:
         up.inflight_prompt_tokens += prompt
         up.decode_tokens += decode
         self.metrics.dispatched(up.id, phase.value)
-        return _Ticket(up, prompt, decode)
+        return _Ticket(up, prompt, decode, alone=up.outstanding == 1)
 
     def _close(self, ticket: _Ticket) -> None:
         if ticket.close():
@@ -530,12 +533,15 @@ class Proxy:
         pbody["stream"] = False
         if self.config.pd_mode == "kv_transfer_params":
             pbody["kv_transfer_params"] = dict(_PREFILL_PARAMS)
+        started = self._loop.time()
         try:
             async with self._session.post(up.url + path, data=_json_encode(pbody),
                                           headers=self._upstream_headers(req)) as resp:
                 data = await resp.read()
                 status = resp.status
                 content_type = resp.content_type
+            if status == 200 and ticket.alone and up.outstanding == 1:
+                up.observed(BatchSample(self._loop.time() - started, ticket.prompt, 0))
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
             self._failed(up, e)
             raise _Retry(f"prefill on {up.id}: {type(e).__name__}: {e}") from None
@@ -604,7 +610,9 @@ class Proxy:
         await response.prepare(request)
         self.metrics.ttft.observe(self._loop.time() - timing.received)
         ticket.prompt_done()
+        arrivals = []
         while chunk:
+            arrivals.append(self._loop.time())
             try:
                 await response.write(chunk)
             except (ConnectionError, RuntimeError):  # the client left: drop the upstream request too
@@ -627,4 +635,7 @@ class Proxy:
         await response.write_eof()
         self.metrics.e2e.observe(self._loop.time() - timing.received)
         self.metrics.answered(endpoint, 200)
+        if len(arrivals) >= 4:  # one chunk per decode step: the median gap is the step time
+            gaps = sorted(b - a for a, b in zip(arrivals, arrivals[1:]))
+            ticket.up.observed(BatchSample(gaps[len(gaps) // 2], 0, ticket.up.outstanding))
         return response

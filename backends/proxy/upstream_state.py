@@ -1,14 +1,21 @@
 """What the proxy knows about one upstream engine: its own in-flight accounting, health, and the engine's /metrics."""
 from __future__ import annotations
 
-from omnisim.core import InstanceState, Role
+from collections import deque
+
+from omnisim.core import BatchSample, InstanceState, Role
 
 from backends.proxy.config import Upstream
 
 
 class UpstreamState:
     """Counts change at dispatch and completion (exact for this proxy's traffic); the engine's running/waiting
-    split and KV usage come from its last /metrics scrape (stale by up to one poll interval)."""
+    split and KV usage come from its last /metrics scrape (stale by up to one poll interval).
+
+    ``recent_batches`` are what the proxy can observe of engine steps (it cannot see them directly): a prefill
+    that ran alone on its instance gives (duration, uncached prompt tokens, 0), queueing included; a finished
+    stream gives (median gap between its chunks, 0, requests this proxy had decoding there), as each chunk is one
+    decode step's token."""
 
     def __init__(self, upstream: Upstream) -> None:
         self.upstream = upstream
@@ -23,6 +30,12 @@ class UpstreamState:
         self.engine_running: int | None = None
         self.engine_waiting: int | None = None
         self.kv_usage = 0.0
+        self._batches: deque[BatchSample] = deque(maxlen=16)
+        self.recent_batches: tuple[BatchSample, ...] = ()  # rebuilt only when a sample arrives
+
+    def observed(self, sample: BatchSample) -> None:
+        self._batches.append(sample)
+        self.recent_batches = tuple(self._batches)
 
     def snapshot(self) -> InstanceState:
         if self.engine_running is None:
@@ -34,7 +47,7 @@ class UpstreamState:
             id=self.id, role=self.role, healthy=self.healthy, num_running=running, num_waiting=waiting,
             inflight_prompt_tokens=self.inflight_prompt_tokens, decode_tokens=self.decode_tokens,
             kv_usage=self.kv_usage, kv_capacity_tokens=self.upstream.kv_capacity_tokens,
-            max_num_seqs=self.upstream.max_num_seqs)
+            max_num_seqs=self.upstream.max_num_seqs, recent_batches=self.recent_batches)
 
     def check_passed(self) -> None:
         self.failures = 0
