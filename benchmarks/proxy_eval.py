@@ -20,6 +20,7 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -33,48 +34,72 @@ DEFAULT_OUT = ROOT / "benchmarks" / "proxy_eval_results.csv"
 class Setup:
     trace: str
     shape: str
-    loads: dict  # level -> workload.rate_scale
+    loads: dict  # level -> offered prompt tokens per second
     window_s: float  # trace seconds between replicate windows
 
 
-# Loads were chosen from round robin's behaviour: "light" well under capacity, "near" where round robin's TTFT p90
-# passes the 2 s SLO, "over" where the offered rate exceeds what round robin can serve.
+# Offered load is set in prompt tokens per second (prefill is the contended side here): each replicate's trace window
+# is time-scaled to it (rate_scale = target / the window's own prompt-token rate), so windows with busier or quieter
+# stretches of the trace still offer the same load. Levels were chosen from round robin's behaviour: "light" well
+# under capacity, "near" where round robin's TTFT p90 passes the 2 s SLO, "over" beyond what round robin serves.
 SETUPS = {
-    "proxy_eval_mooncake_7p1d": Setup("mooncake", "7P1D", {"light": 2.0, "near": 6.0, "over": 10.0}, 700.0),
-    "proxy_eval_mooncake_7p2d": Setup("mooncake", "7P2D", {"light": 2.0, "near": 6.0, "over": 10.0}, 700.0),
-    "proxy_eval_azure_2p1d": Setup("azure", "2P1D", {"light": 4.0, "near": 10.0, "over": 14.0}, 600.0),
-    "proxy_eval_azure_2p2d": Setup("azure", "2P2D", {"light": 4.0, "near": 10.0, "over": 14.0}, 600.0),
+    "proxy_eval_mooncake_7p1d": Setup("mooncake", "7P1D", {"light": 50e3, "near": 120e3, "over": 200e3}, 700.0),
+    "proxy_eval_mooncake_7p2d": Setup("mooncake", "7P2D", {"light": 50e3, "near": 120e3, "over": 200e3}, 700.0),
+    "proxy_eval_azure_2p1d": Setup("azure", "2P1D", {"light": 25e3, "near": 55e3, "over": 75e3}, 600.0),
+    "proxy_eval_azure_2p2d": Setup("azure", "2P2D", {"light": 25e3, "near": 55e3, "over": 75e3}, 600.0),
 }
+# by_phase (kv_aware prefill, least_load decode) is left out: kv_aware's decode choice here (no prefill queued and
+# nothing cached on decode instances) is least_load's, so it repeats kv_aware's numbers.
 POLICIES = ["random", "round_robin", "least_load", "least_requests", "power_of_two", "prefix_aware", "kv_aware",
-            "by_phase", "omni_proxy", "omni_proxy_pd", "predictive", "pd_decider"]
+            "omni_proxy", "omni_proxy_pd", "predictive", "pd_decider"]
 LEVELS = ["light", "near", "over"]
 METRICS = ["ttft_p50", "ttft_p90", "ttft_p99", "tpot_p50", "tpot_p90", "e2e_p50", "e2e_p90", "goodput_qpm", "qpm",
            "slo_attainment", "prefix_hit_rate"]
 
 
-def run_one(task: tuple) -> dict:
-    """Simulate one (setup, level, policy, replicate) and return its summary row."""
+def _build(overrides: list[str]):
     from hydra import compose, initialize_config_dir
 
     from omnisim.app import build_experiment
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    return build_experiment(cfg)
+
+
+@lru_cache(maxsize=None)
+def window_token_rate(experiment_name: str, replicate: int, max_requests: int) -> float:
+    """Prompt tokens per second of a replicate's trace window replayed at its own pace."""
+    overrides = [f"experiment={experiment_name}", f"seed={replicate}", f"name={experiment_name}",
+                 "workload.rate_scale=1.0", f"workload.start_s={replicate * SETUPS[experiment_name].window_s}"]
+    if max_requests:
+        overrides.append(f"workload.max_requests={max_requests}")
+    requests = list(_build(overrides)[0].workload.requests())
+    span = requests[-1].arrival_s - requests[0].arrival_s
+    if len(requests) < 2 or span <= 0:
+        raise ValueError(f"{experiment_name}: replicate {replicate}'s window has no arrival spread")
+    return sum(r.prompt_tokens for r in requests) / span
+
+
+def run_one(task: tuple) -> dict:
+    """Simulate one (setup, level, policy, replicate) and return its summary row."""
     from omnisim.metrics import summarize
 
     experiment_name, level, policy, replicate, max_requests = task
     setup = SETUPS[experiment_name]
+    rate_scale = setup.loads[level] / window_token_rate(experiment_name, replicate, max_requests)
     overrides = [f"experiment={experiment_name}", f"proxy={policy}", f"seed={replicate}", f"name={experiment_name}",
-                 f"workload.rate_scale={setup.loads[level]}", f"workload.start_s={replicate * setup.window_s}"]
+                 f"workload.rate_scale={rate_scale}", f"workload.start_s={replicate * setup.window_s}"]
     if max_requests:
         overrides.append(f"workload.max_requests={max_requests}")
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides)
-    experiment, backend = build_experiment(cfg)
+    experiment, backend = _build(overrides)
     backend.progress = False
     t0 = time.process_time()
     result = backend.run(experiment, None)
     cpu_s = time.process_time() - t0
     s = summarize(result.records, experiment.slo, result.instances)
     row = {"setup": experiment_name, "trace": setup.trace, "shape": setup.shape, "level": level,
-           "rate_scale": setup.loads[level], "policy": policy, "replicate": replicate,
+           "prompt_tokens_per_s": setup.loads[level], "rate_scale": rate_scale, "policy": policy, "replicate": replicate,
            "requests": len(result.records), "completed": s["completed"], "cpu_s": cpu_s,
            "max_proxy_queue": result.extra.get("max_proxy_queue"), "preemptions": result.extra.get("preemptions")}
     for name in ("ttft", "tpot", "e2e"):
@@ -138,18 +163,26 @@ def versus_baseline(runs: pd.DataFrame, baseline: str = "round_robin",
     return pd.DataFrame(rows)
 
 
-def target_check(runs: pd.DataFrame, level: str = "near") -> pd.DataFrame:
-    """The issue's target per setup at ``level``: the policy with the lowest mean TTFT p90 cuts it by >= 38% vs round
-    robin, raises TPOT p90 by <= 5% and raises goodput."""
-    d = versus_baseline(runs[runs.level == level])
-    s = summary_table(runs[runs.level == level], ["ttft_p90"])
+def target_check(runs: pd.DataFrame, level: str = "near", max_tpot_rise: float = 5.0) -> pd.DataFrame:
+    """The issue's target per setup at ``level``: among policies raising TPOT p90 by at most ``max_tpot_rise`` % vs
+    round robin, the one with the lowest mean TTFT p90 must cut it by >= 38% and raise goodput. The policy with the
+    lowest TTFT p90 regardless of TPOT is listed too."""
+    runs = runs[runs.level == level]
+    d = versus_baseline(runs).merge(summary_table(runs, ["ttft_p90"]), on=["setup", "level", "policy"])
+    d = d[d.policy != "round_robin"]
     out = []
-    for setup, g in s[s.policy != "round_robin"].groupby("setup", sort=False):
-        best = g.loc[g.ttft_p90.idxmin(), "policy"]
-        r = d[(d.setup == setup) & (d.policy == best)].iloc[0]
-        out.append({"setup": setup, "best": best, "ttft_p90_change_%": r.d_ttft_p90,
-                    "tpot_p90_change_%": r.d_tpot_p90, "goodput_change_%": r.d_goodput_qpm,
-                    "meets_target": bool(r.d_ttft_p90 <= -38.0 and r.d_tpot_p90 <= 5.0 and r.d_goodput_qpm > 0.0)})
+    for setup, g in d.groupby("setup", sort=False):
+        fastest = g.loc[g.ttft_p90.idxmin()]
+        allowed = g[g.d_tpot_p90 <= max_tpot_rise]
+        row = {"setup": setup, "fastest": fastest.policy, "fastest_d_ttft_p90": fastest.d_ttft_p90,
+               "fastest_d_tpot_p90": fastest.d_tpot_p90}
+        if allowed.empty:
+            out.append({**row, "best": None, "meets_target": False})
+            continue
+        r = allowed.loc[allowed.ttft_p90.idxmin()]
+        out.append({**row, "best": r.policy, "d_ttft_p90": r.d_ttft_p90, "d_ttft_p90_ci": (r.d_ttft_p90_lo,
+                    r.d_ttft_p90_hi), "d_tpot_p90": r.d_tpot_p90, "d_goodput": r.d_goodput_qpm,
+                    "meets_target": bool(r.d_ttft_p90 <= -38.0 and r.d_goodput_qpm > 0.0)})
     return pd.DataFrame(out)
 
 
@@ -166,8 +199,9 @@ def print_report(runs: pd.DataFrame) -> None:
     delta = versus_baseline(runs)
     merged = table.merge(delta, on=["setup", "level", "policy"])
     for (setup, level), g in merged.groupby(["setup", "level"], sort=False):
-        rate = runs[(runs.setup == setup) & (runs.level == level)].rate_scale.iloc[0]
-        print(f"\n### {setup}, load {level} (rate x{rate:g}), {int(g.replicates.iloc[0])} replicates\n")
+        load = runs[(runs.setup == setup) & (runs.level == level)].prompt_tokens_per_s.iloc[0]
+        print(f"\n### {setup}, load {level} ({load / 1e3:g}k prompt tokens/s), {int(g.replicates.iloc[0])} "
+              f"replicates\n")
         print("| policy | TTFT p50 s | TTFT p90 s | TPOT p90 ms | goodput QPM | hit % | dTTFT p90 % | dTPOT p90 % "
               "| dgoodput % |")
         print("|---|---|---|---|---|---|---|---|---|")
@@ -181,45 +215,17 @@ def print_report(runs: pd.DataFrame) -> None:
                   f"| {_fmt(r.d_goodput_qpm, r.d_goodput_qpm_lo, r.d_goodput_qpm_hi, 0)} |")
     if "near" in set(runs.level) and "round_robin" in set(runs.policy):
         print("\n### Target near saturation: TTFT p90 -38% vs round robin, TPOT p90 within +5%, more goodput\n")
-        print("| setup | best policy | dTTFT p90 % | dTPOT p90 % | dgoodput % | meets target |")
-        print("|---|---|---|---|---|---|")
+        print("| setup | best within TPOT +5% | dTTFT p90 % [95% CI] | dTPOT p90 % | dgoodput % | meets target "
+              "| fastest overall (dTTFT / dTPOT %) |")
+        print("|---|---|---|---|---|---|---|")
         for _, r in target_check(runs).iterrows():
-            print(f"| {r.setup} | {r.best} | {r['ttft_p90_change_%']:.1f} | {r['tpot_p90_change_%']:.1f} "
-                  f"| {r['goodput_change_%']:.1f} | {'yes' if r.meets_target else 'NO'} |")
-
-
-def decision_speed(repeats: int = 20000) -> pd.DataFrame:
-    """Microseconds per schedule() call for every conf/proxy policy: one request onto 8 prefill instances with a
-    prefix index, and a 2,000-request held queue with one instance taking work (the holding policies' worst case)."""
-    import timeit
-
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
-
-    from omnisim.core import (BatchSample, BlockStored, ClusterView, InstanceState, Phase, PrefixIndex, Request,
-                              Role, Waiting)
-
-    index = PrefixIndex()
-    for i in range(8):
-        index.apply(f"p{i}", [BlockStored(tuple(range(100 * i, 100 * i + 50)))])
-    batches = tuple(BatchSample(0.2 + 0.001 * j, 4000 + j, 0) for j in range(8))
-    states = tuple(InstanceState(id=f"p{i}", role=Role.PREFILL, num_running=i, inflight_prompt_tokens=1000 * i,
-                                 recent_batches=batches) for i in range(8)) + (InstanceState("d0", Role.DECODE),)
-    one = ClusterView(10.0, states, index)
-    request = Request("x", 1.0, 3000, 100, prefix_hashes=tuple(range(300, 306)), hash_block_tokens=512)
-    held = [Waiting(Request(f"r{i}", 0.01 * i, 1000 + (7919 * i) % 9000, 100), 0.01 * i) for i in range(2000)]
-    busy = ClusterView(30.0, tuple(InstanceState(id=f"p{i}", role=Role.PREFILL,
-                                                 inflight_prompt_tokens=40000 if i else 20000, recent_batches=batches)
-                                   for i in range(8)) + (InstanceState("d0", Role.DECODE),), index)
-    rows = []
-    for path in sorted((ROOT / "conf" / "proxy").glob("*.yaml")):
-        cfg = OmegaConf.merge({"seed": 0}, {"proxy": OmegaConf.load(path)})
-        policy = instantiate(cfg.proxy)
-        single = timeit.timeit(lambda: policy.schedule(Phase.PREFILL, [Waiting(request, 1.0)], one), number=repeats)
-        queued = timeit.timeit(lambda: policy.schedule(Phase.PREFILL, held, busy), number=max(1, repeats // 100))
-        rows.append({"policy": path.stem, "one_request_us": 1e6 * single / repeats,
-                     "held_2000_us": 1e6 * queued / max(1, repeats // 100)})
-    return pd.DataFrame(rows)
+            fastest = f"{r.fastest} ({r.fastest_d_ttft_p90:.0f} / {r.fastest_d_tpot_p90:+.1f})"
+            if r.best is None:
+                print(f"| {r.setup} | none | - | - | - | NO | {fastest} |")
+                continue
+            lo, hi = r.d_ttft_p90_ci
+            print(f"| {r.setup} | {r.best} | {r.d_ttft_p90:.0f} [{lo:.0f}, {hi:.0f}] | {r.d_tpot_p90:+.1f} "
+                  f"| {r.d_goodput:+.0f} | {'yes' if r.meets_target else 'NO'} | {fastest} |")
 
 
 def main(argv=None) -> None:
