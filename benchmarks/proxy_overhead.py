@@ -1,6 +1,6 @@
 """The proxy's added latency and its throughput per CPU core, against a fleet of emulated engines on loopback.
 
-    python benchmarks/proxy_overhead.py [--rate 1000] [--seconds 5] [--engines 4] [--tokens 4]
+    python benchmarks/proxy_overhead.py [--rate 1000] [--seconds 5] [--engines 4] [--tokens 4] [--pd]
 
 Layout (2 cores): the proxy alone on core 0; the emulated fleet (time_scale 0: engines answer as fast as they can)
 and this client on core 1; low-priority (nice 19) busy loops on both cores keep them awake, so p99 measures the
@@ -132,8 +132,27 @@ async def _one(session: aiohttp.ClientSession, url: str, body: bytes) -> tuple[f
         return ttft, time.perf_counter() - t0, False
 
 
-async def open_loop(urls: list[str], rate: float, seconds: float, body: bytes, warmup_s: float = 1.0) -> dict:
-    """Requests at a fixed rate (round robin over ``urls``); latencies of those sent after the warm-up."""
+_PREFILL_PARAMS = {"do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None,
+                   "remote_block_ids": None, "remote_host": None, "remote_port": None}
+
+
+async def _one_pd(session: aiohttp.ClientSession, urls: tuple[str, str], body: bytes) -> tuple[float, float, bool]:
+    """vLLM's PD protocol done by the client itself (the no-proxy baseline of a disaggregated request)."""
+    t0 = time.perf_counter()
+    request = json.loads(body)
+    prefill = {**request, "max_tokens": 1, "stream": False, "kv_transfer_params": _PREFILL_PARAMS}
+    try:
+        async with session.post(urls[0] + "/v1/completions", json=prefill) as r:
+            params = (await r.json())["kv_transfer_params"]
+    except (aiohttp.ClientError, asyncio.TimeoutError, OSError, KeyError):
+        return float("nan"), time.perf_counter() - t0, False
+    ttft, e2e, ok = await _one(session, urls[1], json.dumps({**request, "kv_transfer_params": params}).encode())
+    return ttft, time.perf_counter() - t0, ok
+
+
+async def open_loop(urls: list, rate: float, seconds: float, body: bytes, warmup_s: float = 1.0) -> dict:
+    """Requests at a fixed rate (round robin over ``urls``; (prefill, decode) pairs: the client does PD itself);
+    latencies of those sent after the warm-up."""
     n = int(rate * (seconds + warmup_s))
     results: list = []
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
@@ -145,7 +164,9 @@ async def open_loop(urls: list[str], rate: float, seconds: float, body: bytes, w
             delay = start + i / rate - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(_one(session, urls[i % len(urls)], body)))
+            url = urls[i % len(urls)]
+            send = _one_pd if isinstance(url, tuple) else _one
+            tasks.append(asyncio.create_task(send(session, url, body)))
         sent_s = loop.time() - start
         results = await asyncio.gather(*tasks)
     keep = results[int(rate * warmup_s):]
@@ -198,6 +219,8 @@ def main(argv=None) -> int:
     p.add_argument("--rate", type=float, default=1000.0, help="open-loop requests per second")
     p.add_argument("--seconds", type=float, default=5.0, help="measured seconds per phase (after 1 s warm-up)")
     p.add_argument("--engines", type=int, default=4)
+    p.add_argument("--pd", action="store_true", help="disaggregated: half prefill, half decode engines, vLLM's "
+                                                     "kv_transfer_params protocol (the client does it when direct)")
     p.add_argument("--tokens", type=int, default=4, help="streamed output tokens per request")
     p.add_argument("--concurrency", type=int, default=64, help="closed-loop clients for the saturation phase")
     p.add_argument("--proxy-loop", choices=("auto", "asyncio", "uvloop"), default="auto",
@@ -216,22 +239,28 @@ def main(argv=None) -> int:
         if not args.no_spin:
             for core in {PROXY_CORE, CLIENT_CORE}:
                 procs.start([sys.executable, "-c", SPIN.format(limit=args.max_wall_s)], core, nice=19)
-        fleet = procs.start([sys.executable, "-m", "backends.emulator", "--mixed", str(args.engines),
-                             "--time-scale", "0", "--overhead-s", "0.0005"], CLIENT_CORE,
-                            stdout=subprocess.PIPE, text=True)
-        engines = [u["url"] for u in json.loads(fleet.stdout.readline())["upstreams"]]
+        shape = (["--prefill", str(args.engines // 2), "--decode", str(args.engines - args.engines // 2)]
+                 if args.pd else ["--mixed", str(args.engines)])
+        fleet = procs.start([sys.executable, "-m", "backends.emulator", *shape, "--time-scale", "0",
+                             "--overhead-s", "0.0005"], CLIENT_CORE, stdout=subprocess.PIPE, text=True)
+        upstreams = json.loads(fleet.stdout.readline())["upstreams"]
+        engines = [u["url"] for u in upstreams]
         for u in engines:
             asyncio.run(_wait_ready(u, "/health"))
-        direct = asyncio.run(open_loop(engines, args.rate, args.seconds, body))
+        prefills = [u["url"] for u in upstreams if u["role"] == "prefill"]
+        decodes = [u["url"] for u in upstreams if u["role"] == "decode"]
+        targets = [(prefills[i % len(prefills)], decodes[i % len(decodes)])
+                   for i in range(max(len(prefills), len(decodes)))] if args.pd else engines
+        direct = asyncio.run(open_loop(targets, args.rate, args.seconds, body))
         print(f"{'direct':12s} e2e p50 {direct['p50_ms']:.3f} ms / p99 {direct['p99_ms']:.3f} ms, "
               f"errors {direct['errors']}, sent {direct['send_rate']:.0f}/s", flush=True)
 
         port = _free_port()
-        ups = [arg for u in engines for arg in ("--upstream", f"mixed={u}")]
+        ups = [arg for u in upstreams for arg in ("--upstream", f"{u['role']}={u['url']}")]
         proxy = procs.start([sys.executable, "-m", "backends.proxy.cli", *ups, "--policy", "round_robin",
                              "--port", str(port), "--loop", args.proxy_loop], PROXY_CORE, stdout=subprocess.DEVNULL)
         result = measure("omnisim", f"http://127.0.0.1:{port}", proxy.pid, direct, args, body)
-        result.update(rate=args.rate, tokens=args.tokens, engines=args.engines, direct=direct,
+        result.update(rate=args.rate, tokens=args.tokens, engines=args.engines, pd=args.pd, direct=direct,
                       proxy_loop=args.proxy_loop if args.proxy_loop != "auto" else (
                           "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"))
         proxy.send_signal(signal.SIGTERM)
@@ -239,9 +268,12 @@ def main(argv=None) -> int:
 
         if not args.no_router and shutil.which("vllm-router"):
             port = _free_port()
-            router = procs.start(["vllm-router", "--worker-urls", *engines, "--policy", "round_robin",
+            workers = (["--vllm-pd-disaggregation", *[a for u in prefills for a in ("--prefill", u)],
+                        *[a for u in decodes for a in ("--decode", u)]] if args.pd else ["--worker-urls", *engines])
+            router = procs.start(["vllm-router", *workers, "--policy", "round_robin",
                                   "--port", str(port), "--host", "127.0.0.1", "--log-level", "error",
-                                  "--disable-retries", "--disable-circuit-breaker"], PROXY_CORE,
+                                  "--disable-retries", "--disable-circuit-breaker",
+                                  "--max-concurrent-requests", "4096", "--queue-size", "4096"], PROXY_CORE,
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             rr = measure("vllm-router", f"http://127.0.0.1:{port}", router.pid, direct, args, body)
             result["vllm_router"] = {k: rr[k] for k in ("p50_added_ms", "p99_added_ms", "max_rps", "achieved_rps")}
@@ -250,7 +282,7 @@ def main(argv=None) -> int:
         signal.alarm(0)
         procs.stop_all()
     summary = {k: result[k] for k in ("p50_added_ms", "p99_added_ms", "max_rps", "achieved_rps", "rate",
-                                      "tokens", "engines", "proxy_loop")}
+                                      "tokens", "engines", "pd", "proxy_loop")}
     for k in ("vllm_router", "max_rps_ratio_vs_vllm_router"):
         if k in result:
             summary[k] = result[k]
