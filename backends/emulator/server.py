@@ -56,7 +56,7 @@ class EmulatorServer:
                  model_name: str = "omnisim-emulated",
                  host: str = "127.0.0.1", port: int = 0, max_model_len: int = 1 << 17,
                  kv_events_endpoint: str | None = None, kv_transfer_s: Callable[[int], float] | None = None,
-                 shared_store: SharedKVStore | None = None, kv_role: str | None = None, log_requests: int = 10000):
+                 shared_store: SharedKVStore | None = None, kv_role: str | None = None, log_requests: int = 256):
         if kv_role not in (None, "producer", "consumer", "both"):
             raise ValueError(f"kv_role: expected producer, consumer, both or None, got {kv_role!r}")
         self.engine = engine
@@ -71,7 +71,7 @@ class EmulatorServer:
         self.kv_role = kv_role
         self.healthy = True  # tests flip this to make /health fail
         self.crashed = False
-        self.received: deque[dict] = deque(maxlen=log_requests)  # bodies as received (tests check PD params)
+        self.received: deque[dict] = deque(maxlen=log_requests)  # latest bodies as received (tests check PD params)
         self.sent_kv: dict[str, dict] = {}  # request id -> kv_transfer_params this engine answered with
         self._kv_events_endpoint = kv_events_endpoint
         self.publisher: KVEventPublisher | None = None
@@ -269,8 +269,9 @@ class EmulatorServer:
         out = {"do_remote_prefill": True, "do_remote_decode": False, "remote_block_ids": ids,
                "remote_engine_id": self.engine_id, "remote_request_id": seq.rid, "remote_host": self.host,
                "remote_port": self.port, "tp_size": 1}
-        if len(self.sent_kv) < self.received.maxlen:
-            self.sent_kv[seq.rid] = out
+        self.sent_kv[seq.rid] = out
+        if len(self.sent_kv) > self.received.maxlen:
+            del self.sent_kv[next(iter(self.sent_kv))]  # keep the latest few, like ``received``
         return out
 
     def _usage(self, seq: EngineSequence) -> dict:
