@@ -226,3 +226,13 @@ def test_emulated_run_agrees_with_the_simulated_run(tmp_path):
     assert tpot(e) == pytest.approx(tpot(s), rel=0.10)
     ttft_gap = ((e["first_token_s"] - e["arrival_s"]) - (s["first_token_s"] - s["arrival_s"])).to_numpy()
     assert np.median(ttft_gap) < 0.05  # proxy and HTTP overheads: milliseconds, not more
+
+
+@pytest.mark.parametrize("kwargs,field", [(dict(time_scale=0), "time_scale"), (dict(endpoint="embed"), "endpoint"),
+                                          (dict(pd_mode="nixl"), "pd_mode"), (dict(prefix_source="x"), "prefix_source"),
+                                          (dict(max_inflight=-1), "max_inflight")])
+def test_bad_backend_settings_fail_at_construction(kwargs, field):
+    from backends.emulator.backend import EmulatorBackend
+
+    with pytest.raises(ValueError, match=f"backend.{field}"):
+        EmulatorBackend(**kwargs)

@@ -9,7 +9,9 @@ import pandas as pd
 
 from backends.emulator.fleet import EngineGroup, Fleet
 from backends.loadgen import LoadGenerator
+from backends.loadgen.load_generator import ENDPOINTS
 from backends.proxy import Proxy, ProxyConfig
+from backends.proxy.config import PD_MODES, PREFIX_SOURCES
 from omnisim.cost import Parallelism, kv_capacity_tokens
 from omnisim.experiment import Experiment, RunResult
 from omnisim.metrics import records_frame
@@ -24,9 +26,19 @@ class EmulatorBackend:
     def __init__(self, time_scale: float = 1.0, stream: bool = True, endpoint: str = "completions",
                  pd_mode: str = "kv_transfer_params", prefix_source: str = "kv_events",
                  schedule_interval_s: float = 0.005, request_timeout_s: float = 600.0, max_inflight: int = 0,
-                 max_queued: int = 100000, queue_timeout_s: float = 600.0, seed: int = 0) -> None:
+                 max_queued: int = 100000, queue_timeout_s: float = 600.0) -> None:
         if not time_scale > 0:
             raise ValueError(f"backend.time_scale: must be > 0, got {time_scale}")
+        for name, value, allowed in (("endpoint", endpoint, ENDPOINTS), ("pd_mode", pd_mode, PD_MODES),
+                                     ("prefix_source", prefix_source, PREFIX_SOURCES)):
+            if value not in allowed:
+                raise ValueError(f"backend.{name}: expected one of {allowed}, got {value!r}")
+        for name, value in (("schedule_interval_s", schedule_interval_s), ("request_timeout_s", request_timeout_s),
+                            ("queue_timeout_s", queue_timeout_s), ("max_queued", max_queued)):
+            if not value > 0:
+                raise ValueError(f"backend.{name}: must be > 0, got {value}")
+        if max_inflight < 0:
+            raise ValueError(f"backend.max_inflight: must be >= 0, got {max_inflight}")
         self.time_scale = time_scale
         self.stream = stream
         self.endpoint = endpoint
@@ -37,7 +49,6 @@ class EmulatorBackend:
         self.max_inflight = max_inflight
         self.max_queued = max_queued
         self.queue_timeout_s = queue_timeout_s
-        self.seed = seed
 
     def fleet(self, experiment: Experiment) -> Fleet:
         cluster, model, hardware = experiment.cluster, experiment.model, experiment.hardware

