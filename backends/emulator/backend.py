@@ -21,7 +21,11 @@ class EmulatorBackend:
     """``time_scale``: wall seconds per emulated second for engine steps and arrivals (records are in emulated
     seconds; the proxy's and load generator's own overheads are real time, so they weigh 1/time_scale more).
     ``pd_mode``/``prefix_source``/``schedule_interval_s``/limits: the proxy's (backends.proxy.ProxyConfig).
-    ``endpoint``: "completions" or "chat"; ``stream``: SSE answers."""
+    ``endpoint``: "completions" or "chat"; ``stream``: SSE answers.
+
+    Capacity: engines, proxy and load generator share one Python process (one core): about 6-7k streamed tokens
+    per wall second before emulated step times stretch (visible as TPOT above the model's). For heavier
+    experiments slow the clock down (time_scale 2 halves the wall token rate)."""
 
     def __init__(self, time_scale: float = 1.0, stream: bool = True, endpoint: str = "completions",
                  pd_mode: str = "kv_transfer_params", prefix_source: str = "kv_events",
