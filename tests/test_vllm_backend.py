@@ -127,3 +127,16 @@ def test_backend_yaml_keys_are_the_constructor_arguments():
     import yaml
     keys = set(yaml.safe_load((Path(CONF_DIR) / "backend" / "vllm.yaml").read_text())) - {"_target_"}
     assert keys == set(inspect.signature(VllmBackend).parameters)
+
+
+def test_nixl_without_its_library_fails_before_launching(tmp_path, monkeypatch):
+    import importlib.util as util
+    real = util.find_spec
+    monkeypatch.setattr(util, "find_spec", lambda name, *a: None if name == "nixl" else real(name, *a))
+    experiment, _ = build_experiment(cfg("experiment=cpu_tiny_1p1d"))
+    backend = VllmBackend(connector="NixlConnector", model_path=str(tmp_path))
+    if util.find_spec("vllm") is None:
+        pytest.skip("vllm is not installed: the vllm check fires first")
+    with pytest.raises(RuntimeError, match="pip install nixl"):
+        backend.run(experiment, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
