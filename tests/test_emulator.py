@@ -59,7 +59,7 @@ def test_step_times_follow_the_cost_model():
         assert engine.stats.steps == 5  # one prefill step (it yields the first token), four decode steps
         assert engine.stats.busy_s == pytest.approx(0.02 + 4 * 0.01)
         # The engine stamps modelled step ends; only its wake-up on arrival may add a little (a loaded machine)
-        assert 0.02 <= seq.first_token_s - seq.arrival_s < 0.03
+        assert 0.02 <= seq.first_token_s - seq.arrival_s < 0.05
         assert seq.finish_s - seq.first_token_s == pytest.approx(0.04)
 
     run(main())

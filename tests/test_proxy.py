@@ -204,7 +204,7 @@ def test_instance_states_combine_own_accounting_with_engine_metrics():
             # what the proxy saw of engine steps: the stream's chunk gaps and the lone prefill's duration
             (step,) = proxy.view().instance("decode-0").recent_batches
             assert step.decode_seqs == 1 and step.prefill_tokens == 0
-            assert step.duration_s == pytest.approx(0.0201, abs=0.004)  # SLOW: 20 ms + 0.1 ms per sequence
+            assert step.duration_s == pytest.approx(0.0201, abs=0.008)  # SLOW: 20 ms + 0.1 ms per sequence
             (prefill,) = proxy.view().instance("prefill-0").recent_batches
             assert prefill.prefill_tokens == 3 and 0.02 <= prefill.duration_s < 0.1
 
@@ -228,22 +228,36 @@ def test_a_16p4d_fleet_runs_in_one_process_behind_the_proxy():
 class OneAtATime:
     """Holds requests until an instance has nothing running (exercises hold and re-dispatch on completion)."""
 
+    def __init__(self):
+        self.longest_queue = 0
+
     def schedule(self, phase, queue, view):
+        self.longest_queue = max(self.longest_queue, len(queue))
         free = [s for s in view.candidates(phase) if s.num_running + s.num_waiting == 0]
         return [Assignment(w.request.id, s.id) for w, s in zip(queue, free)]
 
 
 def test_held_requests_wait_for_room_and_go_on_completion():
     async def main():
-        async with cluster(mixed=1, policy=OneAtATime(), metrics_interval_s=0) as (fleet, proxy, s):
-            t0 = asyncio.get_running_loop().time()
+        policy = OneAtATime()
+        async with cluster(mixed=1, policy=policy, metrics_interval_s=0) as (fleet, proxy, s):
+            engine = fleet["mixed-0"].engine
+            busiest = 0
+
+            async def watch():
+                nonlocal busiest
+                while True:
+                    busiest = max(busiest, len(engine.running) + len(engine.waiting))
+                    await asyncio.sleep(0.001)  # each request keeps the engine busy for >= 6 ms
+
+            watcher = asyncio.create_task(watch())
             answers = await asyncio.gather(*(post(s, proxy.url, {"prompt": "a b c", "max_tokens": 3})
                                              for _ in range(4)))
+            watcher.cancel()
             assert [a[0] for a in answers] == [200] * 4
-            dispatches = sorted(float(h["x-omnisim-decode-dispatch-s"]) for _, h, _ in answers)
-            # one at a time: each one waited for the previous one (3 steps of >= 2 ms)
-            assert all(b - a >= 0.005 for a, b in zip(dispatches, dispatches[1:]))
-            assert asyncio.get_running_loop().time() - t0 < 5
+            assert policy.longest_queue >= 2  # requests were held in the proxy...
+            assert busiest == 1  # ...so the engine only ever had one at a time
+            assert engine.stats.finished == 4
 
     run(main())
 
