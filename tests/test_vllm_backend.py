@@ -140,3 +140,20 @@ def test_nixl_without_its_library_fails_before_launching(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="pip install nixl"):
         backend.run(experiment, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_placement_policy_reaches_vllm_eplb_through_the_plugin_env(tmp_path):
+    from backends.vllm.backend import placement_env
+    from backends.vllm.eplb import POLICY_ENV
+    from omnisim.policies.placement import POLICIES
+
+    name, cls = next(iter(POLICIES.items()))
+    assert placement_env(cls(), {"num_redundant_experts": 2}) == {POLICY_ENV: name}
+    assert placement_env(cls(), None) == {}  # EPLB off: vLLM never calls a policy
+    assert placement_env(None, {}) == {}
+    with pytest.raises(ValueError, match="placement"):
+        placement_env(object(), {})
+    backend = VllmBackend(device="cuda", eplb={"num_redundant_experts": 2}, base_port=9000)
+    settings = backend.settings("m", tmp_path, 2, placement_env(cls(), backend.engine["eplb"]))
+    cluster = ClusterSpec(prefill=InstanceGroup(tp=2, ep=2), decode=InstanceGroup(tp=2, ep=2))
+    assert all(x.env[POLICY_ENV] == name for x in plan_instances(cluster, settings))

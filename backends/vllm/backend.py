@@ -47,6 +47,21 @@ def resolve_model(model_path: str | None, experiment: Experiment, cache_dir: Pat
                      f"(tiny models are built on demand for {sorted(TINY_MODELS)})")
 
 
+def placement_env(placement, eplb: Mapping | None) -> dict[str, str]:
+    """With EPLB on, the environment that makes vLLM's EPLB run the experiment's placement policy (through the
+    backends.vllm.eplb plugin, which builds the policy with its default settings)."""
+    if placement is None or eplb is None:
+        return {}
+    from backends.vllm.eplb import POLICY_ENV
+    from omnisim.policies.placement import POLICIES
+
+    names = [name for name, cls in POLICIES.items() if type(placement) is cls]
+    if not names:
+        raise ValueError(f"placement: {type(placement).__name__} is not one of omnisim.policies.placement.POLICIES "
+                         f"({sorted(POLICIES)}), the ones vLLM's EPLB plugin can load")
+    return {POLICY_ENV: names[0]}
+
+
 def check_installed(connector: str) -> None:
     """Fail before launching anything when vLLM (or the connector's transfer library) cannot be imported here."""
     if importlib.util.find_spec("vllm") is None:
@@ -91,7 +106,8 @@ class VllmBackend:
         # Check the engine settings now (bad device/connector/eplb fail at construction, naming the key).
         EngineSettings(model="check", work_dir=Path("."), **self.engine)
 
-    def settings(self, model: str, work_dir: Path, n_instances: int) -> EngineSettings:
+    def settings(self, model: str, work_dir: Path, n_instances: int, env: Mapping[str, str] | None = None
+                 ) -> EngineSettings:
         host = self.engine["host"]
         base_port = self.base_port or free_port_block(n_instances, host)
         extra = {}
@@ -99,13 +115,14 @@ class VllmBackend:
             extra["kv_events_base_port"] = free_port_block(n_instances, host, start=base_port + n_instances)
         if self.engine["connector"] == "NixlConnector" and not self.base_port:
             extra["nixl_side_channel_base_port"] = free_port_block(n_instances, host, start=base_port + 2 * n_instances)
-        return EngineSettings(model=model, work_dir=work_dir, base_port=base_port, **extra, **self.engine)
+        engine = {**self.engine, "env": {**self.engine["env"], **(env or {})}}
+        return EngineSettings(model=model, work_dir=work_dir, base_port=base_port, **extra, **engine)
 
     def plan(self, experiment: Experiment, work_dir: Path) -> tuple[EngineSettings, tuple]:
         """The engine settings and one launch per instance for ``experiment`` (builds a tiny model if needed)."""
         model = resolve_model(self.model_path, experiment, self.model_cache_dir)
         n = sum(g.count for _, g in experiment.cluster.groups())
-        settings = self.settings(model, work_dir, n)
+        settings = self.settings(model, work_dir, n, placement_env(experiment.placement, self.engine["eplb"]))
         return settings, plan_instances(experiment.cluster, settings)
 
     def run(self, experiment: Experiment, out_dir: Path) -> RunResult:
