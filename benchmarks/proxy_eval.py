@@ -50,8 +50,10 @@ SETUPS = {
 }
 # by_phase (kv_aware prefill, least_load decode) is left out: kv_aware's decode choice here (no prefill queued and
 # nothing cached on decode instances) is least_load's, so it repeats kv_aware's numbers.
+# "name:key=value" sets an argument of the policy (proxy.key=value): the PD decider's threshold trades TTFT for TPOT.
 POLICIES = ["random", "round_robin", "least_load", "least_requests", "power_of_two", "prefix_aware", "kv_aware",
-            "omni_proxy", "omni_proxy_pd", "predictive", "pd_decider"]
+            "omni_proxy", "omni_proxy_pd", "predictive", "predictive_pd", "predictive_pd:threshold_tokens=256",
+            "pd_decider"]
 LEVELS = ["light", "near", "over"]
 METRICS = ["ttft_p50", "ttft_p90", "ttft_p99", "tpot_p50", "tpot_p90", "e2e_p50", "e2e_p90", "goodput_qpm", "qpm",
            "slo_attainment", "prefix_hit_rate"]
@@ -88,8 +90,10 @@ def run_one(task: tuple) -> dict:
     experiment_name, level, policy, replicate, max_requests = task
     setup = SETUPS[experiment_name]
     rate_scale = setup.loads[level] / window_token_rate(experiment_name, replicate, max_requests)
-    overrides = [f"experiment={experiment_name}", f"proxy={policy}", f"seed={replicate}", f"name={experiment_name}",
+    name, *settings = policy.split(":")  # e.g. "predictive_pd:threshold_tokens=256" sets proxy.threshold_tokens
+    overrides = [f"experiment={experiment_name}", f"proxy={name}", f"seed={replicate}", f"name={experiment_name}",
                  f"workload.rate_scale={rate_scale}", f"workload.start_s={replicate * setup.window_s}"]
+    overrides += [f"proxy.{s}" for s in settings]
     if max_requests:
         overrides.append(f"workload.max_requests={max_requests}")
     experiment, backend = _build(overrides)
@@ -99,7 +103,8 @@ def run_one(task: tuple) -> dict:
     cpu_s = time.process_time() - t0
     s = summarize(result.records, experiment.slo, result.instances)
     row = {"setup": experiment_name, "trace": setup.trace, "shape": setup.shape, "level": level,
-           "prompt_tokens_per_s": setup.loads[level], "rate_scale": rate_scale, "policy": policy, "replicate": replicate,
+           "prompt_tokens_per_s": setup.loads[level], "rate_scale": rate_scale, "policy": policy,
+           "replicate": replicate,
            "requests": len(result.records), "completed": s["completed"], "cpu_s": cpu_s,
            "max_proxy_queue": result.extra.get("max_proxy_queue"), "preemptions": result.extra.get("preemptions")}
     for name in ("ttft", "tpot", "e2e"):
@@ -228,6 +233,36 @@ def print_report(runs: pd.DataFrame) -> None:
                   f"| {r.d_goodput:+.0f} | {'yes' if r.meets_target else 'NO'} | {fastest} |")
 
 
+def decision_speed(repeats: int = 20000) -> pd.DataFrame:
+    """Microseconds per schedule() call for every conf/proxy policy: one request onto 8 prefill instances with a
+    prefix index, and a 2,000-request held queue with one instance taking work (the holding policies' worst case)."""
+    import timeit
+
+    from omnisim.core import (BatchSample, BlockStored, ClusterView, InstanceState, Phase, PrefixIndex, Request,
+                              Role, Waiting)
+
+    index = PrefixIndex()
+    for i in range(8):
+        index.apply(f"p{i}", [BlockStored(tuple(range(100 * i, 100 * i + 50)))])
+    batches = tuple(BatchSample(0.2 + 0.001 * j, 4000 + j, 0) for j in range(8))
+    states = tuple(InstanceState(id=f"p{i}", role=Role.PREFILL, num_running=i, inflight_prompt_tokens=1000 * i,
+                                 recent_batches=batches) for i in range(8)) + (InstanceState("d0", Role.DECODE),)
+    one = ClusterView(10.0, states, index)
+    request = Request("x", 1.0, 3000, 100, prefix_hashes=tuple(range(300, 306)), hash_block_tokens=512)
+    held = [Waiting(Request(f"r{i}", 0.01 * i, 1000 + (7919 * i) % 9000, 100), 0.01 * i) for i in range(2000)]
+    busy = ClusterView(30.0, tuple(InstanceState(id=f"p{i}", role=Role.PREFILL,
+                                                 inflight_prompt_tokens=40000 if i else 20000, recent_batches=batches)
+                                   for i in range(8)) + (InstanceState("d0", Role.DECODE),), index)
+    rows = []
+    for path in sorted((ROOT / "conf" / "proxy").glob("*.yaml")):
+        policy = _build([f"proxy={path.stem}", "name=speed"])[0].proxy  # as the app builds it (default config)
+        single = timeit.timeit(lambda: policy.schedule(Phase.PREFILL, [Waiting(request, 1.0)], one), number=repeats)
+        queued = timeit.timeit(lambda: policy.schedule(Phase.PREFILL, held, busy), number=max(1, repeats // 100))
+        rows.append({"policy": path.stem, "one_request_us": 1e6 * single / repeats,
+                     "held_2000_us": 1e6 * queued / max(1, repeats // 100)})
+    return pd.DataFrame(rows)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--setups", nargs="+", default=list(SETUPS), choices=list(SETUPS))
@@ -252,7 +287,7 @@ def main(argv=None) -> None:
     if args.quick:
         args.setups, args.levels = ["proxy_eval_mooncake_7p1d"], ["near"]
         args.policies, args.replicates, args.max_requests = ["round_robin", "omni_proxy", "predictive"], 1, 300
-    unknown = [p for p in args.policies if not (ROOT / "conf" / "proxy" / f"{p}.yaml").exists()]
+    unknown = [p for p in args.policies if not (ROOT / "conf" / "proxy" / f"{p.split(':')[0]}.yaml").exists()]
     if unknown:
         raise ValueError(f"--policies: no conf/proxy/{unknown[0]}.yaml")
     if args.replicates < 1:

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from omnisim.core import Assignment, BatchSample, ClusterView, InstanceState, Phase, Request, Role, Waiting
+from omnisim.core import BatchSample, ClusterView, InstanceState, Phase, Request, Role, Waiting
 from omnisim.policies import (ByPhase, KVAware, LeastLoad, LeastRequests, OmniProxy, PDDecider, PowerOfTwo,
                               Predictive, PrefixAware, RandomChoice, RoundRobin)
 from omnisim.policies.step_fit import StepLine, fit_step_line
@@ -78,7 +78,8 @@ def test_least_load_decode_uses_context_tokens_and_mixed_prefill_counts_both():
 
 
 def test_least_requests_counts_running_and_waiting():
-    v = view(inst("p0", num_running=2, num_waiting=2), inst("p1", num_running=3), inst("p2", num_running=1, num_waiting=3))
+    v = view(inst("p0", num_running=2, num_waiting=2), inst("p1", num_running=3),
+             inst("p2", num_running=1, num_waiting=3))
     assert [a.instance_id for a in LeastRequests().schedule(P, [wait("a"), wait("b"), wait("c")], v)] == \
         ["p1", "p0", "p1"]
 

@@ -13,9 +13,9 @@ Prefill (and colocated) phase:
   engines' max_num_batched_tokens) is queued there or its predicted wait is <= ``max_queue_s``; the rest waits in
   the proxy, where later short requests can still pass it and the best instance for each can free up.
 - the queue is served in OmniProxy's prefill order (shortest prompt first with aging, ``prompt_weight`` as there:
-  scale-free, so it needs no tuning to the hardware's speed); each of the first ``lookahead`` requests goes to the instance
-  with the lowest predicted TTFT (ties: earlier candidate) if that instance takes work now, else it stays in the
-  proxy waiting for that instance (a cached prefix there can beat an idle instance elsewhere).
+  scale-free, so it needs no tuning to the hardware's speed); each of the first ``lookahead`` requests goes to the
+  instance with the lowest predicted TTFT (ties: earlier candidate) if that instance takes work now, else it stays
+  in the proxy waiting for that instance (a cached prefix there can beat an idle instance elsewhere).
 Decode phase (TPOT guard):
 - decode step line per instance (seconds vs decoding sequences) from its pure-decode batches, prior
   ``decode_step_s + decode_s_per_seq * seqs``.
@@ -23,6 +23,7 @@ Decode phase (TPOT guard):
   among those where that stays <= ``tpot_slo_s`` and the request's final context fits in KV capacity; an empty
   instance always qualifies, and one whose one-sequence step already misses the SLO is guarded by capacity only.
   With none qualifying the rest is held (TPOT kept, TTFT paid).
+``prior_weight``: how many observed batches the prior counts as (small: trust the instance's own batches).
 """
 from __future__ import annotations
 
@@ -38,9 +39,9 @@ from omnisim.policies.step_fit import StepLine, fit_step_line
 
 class Predictive:
     def __init__(self, prefill_step_s: float = 0.12007, prefill_s_per_token: float = 0.0345e-3,
-                 batch_token_budget: int = 16384, max_queue_s: float = 0.25, prompt_weight: float = 0.8, lookahead: int = 64,
-                 decode_step_s: float = 0.03, decode_s_per_seq: float = 2e-5, tpot_slo_s: float = 0.05,
-                 prior_weight: float = 1.0, seed: int = 0) -> None:
+                 batch_token_budget: int = 16384, max_queue_s: float = 0.25, prompt_weight: float = 0.8,
+                 lookahead: int = 64, decode_step_s: float = 0.03, decode_s_per_seq: float = 2e-5,
+                 tpot_slo_s: float = 0.05, prior_weight: float = 1.0, seed: int = 0) -> None:
         for name, value in (("prefill_step_s", prefill_step_s), ("prefill_s_per_token", prefill_s_per_token),
                             ("decode_step_s", decode_step_s), ("decode_s_per_seq", decode_s_per_seq),
                             ("tpot_slo_s", tpot_slo_s), ("prior_weight", prior_weight)):

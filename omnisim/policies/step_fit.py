@@ -3,8 +3,9 @@
 Two stages, each shrunk toward the prior by ``weight`` pseudo-observations: first one scale factor (the mean ratio
 of observed to prior times: hardware uniformly faster or slower than the prior), then ridge regression of
 (intercept, slope) toward the scaled prior, the slope judged at ``x_scale``: samples spread over batch sizes also
-correct the shape, a few samples of one batch size move the level (what they can tell) and leave the shape. Stateless: the view carries the last few batches and
-the same batches give the same line, so no sample is counted twice across calls.
+correct the shape, a few samples of one batch size move the level (what they can tell) and leave the shape.
+Stateless: the view carries the last few batches and the same batches give the same line, so no sample is counted
+twice across calls.
 """
 from __future__ import annotations
 
