@@ -20,8 +20,9 @@ class MigrationAwarePlacement:
     layer's MoE time scales with its max/mean rank load, so over ``horizon_s`` (the placement's expected life,
     typically the rebalance period) a layer whose ratio drops by d saves ``horizon_s * f * d / layers`` relative to
     a step of ``1 - f + f * mean ratio``. Moving ships ``expert_bytes`` per changed slot over a ``link_GBps`` link
-    per receiving rank; ranks load in parallel, so a set of changes takes D = max over ranks of its moves times the
-    per-expert transfer time. The new layout serves only after D (its saving shrinks by D / horizon), and
+    per receiving rank, at most ``moves_per_rank_per_step`` per engine step of ``step_s`` (match the runtime's
+    rebalance settings); ranks load in parallel, so a set of changes takes D = max over ranks of its moves times
+    the per-move time. The new layout serves only after D (its saving shrinks by D / horizon), and
     ``stall_fraction`` of D is lost serving (1.0: synchronous rearrangement stalls; ~0.05: double-buffered
     asynchronous copy that only competes for links). A change must also lower the layer's ratio by ``min_gain``
     plus the counting noise of the window (``sqrt(2 ln R / mean rank load)``): a layout fitted to one window's
@@ -31,27 +32,34 @@ class MigrationAwarePlacement:
 
     def __init__(self, expert_bytes: float = 3 * 7168 * 2048, link_GBps: float = 50.0, horizon_s: float = 60.0,
                  moe_time_fraction: float = 0.4, stall_fraction: float = 1.0, min_gain: float = 0.02,
-                 swap_rounds: int = 16, max_redundant_per_expert: int = 10, seed: int = 0) -> None:
+                 moves_per_rank_per_step: int = 0, step_s: float = 0.05, swap_rounds: int = 16,
+                 max_redundant_per_expert: int = 10, seed: int = 0) -> None:
         for name, value in (("expert_bytes", expert_bytes), ("link_GBps", link_GBps), ("horizon_s", horizon_s)):
             if value <= 0:
                 raise ValueError(f"migration_aware: {name} must be > 0, got {value}")
         if not 0 < moe_time_fraction <= 1 or stall_fraction < 0 or min_gain < 0 or swap_rounds < 0:
             raise ValueError("migration_aware: moe_time_fraction must be in (0, 1], stall_fraction, min_gain and "
                              "swap_rounds >= 0")
+        if moves_per_rank_per_step < 0 or step_s < 0:
+            raise ValueError("migration_aware: moves_per_rank_per_step and step_s must be >= 0")
         self.expert_bytes = expert_bytes
         self.link_GBps = link_GBps
         self.horizon_s = horizon_s
         self.moe_time_fraction = moe_time_fraction
         self.stall_fraction = stall_fraction
         self.min_gain = min_gain
+        self.moves_per_rank_per_step = moves_per_rank_per_step
+        self.step_s = step_s
         self.swap_rounds = swap_rounds
         self.max_redundant_per_expert = max_redundant_per_expert
         self.seed = seed
 
     @property
     def transfer_s(self) -> float:
-        """Seconds to receive one expert's weights."""
-        return self.expert_bytes / (self.link_GBps * 1e9)
+        """Seconds per move of one rank: the link's transfer time, or the engine-step pacing when moves are limited
+        to ``moves_per_rank_per_step`` per step of ``step_s`` (the runtime's limit; 0: unlimited)."""
+        paced = self.step_s / self.moves_per_rank_per_step if self.moves_per_rank_per_step else 0.0
+        return max(self.expert_bytes / (self.link_GBps * 1e9), paced)
 
     def rebalance(self, load: ExpertLoad, current: Placement, topology: Topology) -> Placement:
         check_shapes(load.counts, current.phy2log, topology)

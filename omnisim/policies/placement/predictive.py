@@ -9,15 +9,20 @@ from omnisim.policies.placement.migration_aware import MigrationAwarePlacement
 
 class PredictivePlacement:
     """Holt's linear smoothing of each expert's share of its layer's tokens, window after window, forecast
-    ``horizon_windows`` windows ahead (1.0: the middle of the next period when window = period), handed to
-    ``inner`` (default: ``MigrationAwarePlacement``) in place of the observed load.
+    ``horizon_windows`` windows past the last window's middle, handed to ``inner`` (default:
+    ``MigrationAwarePlacement``) in place of the observed load.
+
+    A window's average lags the load by half a window; 0.5 forecasts the load as it is at the window's end, 1.0
+    the middle of the next period (window = period). The defaults (no smoothing: windows of a busy engine hold
+    millions of tokens; 0.75 ahead) did best on the drifting loads of benchmarks/placement_quality.py; lower the
+    smoothing factors for noisy windows.
 
     The smoother is the policy's state: a policy object serves one EP group, and two policies built alike and fed
     the same loads decide alike. The state restarts when the load's shape changes.
     """
 
-    def __init__(self, inner: PlacementPolicy | None = None, level_smoothing: float = 0.6,
-                 trend_smoothing: float = 0.3, horizon_windows: float = 1.0, seed: int = 0) -> None:
+    def __init__(self, inner: PlacementPolicy | None = None, level_smoothing: float = 1.0,
+                 trend_smoothing: float = 1.0, horizon_windows: float = 0.75, seed: int = 0) -> None:
         if not (0 < level_smoothing <= 1 and 0 <= trend_smoothing <= 1 and horizon_windows >= 0):
             raise ValueError("predictive: need 0 < level_smoothing <= 1, 0 <= trend_smoothing <= 1, "
                              "horizon_windows >= 0")
