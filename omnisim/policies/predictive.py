@@ -64,7 +64,9 @@ class Predictive:
         self.tpot_slo_s = tpot_slo_s
         self.prior_weight = prior_weight
         self.seed = seed  # uniform constructor; the rule draws no random numbers
-        self._fits: dict[tuple[str, Phase], tuple[tuple[BatchSample, ...], StepLine]] = {}
+        # per phase, instance id -> (the batches fitted, the line): refitted only when the batches change
+        self._fits: dict[Phase, dict[str, tuple[tuple[BatchSample, ...], StepLine]]] = {Phase.PREFILL: {},
+                                                                                      Phase.DECODE: {}}
 
     def schedule(self, phase: Phase, queue: Sequence[Waiting], view: ClusterView) -> list[Assignment]:
         candidates = view.candidates(phase)
@@ -77,8 +79,8 @@ class Predictive:
     # ---- models --------------------------------------------------------------------------------------------------
     def step_line(self, state: InstanceState, phase: Phase) -> StepLine:
         """The instance's fitted step line: prefill seconds vs prompt tokens, or decode seconds vs sequences."""
-        key = (state.id, phase)
-        hit = self._fits.get(key)
+        fits = self._fits[phase]
+        hit = fits.get(state.id)
         if hit is not None and (hit[0] is state.recent_batches or hit[0] == state.recent_batches):
             return hit[1]
         if phase is Phase.PREFILL:
@@ -88,7 +90,7 @@ class Predictive:
             points = [(b.decode_seqs, b.duration_s) for b in state.recent_batches
                       if b.prefill_tokens == 0 and b.decode_seqs > 0]
             line = fit_step_line(points, self.decode_prior, self.prior_weight, max(state.max_num_seqs, 1))
-        self._fits[key] = (state.recent_batches, line)
+        fits[state.id] = (state.recent_batches, line)
         return line
 
     def prefill_seconds(self, line: StepLine, tokens: int) -> float:
