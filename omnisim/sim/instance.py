@@ -147,18 +147,26 @@ class Instance:
         self.bm.give(seq.sent_blocks)
         seq.sent_keys, seq.sent_blocks = (), 0
         self._state = None
-        if not self.busy and self.waiting:
-            self._plan()
+        if self.waiting:
+            self._wake()
 
     # -- the engine loop -----------------------------------------------------------------------------------------
     def _wake(self) -> None:
+        """New work: an idle engine starts a step now; a run of decode steps is cut at its next step boundary; a
+        step planned at such a boundary and not yet started is formed again with the new work."""
+        now = self.env.now
         if not self.busy:
-            self._plan()
+            self._plan(now)
+        elif self.seg_t0 > now:
+            self._plan(self.seg_t0)
         elif self.seg_k > 1:
             self._cut()
 
     def _cut(self) -> None:
-        """New work during a run of decode steps: end the run at the next step boundary."""
+        """End the current run of decode steps at its next step boundary and plan the step after it.
+
+        No request finishes or needs KV before the run's last step, so its first m steps can be applied now and the
+        next step planned to start at the boundary: one event instead of two."""
         a, b, k = self.seg_a, self.seg_b, self.seg_k
         e = self.env.now - self.seg_t0
         if b > 1e-15:
@@ -174,11 +182,12 @@ class Instance:
             return
         self.seg_k = m
         end = self.seg_t0 + m * a + b * m * (m - 1) / 2
-        self._schedule_done(max(0.0, end - self.env.now))
+        self._complete(end)
+        self._plan(end)
 
-    def _plan(self) -> None:
-        """Form the next batch and schedule its end; or go idle."""
-        now = self.env.now
+    def _plan(self, now: float) -> None:
+        """Form the batch of the step starting at ``now`` (the present, or a step boundary just ahead) and schedule
+        its end; or go idle."""
         if self.ready:
             for seq in self.ready:
                 self._join(seq, now)
@@ -223,7 +232,7 @@ class Instance:
             return
         self.busy = True
         self.seg_t0 = now
-        self._schedule_done(t)
+        self._schedule_done(now + t - self.env.now)
 
     def _schedule_done(self, delay: float) -> None:
         # A cut run leaves its original timeout in the calendar; only the latest one counts.
@@ -275,6 +284,11 @@ class Instance:
         if event is not self.pending:
             return
         now = self.env.now
+        self._complete(now)
+        self._plan(now)
+
+    def _complete(self, now: float) -> None:
+        """Apply the step or run of steps that ends at ``now``."""
         k, a, b = self.seg_k, self.seg_a, self.seg_b
         n = len(self.running)
         duration = k * a + b * k * (k - 1) / 2
@@ -309,7 +323,6 @@ class Instance:
         if usage > self.peak_kv_usage:
             self.peak_kv_usage = usage
         self._state = None
-        self._plan()
 
     def _prefilled(self, seq: Sequence, now: float) -> None:
         self.prefilling.remove(seq)
@@ -346,7 +359,13 @@ class Instance:
         self.ctx_sum += seq.prompt + seq.generated
         self._order += 1
         heapq.heappush(self.heap, (self.steps + seq.output - seq.generated, _FINISH, self._order, seq.epoch, seq))
-        self._push_extend(seq)
+        # Reserve decode KV now rather than when the prompt's last block fills a few steps later: one event less
+        # per request, and the same slack (reserve_tokens) as every later reservation.
+        held = (seq.private_blocks + len(seq.held_keys) * seq.unit_blocks) * self.block_size
+        if held < seq.prompt + seq.output and held - (seq.prompt + seq.generated) < self.reserve_blocks * self.block_size:
+            self._extend(seq)
+        else:
+            self._push_extend(seq)
 
     def _push_extend(self, seq: Sequence) -> None:
         held = (seq.private_blocks + len(seq.held_keys) * seq.unit_blocks) * self.block_size
