@@ -297,7 +297,7 @@ def main(argv=None) -> None:
     runs = run_grid(args.setups, args.levels, args.policies, args.replicates, args.max_requests, args.jobs)
     wall = time.perf_counter() - t0
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    runs.to_csv(args.out, index=False)
+    runs.to_csv(args.out, index=False, float_format="%.6g")
     print(f"{len(runs)} runs, {runs.requests.sum():,} simulated requests in {wall:.0f} s wall "
           f"({runs.cpu_s.sum():.0f} CPU s inside the simulator); rows: {args.out}", file=sys.stderr)
     print_report(runs)
