@@ -36,6 +36,17 @@ def test_imbalance_reflects_skew_and_batch_size():
     assert skewed.step(0.0, 0) == (1.0, 0.0)
 
 
+def test_sampled_mode_draws_every_step_around_the_expectation():
+    cfg = RebalanceConfig(num_redundant_experts=16)
+    sampled = MoeRuntime.for_ep(LAYERS, EXPERTS, TOP_K, EP, ZipfLoad(1.0, seed=1), StaticPlacement(), cfg,
+                                EXPERT_BYTES, sampling="sampled")
+    draws = [sampled.step(0.0, 256)[0] for _ in range(200)]
+    assert len(set(draws)) > 20                                    # a fresh draw per step
+    expected = runtime(ZipfLoad(1.0, seed=1)).step(0.0, 256)[0]
+    assert abs(np.mean(draws) / expected - 1) < 0.05
+    assert sampled.step(0.0, 256, steps=8)[0] == sampled.step(0.0, 256, steps=8)[0]  # bulk steps: the expectation
+
+
 def test_results_are_fixed_by_the_seed():
     def run(seed):
         rt = runtime(policy=DeepSeekEplb(), seed=seed, period_s=1.0, warm_start=False)

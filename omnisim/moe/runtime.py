@@ -258,7 +258,9 @@ class MoeRuntime:
 
     def _rank_peaks(self, counts: np.ndarray) -> np.ndarray:
         """Sum over layers of the max rank load, for ``counts [..., layers, experts]``."""
-        per_slot = counts[..., self._layer_ix, self._served] / self._slot_div
+        index = np.broadcast_to(self._served, counts.shape[:-1] + self._served.shape[-1:])
+        per_slot = np.take_along_axis(counts, index, axis=-1)
+        per_slot /= self._slot_div
         ranks = per_slot.reshape(counts.shape[:-1] + (self.topology.num_ranks, self.topology.slots_per_rank))
         return ranks.sum(axis=-1).max(axis=-1).sum(axis=-1)
 
@@ -280,7 +282,7 @@ class MoeRuntime:
         return float(self._rank_peaks(counts).mean() / self._mean_load(tokens))
 
     def _sampled_factor(self, key: Hashable, now_s: float, tokens: int) -> float:
-        counts = route_counts(self._rng, self._picks_for(key, now_s), tokens)
+        counts = route_counts(self._rng, self._picks_for(key, now_s), tokens).astype(np.float32)
         return float(self._rank_peaks(counts) / self._mean_load(tokens))
 
     def _account(self, now_s: float, key: Hashable, tokens: int, steps: int) -> None:
