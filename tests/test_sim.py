@@ -27,6 +27,7 @@ def test_every_request_completes_and_all_kv_returns(cluster):
         inst.bm.check()
         assert inst.bm.used == 0, f"{inst.id} still holds {inst.bm.used} blocks"
         assert not inst.running and not inst.waiting and not inst.prefilling and inst.transferring == 0
+        assert inst.pending_prefill == 0 and inst.ctx_sum == 0 and inst.remote_tokens == 0
 
 
 def test_same_seed_same_records_and_other_seed_differs():
@@ -144,3 +145,30 @@ def test_a_policy_that_never_dispatches_is_reported_not_hung():
 
     with pytest.raises(PolicyError, match="holds"):
         run(experiment(pd_cluster(), Workload(n=3), policy=Never(0)))
+
+
+def test_inflight_prompt_tokens_count_only_the_uncached_part():
+    from omnisim.core import Request
+
+    prefix = tuple(range(1, 8))  # 7 shared blocks of 512 tokens
+
+    class Burst:
+        def requests(self):
+            yield Request("r0", 0.0, 4096, 50, prefix + (100,), 512)
+            for i in (1, 2, 3):  # after r0's prefill: its blocks are cached
+                yield Request(f"r{i}", 5.0, 4096, 50, prefix + (100 + i,), 512)
+
+    seen = []
+
+    class Spy(RoundRobin):
+        def schedule(self, phase, queue, view):
+            seen.append((view.now_s, view.instances[0].inflight_prompt_tokens))
+            return super().schedule(phase, queue, view)
+
+    cluster = colocated(n=1, max_num_batched_tokens=512)
+    sim, res = run(experiment(cluster, Burst(), policy=Spy(0)))
+    assert (res.records.cached_tokens[1:] == 7 * 512).all()
+    at_burst = [v for t, v in seen if t == 5.0]
+    # r1 and r2 assigned when r3 is dispatched: two uncached 512-token tails, not two whole 4096-token prompts
+    assert at_burst[-1] == 512 + 512
+    assert sim.instances[0].pending_prefill == 0

@@ -58,7 +58,7 @@ class Instance:
         self._order = 0
         self.steps = 0  # decode steps executed so far; a running sequence's progress is derived from it
         self.ctx_sum = 0  # total context tokens of the running sequences
-        self.pending_prefill = 0  # prompt tokens assigned here and not yet computed
+        self.pending_prefill = 0  # uncached prompt tokens assigned here and not yet computed
         self.remote_tokens = 0  # prompt tokens of PD requests assigned here, not yet decoding
         self.link_free_s = 0.0  # egress FIFO for KV this instance sends
         # step in flight
@@ -96,7 +96,9 @@ class Instance:
     def submit(self, seq: Sequence) -> None:
         """Prefill ``seq`` here (then decode it here too, unless this is a prefill instance)."""
         self.waiting.append(seq)
-        self.pending_prefill += seq.prefill_target
+        # Count only what the cache does not hold now (as InstanceState promises); corrected at admission.
+        seq.expected_hit = self._cached_tokens(seq) if seq.keys else 0
+        self.pending_prefill += seq.prefill_target - seq.expected_hit
         self._state = None
         self._wake()
 
@@ -260,6 +262,12 @@ class Instance:
             budget -= c
         return chunks
 
+    def _cached_tokens(self, seq: Sequence) -> int:
+        if not self.caching:
+            return 0
+        m = self.bm.match(seq.keys)
+        return min(m * seq.unit_blocks * self.block_size, seq.prefill_target - 1)
+
     def _allocate(self, seq: Sequence, now: float) -> bool:
         bm, B = self.bm, self.block_size
         keys = seq.keys
@@ -273,7 +281,8 @@ class Instance:
         seq.private_blocks = blocks
         hit = min(m * (seq.unit_blocks * B), seq.prefill_target - 1)
         seq.computed = hit
-        self.pending_prefill -= hit
+        self.pending_prefill -= hit - seq.expected_hit
+        seq.expected_hit = 0
         if seq.t_prefill_start != seq.t_prefill_start:  # first admission (NaN check)
             seq.t_prefill_start = now
             seq.cached = hit

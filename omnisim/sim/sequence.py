@@ -13,7 +13,7 @@ class Sequence:
         "req", "id", "prompt", "output", "keys", "unit_blocks",
         # progress on the instance that holds it
         "prefill_target", "computed", "generated", "held_keys", "private_blocks", "reserved_tokens",
-        "join_step", "epoch", "local", "source", "sent_keys", "sent_blocks",
+        "join_step", "epoch", "local", "source", "sent_keys", "sent_blocks", "expected_hit",
         # record
         "cached", "prefill_instance", "decode_instance", "t_prefill_dispatch", "t_prefill_start", "t_prefill_end",
         "t_decode_dispatch", "t_kv_end", "t_first", "t_finish", "preemptions",
@@ -46,6 +46,7 @@ class Sequence:
         self.source = None  # prefill instance holding its KV while it transfers
         self.sent_keys: tuple[int, ...] = ()  # what that prefill instance holds for it meanwhile
         self.sent_blocks = 0
+        self.expected_hit = 0  # prefix hit counted when it was queued on an instance, until admission
         self.cached = 0
         self.prefill_instance = ""
         self.decode_instance = ""
