@@ -52,7 +52,8 @@ def main() -> None:
             base = None
             for label in args.settings.split(","):
                 placement, rebalance = SETTINGS[label]
-                s = run(load, rate, args.requests, placement, rebalance, root / f"{load}-{rate}-{placement}-{rebalance}")
+                out = root / f"{load}-{rate}-{placement}-{rebalance}"
+                s = run(load, rate, args.requests, placement, rebalance, out)
                 tpot = s["tpot_s"]["mean"] * 1e3
                 base = tpot if base is None else base
                 print(f"  {label:27s}{tpot:9.2f}{s['tpot_s']['p90'] * 1e3:8.2f}{(tpot / base - 1) * 100:10.1f}%"

@@ -56,7 +56,8 @@ def run(args: argparse.Namespace) -> dict:
     if args.current:
         start = Placement(np.load(args.current, allow_pickle=False))
         if start.phy2log.shape != (layers, args.slots):
-            raise ValueError(f"--current {args.current} has shape {start.phy2log.shape}, expected {(layers, args.slots)}")
+            raise ValueError(f"--current {args.current} has shape {start.phy2log.shape}, "
+                             f"expected {(layers, args.slots)}")
         start.validate(experts, topology)
     else:
         start = Placement(contiguous_layout(layers, experts, topology))

@@ -16,9 +16,9 @@ class Migration:
     per engine step (0: no step limit). Asynchronous (double buffer): the p-th move of a rank (p = 0, 1, ...) has
     landed once ``(p + 1) * transfer_s`` seconds and ``ceil((p + 1) / N)`` engine steps have passed since the
     decision; until then the slot keeps serving its old expert. Synchronous: serving stops while the next N moves
-    per rank per step (all, when N is 0) transfer; they serve from the first step after the stall. Either way a landed move is applied only if its layer
-    still serves every expert afterwards (when an expert's last copy is being replaced, the replacement waits in
-    its buffer until a new copy of that expert has landed elsewhere).
+    per rank per step (all, when N is 0) transfer; they serve from the first step after the stall. Either way a
+    landed move is applied only if its layer still serves every expert afterwards (when an expert's last copy is
+    being replaced, the replacement waits in its buffer until a new copy of that expert has landed elsewhere).
     """
 
     def __init__(self, served: np.ndarray, target: np.ndarray, topology: Topology, decided_s: float,

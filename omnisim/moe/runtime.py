@@ -9,7 +9,9 @@ layer draws in all, e.g. 2 samples of 58 layers) and cached per (load-model time
 survive placement changes, only the max over ranks is recomputed. Token counts are bucketed
 geometrically (4 buckets per doubling, within 9%). Sampling every step instead (``sampling="sampled"``, single
 steps only) costs about a millisecond per call for 58 x 256 experts, which would dominate a simulation of 10^5
-steps; the expectation also keeps runs smooth. Cached calls cost a few microseconds.
+steps; the expectation also keeps runs smooth. Cached calls cost a few microseconds; each new load key costs one
+sampling per token bucket in use (about 2 ms at 58 x 256), so a drifting load's ``blend_steps`` trades resolution
+for speed, and a served placement change (a landed move) costs one max over ranks (about 0.4 ms).
 """
 from __future__ import annotations
 
@@ -67,7 +69,6 @@ class MoeRuntime:
         self._rng = np.random.default_rng(seed)
         self._picks: dict[Hashable, np.ndarray] = {}
         self._samples: dict[tuple[Hashable, int], np.ndarray] = {}
-        self._layer_ix = np.arange(num_layers)[:, None]
         self._version = 0
         self._recorded: tuple | None = None
         self._factors: dict[tuple[Hashable, int], float] = {}

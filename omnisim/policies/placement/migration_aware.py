@@ -76,7 +76,6 @@ class MigrationAwarePlacement:
         ratio_now = max_over_mean(now, counts, ranks)
         f = self.moe_time_fraction
         step = 1.0 - f + f * ratio_now.mean()
-        every = np.arange(layers)
         best_net = np.zeros(layers)
         best = np.full(layers, -1)
         saving = np.zeros(layers)
