@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 
-from backends.common.kv_wire import KVEventSubscriber
+from backends.common.kv_wire import KVEventSubscriber, as_core
 from backends.common.tokens import block_hashes
 from backends.emulator import EmulatedEngine, EmulatorServer, LinearStepTime
 from omnisim.core import BlockStored
@@ -113,6 +113,7 @@ def test_prefix_cache_hits_and_kv_events():
         await server.stop()
         hashes_a = block_hashes(shared + ["x"] * 16, 16)
         hashes_b = block_hashes(shared + ["y"] * 16, 16)
+        events = as_core(events)  # the emulator publishes hashes (its own, the proxy's) and no token ids
         assert events[0] == BlockStored(hashes_a, None, 16)
         assert events[1] == BlockStored(hashes_b[2:], hashes_b[1], 16)  # only the new block is stored
 

@@ -7,8 +7,10 @@ Exact vs approximate:
   approximation for a real tokenizer (English text is about 1.3 tokens per word).
 - Block hashes are chained blake2b digests of consecutive ``block_size``-token blocks (position-dependent: block
   k's hash covers blocks 0..k), so equal hashes at the same position mean an equal prefix. The emulator publishes
-  these very hashes in its KV events, so the proxy's prefix index is exact against emulated engines; vLLM hashes
-  token ids with its own function, so against vLLM the proxy's hashes only drive its routing-history index.
+  these very hashes in its KV events, so the proxy's prefix index is exact against emulated engines. vLLM hashes
+  token ids with its own function; the proxy makes matches against vLLM exact by re-hashing the token ids that
+  vLLM's BlockStored events carry with these same functions (backends/common/engine_block_map.py), and by
+  tokenizing prompts with the model's tokenizer (backends/common/prompt_tokenizer.py).
 """
 from __future__ import annotations
 
@@ -16,7 +18,10 @@ import hashlib
 import struct
 from typing import Any, Sequence
 
+import msgspec
+
 Token = int | str
+_extra_encoder = msgspec.msgpack.Encoder()
 
 
 def chat_text(messages: Any) -> str:
@@ -53,20 +58,41 @@ def prompt_tokens(body: dict) -> list[Token]:
     raise ValueError("prompt: expected a string, a list of token ids, or a one-element list of either")
 
 
+ROOT_DIGEST = bytes(8)  # the parent of a sequence's first block
+
+
 def _block_bytes(block: Sequence[Token]) -> bytes:
     if block and isinstance(block[0], int):
         return struct.pack(f"<{len(block)}q", *block)
     return "\x1f".join(block).encode()
 
 
-def block_hashes(tokens: Sequence[Token], block_size: int) -> tuple[int, ...]:
-    """Chained hashes of the full ``block_size``-token blocks of ``tokens`` (a partial last block has none)."""
+def chain_digests(tokens: Sequence[Token], block_size: int, parent: bytes = ROOT_DIGEST,
+                  extra_keys: Sequence[Any] | None = None) -> list[bytes]:
+    """8-byte chained digests of the full ``block_size``-token blocks of ``tokens``, continuing the chain from
+    ``parent`` (the digest of the block before ``tokens[0]``). ``extra_keys[k]``, when given and not None, is
+    mixed into block k's digest: what besides its tokens decides the block's KV in vLLM (a cache salt, a LoRA
+    name), so blocks that differ only there never match."""
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
     out = []
-    parent = b"\0" * 8
-    for start in range(0, len(tokens) - block_size + 1, block_size):
-        digest = hashlib.blake2b(parent + _block_bytes(tokens[start:start + block_size]), digest_size=8).digest()
-        out.append(int.from_bytes(digest, "big") >> 1)  # 63 bits: fits msgpack's signed int64
-        parent = digest
-    return tuple(out)
+    for k, start in enumerate(range(0, len(tokens) - block_size + 1, block_size)):
+        data = parent + _block_bytes(tokens[start:start + block_size])
+        extra = extra_keys[k] if extra_keys is not None and k < len(extra_keys) else None
+        if extra is not None:
+            data += b"\x1e" + _extra_encoder.encode(extra)
+        parent = hashlib.blake2b(data, digest_size=8).digest()
+        out.append(parent)
+    return out
+
+
+def digest_hash(digest: bytes) -> int:
+    """The block hash of a chained digest: 63 bits, so it fits msgpack's signed int64."""
+    return int.from_bytes(digest, "big") >> 1
+
+
+def block_hashes(tokens: Sequence[Token], block_size: int, cache_salt: str | None = None) -> tuple[int, ...]:
+    """Chained hashes of the full ``block_size``-token blocks of ``tokens`` (a partial last block has none).
+    ``cache_salt``: a request's vLLM ``cache_salt``, which vLLM mixes into its first block's hash."""
+    extra = [[cache_salt]] if cache_salt else None
+    return tuple(digest_hash(d) for d in chain_digests(tokens, block_size, extra_keys=extra))

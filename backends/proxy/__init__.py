@@ -31,15 +31,21 @@ receipt of the request, in seconds: x-omnisim-prefill-instance, x-omnisim-decode
 x-omnisim-prefill-dispatch-s, x-omnisim-prefill-end-s, x-omnisim-decode-dispatch-s (absent where not applicable).
 
 Prefix index (what ``view.cached_tokens`` answers): ``prefix_source="kv_events"`` subscribes to each upstream's
-ZMQ KV-event publisher (vLLM's wire format) and matches the request's block hashes, which the proxy computes from
-the prompt with backends/common/tokens.py: exact against the emulator (it hashes the same way); against vLLM the
-engine's hashes (its tokenizer + its hash function) cannot be reproduced without the tokenizer, so use the default
-``"history"`` there: the proxy's own record of which instance prefilled which prefix blocks (approximate: no
-evictions seen). ``"none"`` turns prefix matching off.
+ZMQ KV-event publisher (vLLM's wire format, backends/common/kv_wire.py). With ``tokenizer`` set to the model's
+tokenizer (``tokenizer: /path/to/model`` in the YAML, ``--tokenizer`` on the command line) the proxy tokenizes
+prompts exactly as vLLM does and maps each engine's block hashes to its own through the token ids in the
+BlockStored events, so it knows exactly how many prompt tokens each vLLM instance has cached
+(backends/common/engine_block_map.py); ``prefix_block_tokens`` must then be the engines' ``--block-size``. Without
+a tokenizer, "kv_events" matches the events' hashes as they are, which is exact against the emulator (it hashes
+as backends/common/tokens.py does) and never matches vLLM. ``"history"`` (the default) is the proxy's own record
+of which instance prefilled which prefix blocks (approximate: no evictions seen). ``"none"`` turns prefix
+matching off. Responses carry ``x-omnisim-predicted-cached-tokens``: the prompt tokens the index expected cached
+on the instance that prefilled the request (compare vLLM's ``usage.prompt_tokens_details.cached_tokens``).
 
 Request extensions (optional): headers ``X-Prefix-Hashes: 12,34,56`` with ``X-Hash-Block-Tokens: 512`` give the
 request's prefix-block hashes exactly (the load generator sends the workload's); ``X-Prompt-Tokens: 1234`` gives
-the exact prompt length. Without them the proxy estimates from the prompt (see backends/common/tokens.py).
+the exact prompt length. Without them the proxy estimates from the prompt (see backends/common/tokens.py); with a
+``tokenizer`` its own count and hashes are exact and win over X-Prompt-Tokens.
 """
 from backends.proxy.config import ProxyConfig, Upstream, upstreams_from_urls
 from backends.proxy.proxy import Proxy

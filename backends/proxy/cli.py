@@ -55,6 +55,8 @@ def load(argv=None) -> tuple[ProxyConfig, object, str]:
     p.add_argument("--api-key")
     p.add_argument("--pd-mode", choices=("kv_transfer_params", "shared_storage"))
     p.add_argument("--prefix-source", choices=("history", "kv_events", "none"))
+    p.add_argument("--tokenizer", metavar="PATH", help="the model's tokenizer: exact prompt tokens, and exact "
+                                                       "prefix matches against vLLM's KV events")
     p.add_argument("--seed", type=int)
     p.add_argument("--loop", choices=("auto", "asyncio", "uvloop"), default="auto",
                    help="event loop: uvloop when installed (auto), else asyncio's")
@@ -80,7 +82,7 @@ def load(argv=None) -> tuple[ProxyConfig, object, str]:
             raise ValueError(f"--upstream #{k + 1}: expected ROLE=URL, got {raw!r}")
         data.setdefault("upstreams", [])
         data["upstreams"] = list(data["upstreams"]) + [{"url": url, "role": role}]
-    for key in ("host", "port", "api_key", "pd_mode", "prefix_source"):
+    for key in ("host", "port", "api_key", "pd_mode", "prefix_source", "tokenizer"):
         if getattr(args, key) is not None:
             data[key] = getattr(args, key)
     config = ProxyConfig.from_dict(data, where)

@@ -38,7 +38,11 @@ class ProxyConfig:
     upstream fails before the client got any byte. ``health_failures`` consecutive failed /health checks take an
     upstream out of rotation; one success brings it back. ``metrics_interval_s`` polls each engine's /metrics
     (0 = never). ``prefix_block_tokens``: block size of the hashes the proxy computes from prompts (set it to the
-    engines' KV block size when prefix_source is "kv_events")."""
+    engines' KV block size when prefix_source is "kv_events"). ``tokenizer``: the model's tokenizer (its directory,
+    or a hub name where the hub is reachable): prompts are then tokenized exactly as vLLM does, so prompt lengths
+    are exact, and with prefix_source "kv_events" the engines' block hashes are mapped to the proxy's own through
+    the token ids in their events, so prefix matches against vLLM are exact (backends/common/engine_block_map.py).
+    Without it, "kv_events" matches the events' hashes as they are: exact against the emulator only."""
 
     upstreams: tuple[Upstream, ...]
     host: str = "127.0.0.1"
@@ -47,6 +51,7 @@ class ProxyConfig:
     pd_mode: str = "kv_transfer_params"
     prefix_source: str = "history"
     prefix_block_tokens: int = 16
+    tokenizer: str | None = None
     history_blocks: int = 1 << 20
     max_body_bytes: int = 4 << 20
     max_inflight: int = 0
@@ -86,6 +91,8 @@ class ProxyConfig:
             raise ValueError(f"prefix_source: expected one of {PREFIX_SOURCES}, got {self.prefix_source!r}")
         if self.prefix_source == "kv_events" and not any(u.kv_events for u in named):
             raise ValueError("prefix_source: kv_events needs upstreams with a kv_events endpoint")
+        if self.tokenizer is not None and (not isinstance(self.tokenizer, str) or not self.tokenizer.strip()):
+            raise ValueError(f"tokenizer: expected a tokenizer directory or name, got {self.tokenizer!r}")
         for name in ("max_body_bytes", "max_queued", "max_attempts", "health_failures", "prefix_block_tokens",
                      "default_max_tokens", "history_blocks"):
             if getattr(self, name) < 1:

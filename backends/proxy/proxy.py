@@ -24,7 +24,9 @@ import msgspec
 from aiohttp import web
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from backends.common.kv_wire import KVEventSubscriber
+from backends.common.engine_block_map import EngineBlockMap
+from backends.common.kv_wire import KVEventSubscriber, StoredBlocks, WireEvent, as_core
+from backends.common.prompt_tokenizer import PromptTokenizer
 from backends.common.tokens import block_hashes, prompt_tokens
 from backends.proxy.config import ProxyConfig
 from backends.proxy.proxy_metrics import ProxyMetrics
@@ -93,6 +95,7 @@ class _Ticket:
     up: UpstreamState
     prompt: int
     decode: int
+    cached: int = 0  # prompt tokens the prefix index expected cached there
     alone: bool = False  # nothing else of ours was in flight there when it was assigned
     open: bool = True
 
@@ -125,6 +128,7 @@ class _Timing:
     prefill_end: float | None = None
     decode_dispatch: float | None = None
     prefill_cached_tokens: int | None = None
+    predicted_cached_tokens: int | None = None
 
     def headers(self) -> dict[str, str]:
         h = {"x-omnisim-prefill-instance": self.prefill_instance, "x-omnisim-decode-instance": self.decode_instance}
@@ -134,6 +138,8 @@ class _Timing:
                 h[f"x-omnisim-{name}-s"] = f"{t - self.received:.6f}"
         if self.prefill_cached_tokens is not None:
             h["x-omnisim-prefill-cached-tokens"] = str(self.prefill_cached_tokens)
+        if self.predicted_cached_tokens is not None:
+            h["x-omnisim-predicted-cached-tokens"] = str(self.predicted_cached_tokens)
         return h
 
 
@@ -146,8 +152,14 @@ class Proxy:
         self.upstreams = {u.id: UpstreamState(u) for u in config.upstreams}
         self.metrics = ProxyMetrics()
         self.port = config.port
+        # The model's tokenizer (optional): exact prompt tokens, and exact prefix matches against vLLM's events.
+        self.tokenizer = PromptTokenizer(config.tokenizer) if config.tokenizer else None
+        self.block_map: EngineBlockMap | None = None
+        self._hash_only_warned = False
         if config.prefix_source == "kv_events":
             self.prefix = PrefixIndex()
+            if self.tokenizer is not None:
+                self.block_map = EngineBlockMap(self.prefix, config.prefix_block_tokens)
         elif config.prefix_source == "history":
             self.prefix = RoutingHistory(config.history_blocks)
         else:
@@ -198,10 +210,20 @@ class Proxy:
         if c.prefix_source == "kv_events":
             for up in self.upstreams.values():
                 if up.upstream.kv_events:
-                    sub = KVEventSubscriber(up.upstream.kv_events,
-                                            lambda events, i=up.id: self.prefix.apply(i, events))
+                    sub = KVEventSubscriber(up.upstream.kv_events, lambda events, i=up.id: self._kv_events(i, events))
                     self.subscribers.append(sub)
                     self._tasks.append(asyncio.create_task(sub.run()))
+
+    def _kv_events(self, instance_id: str, events: list[WireEvent]) -> None:
+        if self.block_map is not None:
+            self.block_map.apply(instance_id, events)
+            return
+        if not self._hash_only_warned and any(isinstance(e, StoredBlocks) and e.token_ids for e in events):
+            self._hash_only_warned = True  # vLLM: its hashes never equal the proxy's
+            log.warning("kv events from %s carry token ids (a vLLM engine?): set the proxy's tokenizer to the "
+                        "model's for exact prefix matches; without it they match only an emulator's hashes",
+                        instance_id)
+        self.prefix.apply(instance_id, as_core(events))
 
     async def stop(self) -> None:
         for t in self._tasks:
@@ -261,9 +283,10 @@ class Proxy:
 
     def _reserve(self, up: UpstreamState, r: Request, phase: Phase) -> _Ticket:
         """Account for the request at its instance the moment it is assigned (the next view must see it)."""
-        prompt = decode = 0
+        prompt = decode = cached = 0
         if phase is Phase.PREFILL:
-            prompt = r.prompt_tokens - (self.prefix.cached_tokens(r, up.id) if r.prefix_hashes else 0)
+            cached = self.prefix.cached_tokens(r, up.id) if r.prefix_hashes else 0
+            prompt = r.prompt_tokens - cached
             if isinstance(self.prefix, RoutingHistory) and r.prefix_hashes:
                 self.prefix.record(up.id, r.prefix_hashes)
         if phase is Phase.DECODE or up.role is not Role.PREFILL:
@@ -272,7 +295,7 @@ class Proxy:
         up.inflight_prompt_tokens += prompt
         up.decode_tokens += decode
         self.metrics.dispatched(up.id, phase.value)
-        return _Ticket(up, prompt, decode, alone=up.outstanding == 1)
+        return _Ticket(up, prompt, decode, cached, alone=up.outstanding == 1)
 
     def _close(self, ticket: _Ticket) -> None:
         if ticket.close():
@@ -417,8 +440,12 @@ class Proxy:
         if "stream" in body and not isinstance(body["stream"], bool):
             raise ValueError("stream: expected true or false")
         h = request.headers
-        tokens = None
-        if "X-Prompt-Tokens" in h:
+        # With the model's tokenizer: the engine's own prompt tokens (None for a prompt it cannot reproduce).
+        tokens = self.tokenizer.tokens(body, endpoint) if self.tokenizer is not None else None
+        exact = tokens is not None
+        if exact:
+            n_prompt = len(tokens)
+        elif "X-Prompt-Tokens" in h:
             n_prompt = _header_int(h, "X-Prompt-Tokens")
         else:
             tokens = prompt_tokens(body)
@@ -436,9 +463,12 @@ class Proxy:
             block = _header_int(h, "X-Hash-Block-Tokens") if "X-Hash-Block-Tokens" in h else 0
             if hashes and block < 1:
                 raise ValueError("X-Hash-Block-Tokens: required (>= 1) with X-Prefix-Hashes")
-        elif self.config.prefix_source != "none":
+        elif self.config.prefix_source != "none" and (exact or self.tokenizer is None):
             block = self.config.prefix_block_tokens
-            hashes = block_hashes(tokens if tokens is not None else prompt_tokens(body), block)
+            salt = body.get("cache_salt") if exact else None
+            if salt is not None and not isinstance(salt, str):
+                raise ValueError("cache_salt: expected a string")
+            hashes = block_hashes(tokens if tokens is not None else prompt_tokens(body), block, salt)
         rid = h.get("X-Request-Id") or ""
         if not rid or rid in self._active_ids:
             rid = f"{rid or 'req'}-{next(self._ids)}"
@@ -502,6 +532,7 @@ class Proxy:
                      ) -> web.StreamResponse:
         ticket = await self._assign(Phase.PREFILL, req, None)
         up = ticket.up
+        timing.predicted_cached_tokens = ticket.cached if req.prefix_hashes else None
         path = "/v1/chat/completions" if endpoint == "chat" else "/v1/completions"
         if up.role is not Role.PREFILL:  # colocated, or served whole by a decode instance
             timing.decode_instance = up.id
