@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from backends.vllm.backend import TINY_MODELS, VllmBackend, model_vocab_size, resolve_model
-from backends.vllm.cluster_run import busy_seconds, proxy_config, sigterm_as_interrupt
+from backends.vllm.cluster_run import busy_seconds, launch_tokenizer, proxy_config, sigterm_as_interrupt
 from backends.vllm.launch_plan import EngineSettings, plan_instances
 from omnisim.app import CONF_DIR, build_experiment
 from omnisim.cluster import ClusterSpec, InstanceGroup
@@ -88,7 +88,13 @@ def test_proxy_wiring_follows_the_plan(tmp_path):
         ("prefill-0", "prefill", "http://127.0.0.1:9000"), ("prefill-1", "prefill", "http://127.0.0.1:9001"),
         ("decode-0", "decode", "http://127.0.0.1:9002")]
     assert config.pd_mode == "shared_storage" and config.prefix_block_tokens == 32 and config.max_inflight == 7
-    assert config.prefix_source == "kv_events" and all(u.kv_events for u in config.upstreams)
+    assert all(u.kv_events for u in config.upstreams)
+    # vLLM's block hashes match the proxy's only through the model's tokenizer; without it: routing history.
+    assert config.prefix_source == "history" and config.tokenizer is None
+    assert launch_tokenizer(launches) == "m"
+    exact = proxy_config(launches, "shared_storage", 32, {}, kv_events=True, tokenizer="m")
+    assert exact.prefix_source == "kv_events" and exact.tokenizer == "m"
+    assert proxy_config(launches, "shared_storage", 32, {}, kv_events=False, tokenizer="m").prefix_source == "history"
     with pytest.raises(ValueError, match="backend.proxy_options.*bogus"):
         proxy_config(launches, "shared_storage", 32, {"bogus": 1}, kv_events=False)
 

@@ -44,16 +44,33 @@ class ReplaySettings:
 
 
 def proxy_config(launches: Sequence[InstanceLaunch], pd_mode: str, block_size: int, proxy_options: Mapping,
-                 kv_events: bool):
-    """The backends.proxy.ProxyConfig that fronts ``launches`` (ValueError naming a bad proxy option)."""
+                 kv_events: bool, tokenizer: str | None = None):
+    """The backends.proxy.ProxyConfig that fronts ``launches`` (ValueError naming a bad proxy option).
+
+    Prefix source (unless proxy_options names one): vLLM's KV events when they are on and the proxy has the
+    model's ``tokenizer`` (it re-hashes the events' token ids, so matches are exact); else the proxy's routing
+    history, because vLLM's own block hashes never equal hashes the proxy computes from request text."""
     from backends.proxy import ProxyConfig
 
     upstreams = [{"url": x.url, "role": x.role, "id": x.id, "kv_events": x.kv_events_endpoint} for x in launches]
     data = {"port": 0, "prefix_block_tokens": block_size, **dict(proxy_options), "upstreams": upstreams,
             "pd_mode": pd_mode}
-    if kv_events:
+    if kv_events and tokenizer:
         data.setdefault("prefix_source", "kv_events")
+        data.setdefault("tokenizer", tokenizer)
+    elif kv_events:
+        log.warning("kv events are on but the proxy has no tokenizer: it routes by its own history instead")
+        data.setdefault("prefix_source", "history")
     return ProxyConfig.from_dict(data, where="backend.proxy_options")
+
+
+def launch_tokenizer(launches: Sequence[InstanceLaunch]) -> str | None:
+    """The tokenizer the servers were launched with: their ``--tokenizer``, else their ``--model``."""
+    for x in launches:
+        for flag in ("--tokenizer", "--model"):
+            if flag in x.argv[:-1]:
+                return x.argv[x.argv.index(flag) + 1]
+    return None
 
 
 def busy_seconds(records: pd.DataFrame, instance_id: str, role: str) -> float:
@@ -103,15 +120,24 @@ def _scrape_all(launches: Sequence[InstanceLaunch]) -> dict[str, EngineCounters]
 
 def run_on_servers(experiment: Experiment, out_dir: Path, launches: Sequence[InstanceLaunch], *, pd_mode: str,
                    model_name: str, block_size: int, kv_events: bool, replay: ReplaySettings,
-                   backend_name: str, work_dir: Path | None = None, start_servers: bool = True) -> RunResult:
+                   backend_name: str, work_dir: Path | None = None, start_servers: bool = True,
+                   tokenizer: str | None = None) -> RunResult:
     """Launch, proxy, replay, scrape, stop. Server logs are copied to ``out_dir/logs/`` whatever happens;
     ``work_dir`` (the servers' scratch space, e.g. the shared KV store) is removed afterwards when given.
-    ``start_servers`` False: the servers were started elsewhere; wait for their /health and leave them running."""
+    ``start_servers`` False: the servers were started elsewhere; wait for their /health and leave them running.
+    ``tokenizer``: the model's tokenizer for the proxy when KV events are on (default: the servers' own)."""
     from backends.loadgen import LoadGenerator
     from backends.proxy import ProxyThread
 
     servers_http = [x for x in launches if not x.headless]  # one per instance: the proxy's upstreams
-    config = proxy_config(servers_http, pd_mode, block_size, replay.proxy_options, kv_events)  # fail early
+    if kv_events and tokenizer is None:
+        tokenizer = launch_tokenizer(servers_http)
+    config = proxy_config(servers_http, pd_mode, block_size, replay.proxy_options, kv_events,
+                          tokenizer)  # fail early
+    if config.tokenizer:
+        from backends.common.prompt_tokenizer import PromptTokenizer
+
+        PromptTokenizer(config.tokenizer)  # an unusable tokenizer fails here, before any server starts
 
     def load_generator(url: str) -> LoadGenerator:
         return LoadGenerator(
