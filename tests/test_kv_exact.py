@@ -450,3 +450,33 @@ def test_without_a_tokenizer_vllm_events_are_flagged(caplog):
         proxy._kv_events("mixed-0", [StoredBlocks((5,), None, tuple(range(16)), 16)])
     assert "set the proxy's tokenizer" in caplog.text
     assert proxy.block_map is None and proxy.prefix.cached_blocks(Request("r", 0, 20, 1, (5,), 16), "mixed-0") == 1
+
+
+def test_subscriber_clears_an_instance_whose_publisher_started_again():
+    """Sequence numbers that start again mean a new engine process with an empty cache; a broken batch is skipped."""
+    import zmq
+
+    from backends.common.kv_wire import KVEventSubscriber
+
+    async def main():
+        pub = zmq.Context.instance().socket(zmq.PUB)
+        pub.setsockopt(zmq.LINGER, 0)
+        pub.bind("tcp://127.0.0.1:*")
+        got: list = []
+        sub = KVEventSubscriber(pub.getsockopt_string(zmq.LAST_ENDPOINT), got.append)
+        task = asyncio.create_task(sub.run())
+        try:
+            await asyncio.sleep(0.3)  # ZMQ's slow joiner
+            batch = encode_batch([BlockStored((1,), None, 16)])
+            for seq, payload in ((7, batch), (8, b"\xc1"), (0, batch)):
+                pub.send_multipart((b"kv-events", seq.to_bytes(8, "big"), payload))
+            await wait_until(lambda: len(got) == 2)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            pub.close(0)
+        assert as_core(got[0]) == [BlockStored((1,), None, 16)]
+        assert as_core(got[1]) == [AllBlocksCleared(), BlockStored((1,), None, 16)]
+        assert (sub.received, sub.malformed, sub.restarts) == (2, 1, 1)
+
+    asyncio.run(asyncio.wait_for(main(), 30))
