@@ -67,10 +67,13 @@ def test_checker_catches_bad_policies():
                 queue.pop()
             return out
 
-    class Unseeded(RoundRobin):
+    class Unseeded(RoundRobin):  # a class-level counter leaks state between instances (and sweep runs)
+        made = 0
+
         def __init__(self, seed=0):
             super().__init__(seed)
-            self.calls = id(self) % 7
+            Unseeded.made += 1
+            self.calls = Unseeded.made
 
         def schedule(self, phase, queue, view):
             c = view.candidates(phase)

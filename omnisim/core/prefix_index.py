@@ -41,5 +41,7 @@ class PrefixIndex:
         return n
 
     def cached_tokens(self, request: Request, instance_id: str) -> int:
-        # The last prompt token is always recomputed (it produces the first logits), as in vLLM.
-        return min(self.cached_blocks(request, instance_id) * request.hash_block_tokens, request.prompt_tokens - 1)
+        # As in vLLM: the last prompt token is always recomputed (it produces the first logits), and hits are whole
+        # blocks, so a fully cached prompt reuses all but its last block.
+        h = request.hash_block_tokens
+        return min(self.cached_blocks(request, instance_id), (request.prompt_tokens - 1) // h) * h if h else 0

@@ -265,13 +265,14 @@ class Instance:
     def _cached_tokens(self, seq: Sequence) -> int:
         if not self.caching:
             return 0
-        m = self.bm.match(seq.keys)
-        return min(m * seq.unit_blocks * self.block_size, seq.prefill_target - 1)
+        h = seq.unit_blocks * self.block_size
+        return min(self.bm.match(seq.keys), (seq.prefill_target - 1) // h) * h
 
     def _allocate(self, seq: Sequence, now: float) -> bool:
         bm, B = self.bm, self.block_size
         keys = seq.keys
-        m = bm.match(keys) if (keys and self.caching) else 0
+        # vLLM: hits are whole blocks, and the last prompt token is always recomputed
+        m = min(bm.match(keys), (seq.prefill_target - 1) // (seq.unit_blocks * B)) if (keys and self.caching) else 0
         blocks = -(-seq.prefill_target // B) - m * seq.unit_blocks
         if not bm.acquire(keys[:m], blocks):
             if blocks + m * seq.unit_blocks > bm.num_blocks:
@@ -279,7 +280,7 @@ class Instance:
             return False
         seq.held_keys = keys[:m]
         seq.private_blocks = blocks
-        hit = min(m * (seq.unit_blocks * B), seq.prefill_target - 1)
+        hit = m * seq.unit_blocks * B
         seq.computed = hit
         self.pending_prefill -= hit - seq.expected_hit
         seq.expected_hit = 0
