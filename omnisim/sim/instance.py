@@ -42,7 +42,6 @@ class Instance:
         self.block_size = B = group.block_size
         self.max_seqs = group.max_num_seqs
         self.max_tokens = group.max_num_batched_tokens
-        self.max_model_len = group.max_model_len
         self.caching = group.enable_prefix_caching
         self.reserve_blocks = max(1, -(-reserve_tokens // B))
         self.max_run_steps = max_run_steps  # 0: unbounded runs of decode steps; 1: one event per step (reference)
@@ -97,7 +96,7 @@ class Instance:
         """Prefill ``seq`` here (then decode it here too, unless this is a prefill instance)."""
         self.waiting.append(seq)
         # Count only what the cache does not hold now (as InstanceState promises); corrected at admission.
-        seq.expected_hit = self._cached_tokens(seq) if seq.keys else 0
+        seq.expected_hit = self._hit_units(seq) * seq.unit_blocks * self.block_size
         self.pending_prefill += seq.prefill_target - seq.expected_hit
         self._state = None
         self._wake()
@@ -262,17 +261,17 @@ class Instance:
             budget -= c
         return chunks
 
-    def _cached_tokens(self, seq: Sequence) -> int:
-        if not self.caching:
+    def _hit_units(self, seq: Sequence) -> int:
+        """Leading prefix units of ``seq`` cached here that its prefill can reuse: as in vLLM, whole blocks, and
+        never the last prompt token (it produces the first logits)."""
+        if not (seq.keys and self.caching):
             return 0
-        h = seq.unit_blocks * self.block_size
-        return min(self.bm.match(seq.keys), (seq.prefill_target - 1) // h) * h
+        return min(self.bm.match(seq.keys), (seq.prefill_target - 1) // (seq.unit_blocks * self.block_size))
 
     def _allocate(self, seq: Sequence, now: float) -> bool:
         bm, B = self.bm, self.block_size
         keys = seq.keys
-        # vLLM: hits are whole blocks, and the last prompt token is always recomputed
-        m = min(bm.match(keys), (seq.prefill_target - 1) // (seq.unit_blocks * B)) if (keys and self.caching) else 0
+        m = self._hit_units(seq)
         blocks = -(-seq.prefill_target // B) - m * seq.unit_blocks
         if not bm.acquire(keys[:m], blocks):
             if blocks + m * seq.unit_blocks > bm.num_blocks:
@@ -371,22 +370,20 @@ class Instance:
         heapq.heappush(self.heap, (self.steps + seq.output - seq.generated, _FINISH, self._order, seq.epoch, seq))
         # Reserve decode KV now rather than when the prompt's last block fills a few steps later: one event less
         # per request, and the same slack (reserve_tokens) as every later reservation.
-        held = (seq.private_blocks + len(seq.held_keys) * seq.unit_blocks) * self.block_size
-        if held < seq.prompt + seq.output and held - (seq.prompt + seq.generated) < self.reserve_blocks * self.block_size:
-            self._extend(seq)
-        else:
-            self._push_extend(seq)
+        self._reserve(seq, ahead=self.reserve_blocks * self.block_size)
 
-    def _push_extend(self, seq: Sequence) -> None:
-        held = (seq.private_blocks + len(seq.held_keys) * seq.unit_blocks) * self.block_size
-        final = seq.prompt + seq.output
-        if held < final:
-            ctx = seq.prompt + seq.generated + (self.steps - seq.join_step)
-            if held <= ctx:
-                self._extend(seq)  # the next token already needs a new block
-                return
-            self._order += 1
-            heapq.heappush(self.heap, (self.steps + held - ctx, _EXTEND, self._order, seq.epoch, seq))
+    def _reserve(self, seq: Sequence, ahead: int = 1) -> None:
+        """Extend the sequence's KV now if fewer than ``ahead`` reserved tokens remain, else schedule the extension
+        for the step at which its context fills the reservation."""
+        held = seq.held_blocks * self.block_size
+        if held >= seq.prompt + seq.output:
+            return
+        room = held - (seq.prompt + seq.generated + self.steps - seq.join_step)
+        if room < ahead:
+            self._extend(seq)
+            return
+        self._order += 1
+        heapq.heappush(self.heap, (self.steps + room, _EXTEND, self._order, seq.epoch, seq))
 
     def _pop_events(self, now: float) -> None:
         heap, steps = self.heap, self.steps
@@ -406,15 +403,14 @@ class Instance:
     def _extend(self, seq: Sequence) -> None:
         """The sequence filled its KV reservation: reserve more, preempting the newest sequences if KV is short."""
         final_blocks = -(-(seq.prompt + seq.output) // self.block_size)
-        held = seq.private_blocks + len(seq.held_keys) * seq.unit_blocks
-        need = min(self.reserve_blocks, final_blocks - held)
+        need = min(self.reserve_blocks, final_blocks - seq.held_blocks)
         while not self.bm.take(need):
             victim = next(reversed(self.running.values()))
             self._preempt(victim)
             if victim is seq:
                 return
         seq.private_blocks += need
-        self._push_extend(seq)
+        self._reserve(seq)
 
     def _preempt(self, seq: Sequence) -> None:
         """vLLM's recompute preemption: free the KV, queue the request first, recompute prompt + output so far."""

@@ -59,6 +59,11 @@ class Sequence:
         self.t_finish = NAN
         self.preemptions = 0
 
+    @property
+    def held_blocks(self) -> int:
+        """KV blocks this sequence holds on the instance it runs on (cached units it references + private)."""
+        return self.private_blocks + len(self.held_keys) * self.unit_blocks
+
     def row(self, status: str = "ok", error: str = "") -> tuple:
         """The record, in omnisim.metrics.RECORD_COLUMNS order."""
         return (self.id, self.req.arrival_s, self.prompt, self.generated, self.cached, self.prefill_instance,
