@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from omnisim.core import Topology
-from omnisim.policies.placement.layout import expert_ranks
+from omnisim.policies.placement.layout import expert_ranks, permute_ranks
 
 
 def match_ranks(target: np.ndarray, current: np.ndarray, num_experts: int, topology: Topology) -> np.ndarray:
@@ -61,12 +61,8 @@ def keep_slots(target: np.ndarray, current: np.ndarray, topology: Topology) -> n
 def align_to_current(target: np.ndarray, current: np.ndarray, num_experts: int, topology: Topology) -> np.ndarray:
     """The target placement relabelled and reordered to keep as many current slots as possible; rank loads are
     those of ``target`` up to a permutation of ranks."""
-    to_current = match_ranks(target, current, num_experts, topology)
-    layers = target.shape[0]
-    blocks = target.reshape(layers, topology.num_ranks, topology.slots_per_rank)
-    moved = np.empty_like(blocks)
-    moved[np.arange(layers)[:, None], to_current] = blocks
-    return keep_slots(moved.reshape(layers, -1), current, topology)
+    moved = permute_ranks(target, match_ranks(target, current, num_experts, topology), topology)
+    return keep_slots(moved, current, topology)
 
 
 def moves_per_rank(new: np.ndarray, old: np.ndarray, topology: Topology) -> np.ndarray:
