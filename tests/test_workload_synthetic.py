@@ -88,6 +88,7 @@ def test_unbounded_synthetic_workload_is_refused():
     (dict(rate=0.0), "workload.rate"), (dict(rate_scale=-1.0), "workload.rate_scale"),
     (dict(max_requests=-1), "workload.max_requests"), (dict(duration_s=0.0), "workload.duration_s"),
     (dict(lengths=Fixed(3).value), "workload.lengths"),
+    (dict(lengths=Lognormal(mean=100, cv=1)), "workload.lengths must draw .prompt, output. pairs"),
 ])
 def test_bad_synthetic_arguments_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):

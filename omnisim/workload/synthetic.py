@@ -44,8 +44,7 @@ class SyntheticWorkload:
             raise ValueError(f"workload.rate must be a positive number of requests per second, got {rate}")
         if not (cv >= 0 and math.isfinite(cv)):
             raise ValueError(f"workload.cv must be >= 0, got {cv}")
-        if not isinstance(lengths, LengthSpec):
-            raise ValueError(f"workload.lengths must be a LengthSpec (with sample(rng, n)), got {lengths!r}")
+        _check_pairs(lengths)
         self.limits = Limits(rate_scale, max_requests, duration_s)
         if not self.limits.bounded:
             raise ValueError("a synthetic workload needs workload.max_requests or workload.duration_s")
@@ -93,6 +92,17 @@ class SyntheticWorkload:
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(seed={self.seed}, rate={self.rate}, cv={self.cv}, lengths={self.lengths!r}, "
                 f"prefix={self.prefix!r}, rate_steps={self.rate_steps!r}, {self.limits})")
+
+
+def _check_pairs(lengths: LengthSpec) -> None:
+    """Fail here, naming the field, rather than at the first draw: a one-dimensional distribution such as a bare
+    Lognormal has the same ``sample`` method but draws one array, not (prompts, outputs)."""
+    if not isinstance(lengths, LengthSpec):
+        raise ValueError(f"workload.lengths must be a LengthSpec (with sample(rng, n)), got {lengths!r}")
+    drawn = lengths.sample(np.random.default_rng(0), 1)
+    if not (isinstance(drawn, tuple) and len(drawn) == 2):
+        raise ValueError(f"workload.lengths must draw (prompt, output) pairs, got {lengths!r}: wrap one-dimensional "
+                         f"distributions as IndependentLengths(prompt=..., output=...)")
 
 
 class PoissonWorkload(SyntheticWorkload):
