@@ -20,4 +20,4 @@ def balanced_layout(counts: np.ndarray, topology: Topology, max_copies: int) -> 
     eplb_ok = ~split_replicas_share_a_rank(eplb, counts.shape[1], topology).any(axis=1)
     take_eplb = eplb_ok & (max_over_mean(eplb, counts, topology.num_ranks)
                            < max_over_mean(greedy, counts, topology.num_ranks))
-    return refine_peak(np.where(take_eplb[:, None], eplb, greedy), counts, topology.num_ranks)
+    return refine_peak(np.where(take_eplb[:, None], eplb, greedy), counts, topology)

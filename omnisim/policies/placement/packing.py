@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from omnisim.core import Topology
+from omnisim.policies.placement.layout import expert_ranks, replica_counts
+
 
 def descending_order(weight: np.ndarray, tiebreak: np.ndarray | None = None) -> np.ndarray:
     """Per row, item indices by weight descending; ties by ``tiebreak`` ascending, then by index (stable)."""
@@ -126,7 +129,7 @@ def fill_free_slots(slots: np.ndarray, load: np.ndarray, max_copies: int) -> np.
     return out.reshape(rows, ranks * per_rank)
 
 
-def refine_peak(phy2log: np.ndarray, load: np.ndarray, num_ranks: int, max_rounds: int = 0,
+def refine_peak(phy2log: np.ndarray, load: np.ndarray, topology: Topology, max_rounds: int = 0,
                 partners: int = 8) -> np.ndarray:
     """Local search: swap one slot of the most loaded rank with one slot of a light rank when that lowers the peak.
 
@@ -136,15 +139,12 @@ def refine_peak(phy2log: np.ndarray, load: np.ndarray, num_ranks: int, max_round
     rounds (0: 4 x ranks).
     """
     rows, num_slots = phy2log.shape
-    per_rank = num_slots // num_ranks
-    experts = load.shape[1]
+    num_ranks, per_rank = topology.num_ranks, topology.slots_per_rank
     out = phy2log.copy()
     every = np.arange(rows)
-    copies = np.bincount((every[:, None] * experts + out).ravel(), minlength=rows * experts).reshape(rows, experts)
-    unit = load / np.maximum(copies, 1)
+    unit = load / np.maximum(replica_counts(out, load.shape[1]), 1)
     rank_of_slot = np.arange(num_slots) // per_rank
-    flat = ((every[:, None] * experts + out) * num_ranks + rank_of_slot).ravel()
-    held = np.bincount(flat, minlength=rows * experts * num_ranks).reshape(rows, experts, num_ranks)
+    held = expert_ranks(out, load.shape[1], topology)
     slot_w = np.take_along_axis(unit, out, axis=1)
     rank_w = slot_w.reshape(rows, num_ranks, per_rank).sum(axis=2)
     k_light = max(1, min(partners, num_ranks - 1))

@@ -48,4 +48,4 @@ def repair_layout(current: np.ndarray, counts: np.ndarray, topology: Topology, m
         copies[rows, new] += 1
         held[rows, old, r] -= 1
         held[rows, new, r] += 1
-    return refine_peak(out, counts, ranks, max_rounds=swap_rounds) if swap_rounds else out
+    return refine_peak(out, counts, topology, max_rounds=swap_rounds) if swap_rounds else out
