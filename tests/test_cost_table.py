@@ -119,6 +119,14 @@ def test_bad_files_name_file_and_line(tmp_path, text, match):
     assert "steps.csv" in str(err.value)
 
 
+def test_in_memory_rows_are_read_by_column_name():
+    rows = [dict(prefill_tokens=0, decode_seqs=d, decode_context=d * 10, step_s=0.01 + 1e-4 * d) for d in (1, 2, 4)]
+    reordered = rows[:2] + [dict(step_s=rows[2]["step_s"], decode_context=40, decode_seqs=4, prefill_tokens=0)]
+    assert TableModel.from_measurements(reordered).coefficients == TableModel.from_measurements(rows).coefficients
+    with pytest.raises(ValueError, match="row 2 has columns"):
+        TableModel.from_measurements(rows[:2] + [dict(rows[2], moe_imbalance=1.0)])
+
+
 def test_missing_file_and_bad_rows_in_memory():
     with pytest.raises(ValueError, match="nope.csv does not exist"):
         TableModel("nope.csv")

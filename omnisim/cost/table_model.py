@@ -51,7 +51,7 @@ class TableModel:
         _check_columns(columns, source)
         data = []
         for i, row in enumerate(rows):
-            if list(row.keys()) != columns:
+            if row.keys() != set(columns):  # values are read by name below, so key order may differ
                 raise ValueError(f"{source}: row {i} has columns {sorted(row)}, expected {sorted(columns)}")
             data.append(_parse_row([row[c] for c in columns], columns, f"{source}: row {i}"))
         table = cls.__new__(cls)
