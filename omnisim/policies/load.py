@@ -1,7 +1,7 @@
 """How busy an instance is, measured from its InstanceState the same way by every policy here.
 
-Each policy copies these numbers into a small dict at the start of a call and adds what it dispatches itself, so
-several requests assigned in one call see each other (the view only changes between calls).
+Each policy copies these numbers into a list (one entry per candidate) at the start of a call and adds what it
+dispatches itself, so several requests assigned in one call see each other (the view only changes between calls).
 """
 from __future__ import annotations
 
