@@ -120,6 +120,24 @@ def test_prefix_cache_hits_and_kv_events():
     run(main())
 
 
+def test_a_stored_block_names_the_block_before_it_as_parent():
+    async def main():
+        engine = EmulatedEngine(RecordingModel(), block_size=16, time_scale=0.0)
+        stored = []
+        engine.pool.on_stored = lambda hashes, parent: stored.append((tuple(hashes), parent))
+        await engine.start()
+        shared = [f"s{i}" for i in range(32)]
+        # Prefilled in the same step: a stores the first shared block, so b stores only its second one.
+        a = engine.make_sequence("a", shared[:16] + ["a"], 1)
+        b = engine.make_sequence("b", shared + ["b"], 1)
+        await generate(engine, a, b)
+        await engine.stop()
+        h = block_hashes(shared, 16)
+        assert stored == [((h[0],), None), ((h[1],), h[0])]
+
+    run(main())
+
+
 def test_preemption_when_kv_runs_out_and_everything_still_finishes():
     async def main():
         engine = EmulatedEngine(RecordingModel(), block_size=16, kv_capacity_tokens=96, time_scale=0.0)

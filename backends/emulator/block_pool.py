@@ -70,20 +70,33 @@ class BlockPool:
         return True
 
     def commit(self, new_hashes: Sequence[int], parent: int | None) -> list[int]:
-        """A sequence finished computing blocks it held anonymously: name them. Returns the hashes it now holds
-        (a hash another sequence already stored stays anonymous, and is not returned)."""
-        held = []
-        stored = []
+        """A sequence finished computing blocks it held anonymously: name them. ``new_hashes`` are consecutive
+        blocks of one chain and ``parent`` the block before them. Returns the hashes it now holds (a hash another
+        sequence already stored stays anonymous, and is not returned). Each unbroken run of newly stored blocks is
+        reported with the block right before it as its parent, as a BlockStored event must."""
+        if not self.enable_prefix_caching:
+            return []
+        held: list[int] = []
+        run: list[int] = []
+        run_parent = before = parent
         for h in new_hashes:
-            if not self.enable_prefix_caching or h in self._ref or h in self._evictable:
-                continue
-            self._anonymous -= 1
-            self._ref[h] = 1
-            held.append(h)
-            stored.append(h)
-        if stored and self.on_stored:
-            self.on_stored(stored, parent)
+            if h in self._ref or h in self._evictable:
+                self._stored(run, run_parent)
+                run = []
+            else:
+                if not run:
+                    run_parent = before
+                self._anonymous -= 1
+                self._ref[h] = 1
+                held.append(h)
+                run.append(h)
+            before = h
+        self._stored(run, run_parent)
         return held
+
+    def _stored(self, run: list[int], parent: int | None) -> None:
+        if run and self.on_stored:
+            self.on_stored(run, parent)
 
     def release(self, hashes: Sequence[int], anonymous: int) -> None:
         """A sequence finished or was preempted: its hashed blocks become evictable when no one else holds them."""
