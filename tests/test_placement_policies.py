@@ -9,7 +9,7 @@ from omnisim.policies.placement import (POLICIES, DeepSeekEplb, MigrationAwarePl
                                         OmniPlacementStatic, PredictivePlacement, StaticPlacement)
 from omnisim.policies.placement.alignment import align_to_current
 from omnisim.policies.placement.deepseek_eplb import rebalance_experts
-from omnisim.policies.placement.layout import (contiguous_layout, max_over_mean, rank_loads,
+from omnisim.policies.placement.layout import (contiguous_layout, expert_ranks, max_over_mean, rank_loads,
                                                split_replicas_share_a_rank, step_imbalance)
 
 # DeepSeek-R1: 58 MoE layers x 256 experts + 32 redundant = 288 slots
@@ -122,11 +122,13 @@ def test_omni_placement_gates_per_layer():
 
 def test_omni_placement_budget_search_leaves_redundancy_unused_when_it_does_not_help():
     topo = Topology(8, 9, 2, 1)
-    counts = np.tile(np.arange(64, dtype=float)[::-1] + 1, (1, 1))
-    counts = counts[:, np.random.default_rng(0).permutation(64)] * 10
+    counts = (np.arange(64, dtype=float)[::-1] + 1)[np.random.default_rng(0).permutation(64)][None] * 10
     new = OmniPlacement(improvement_threshold=0.0).rebalance(ExpertLoad(counts), Placement(
         contiguous_layout(1, 64, topo)), topo)
-    # every candidate is a valid layout; with budget 0 the spare slot of each rank repeats one of its own experts
+    # loads 10..640 pack perfectly onto 8 ranks with no replica, and budget 8's replicas only unbalance them: budget
+    # 0 wins, so the spare slot of each rank repeats one of its own experts (no load-bearing replica)
+    assert max_over_mean(new.phy2log, counts, 8) == pytest.approx([1.0])
+    assert ((expert_ranks(new.phy2log, 64, topo) > 0).sum() - 64) == 0
     assert not split_replicas_share_a_rank(new.phy2log, 64, topo).any()
 
 
