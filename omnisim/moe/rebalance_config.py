@@ -34,10 +34,8 @@ class RebalanceConfig:
     observe_noise: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("period_s", "window_s", "link_GBps"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"rebalance.{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("period_steps", "window_steps", "moves_per_rank_per_step", "num_redundant_experts"):
+        for name in ("period_s", "window_s", "link_GBps", "period_steps", "window_steps", "moves_per_rank_per_step",
+                     "num_redundant_experts"):
             if getattr(self, name) < 0:
                 raise ValueError(f"rebalance.{name} must be >= 0, got {getattr(self, name)}")
         if self.period_s and self.period_steps:
