@@ -77,8 +77,8 @@ def window_token_rate(experiment_name: str, replicate: int, max_requests: int) -
     if max_requests:
         overrides.append(f"workload.max_requests={max_requests}")
     requests = list(_build(overrides)[0].workload.requests())
-    span = requests[-1].arrival_s - requests[0].arrival_s
-    if len(requests) < 2 or span <= 0:
+    span = requests[-1].arrival_s - requests[0].arrival_s if requests else 0.0
+    if span <= 0:
         raise ValueError(f"{experiment_name}: replicate {replicate}'s window has no arrival spread")
     return sum(r.prompt_tokens for r in requests) / span
 
