@@ -106,7 +106,7 @@ H100_ARGS = dict(name="x", bf16_tflops=989, hbm_GB=80, hbm_TBps=3.35, intra_node
     (dict(bf16_tflops=0), "bf16_tflops"), (dict(gemm_efficiency=1.5), "gemm_efficiency"),
     (dict(memory_efficiency=0), "memory_efficiency"), (dict(devices_per_node=0), "devices_per_node"),
     (dict(reserved_GB=80), "reserved_GB"), (dict(step_overhead_s=-1), "step_overhead_s"),
-    (dict(kv_link_GBps=0), "kv_link_GBps"), (dict(int8_tflops=-1), "int8_tflops"),
+    (dict(int8_tflops=-1), "int8_tflops"),
 ])
 def test_hardware_spec_errors_name_the_field(changes, field):
     with pytest.raises(ValueError, match=field):

@@ -17,8 +17,8 @@ class HardwareSpec:
     attention kernels and streaming HBM reads.
     step_overhead_s: fixed engine cost per step (scheduler, input prep, launches, sampling, output processing);
     seq_overhead_s: engine cost per sequence in a step (per DP rank: each runs its own engine loop).
-    kv_link_GBps: default bandwidth of a prefill -> decode KV transfer per device (RDMA / RoCE NIC).
     reserved_GB: device memory neither weights nor KV may use (activations, graphs, runtime workspace).
+    The prefill -> decode KV link is not a device figure: the cluster sets it (omnisim.cluster.KVLink).
     """
 
     name: str
@@ -34,7 +34,6 @@ class HardwareSpec:
     memory_efficiency: float = 0.8
     step_overhead_s: float = 0.002
     seq_overhead_s: float = 0.0
-    kv_link_GBps: float = 25.0
     reserved_GB: float = 2.0
 
     def __post_init__(self) -> None:
@@ -43,7 +42,7 @@ class HardwareSpec:
 
         if not self.name:
             raise ValueError("hardware: name must be a non-empty string")
-        for field in ("bf16_tflops", "hbm_GB", "hbm_TBps", "intra_node_GBps", "inter_node_GBps", "kv_link_GBps"):
+        for field in ("bf16_tflops", "hbm_GB", "hbm_TBps", "intra_node_GBps", "inter_node_GBps"):
             if not getattr(self, field) > 0:
                 fail(field, "must be > 0")
         if self.devices_per_node < 1:
