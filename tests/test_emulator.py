@@ -14,7 +14,7 @@ from hydra import compose, initialize_config_dir
 
 from backends.common.kv_wire import KVEventSubscriber, as_core
 from backends.common.tokens import block_hashes
-from backends.emulator import EmulatedEngine, EmulatorServer, LinearStepTime
+from backends.emulator import EmulatedEngine, EmulatorServer, LinearStepTime, SharedKVStore
 from omnisim.core import BlockStored
 
 pytestmark = pytest.mark.timeout(120)
@@ -212,6 +212,21 @@ def test_http_api_speaks_vllm():
                              "vllm:e2e_request_latency_seconds_count"):
                     assert name in metrics, name
                 assert 'vllm:generation_tokens_total{engine="0",model_name="tiny"} 5.0' in metrics
+        finally:
+            await server.stop()
+
+    run(main())
+
+
+def test_an_empty_prompt_is_a_bad_request_on_a_shared_storage_consumer():
+    async def main():
+        engine = EmulatedEngine(LinearStepTime(overhead_s=0.001), time_scale=0.0)
+        server = EmulatorServer(engine, role="decode", shared_store=SharedKVStore(), kv_role="consumer")
+        await server.start()
+        try:
+            async with aiohttp.ClientSession() as s:
+                async with s.post(server.url + "/v1/completions", json={"prompt": " ", "max_tokens": 1}) as r:
+                    assert r.status == 400 and (await r.json())["message"] == "prompt: empty"
         finally:
             await server.stop()
 

@@ -201,6 +201,8 @@ class EmulatorServer:
         if not chat and "prompt" not in body:
             raise ValueError("prompt: required")
         tokens = prompt_tokens(body)
+        if not tokens:  # checked here too, before the shared-storage lookup hashes the prompt
+            raise ValueError("prompt: empty")
         if len(tokens) >= self.max_model_len:
             raise ValueError(f"prompt: {len(tokens)} tokens, max_model_len is {self.max_model_len}")
         max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
