@@ -67,14 +67,10 @@ class OmniProxy:
         return self._decode(queue, candidates)
 
     # ---- prefill -------------------------------------------------------------------------------------------------
-    def prefill_weights(self, queue: Sequence[Waiting], now_s: float) -> list[float]:
-        """OmniProxy's prefill weight of each queued request (higher goes first)."""
-        return prefill_weights(queue, now_s, self.prompt_weight)
-
     def prefill_order(self, queue: Sequence[Waiting], now_s: float) -> Iterator[Waiting]:
         """The queue, highest weight first, equal weights in queue order; lazily (a heap), since a call usually
         dispatches only the head of a long queue."""
-        heap = [(-wt, k) for k, wt in enumerate(self.prefill_weights(queue, now_s))]
+        heap = [(-wt, k) for k, wt in enumerate(prefill_weights(queue, now_s, self.prompt_weight))]
         heapq.heapify(heap)
         while heap:
             yield queue[heapq.heappop(heap)[1]]
