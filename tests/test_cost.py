@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 
 from omnisim.cost import (HardwareSpec, ModelSpec, Parallelism, RooflineModel, kv_capacity_tokens,
@@ -35,12 +35,15 @@ def test_config_instantiates_with_exactly_constructor_keys(group, name):
     assert isinstance(spec, ModelSpec if group == "model" else HardwareSpec)
     assert spec.name == name
     params = set(inspect.signature(type(spec)).parameters)
-    assert set(cfg) - {"_target_"} <= params
+    assert set(cfg) - {"_target_"} == params
 
 
 @pytest.mark.parametrize("name", ["roofline", "table"])
 def test_cost_configs_build_a_step_time_model_per_instance_group(name):
-    make = instantiate(OmegaConf.load(CONF / "cost" / f"{name}.yaml"))
+    cfg = OmegaConf.load(CONF / "cost" / f"{name}.yaml")
+    params = set(inspect.signature(get_class(cfg._target_)).parameters) - {"model", "hardware", "parallel"}
+    assert set(cfg) - {"_target_", "_partial_"} == params  # the app adds model, hardware, parallel
+    make = instantiate(cfg)
     cost = make(model=load("model", "tiny_llama"), hardware=load("hardware", "cpu"), parallel=Parallelism())
     small, big = cost.step_time(0, 0.0, 0, 1, 100), cost.step_time(0, 0.0, 0, 64, 64 * 1000)
     assert 0 < small < big < 1.0
