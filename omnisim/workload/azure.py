@@ -37,9 +37,7 @@ class AzureTrace:
         self.seed = int(seed)
         self.path = resolve_trace_path(path)
         times_s, prompts, outputs = load_azure_trace(self.path)
-        self._replay = TraceReplay(
-            times_s, np.maximum(prompts, 1), np.maximum(outputs, 1), start_s, Limits(rate_scale, max_requests, duration_s)
-        )
+        self._replay = TraceReplay(times_s, prompts, outputs, start_s, Limits(rate_scale, max_requests, duration_s))
 
     def requests(self) -> Iterator[Request]:
         return self._replay.requests()

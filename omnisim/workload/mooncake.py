@@ -19,10 +19,11 @@ MOONCAKE_CONV_PATH = "../shared/traces/mooncake_fast25/conversation_trace.jsonl"
 class MooncakeTrace:
     """Replays a Mooncake trace with its prefix-block hashes.
 
-    ``timestamp`` is in milliseconds; arrival_s counts from the first row's timestamp. ``hash_ids`` name consecutive blocks of
-    ``hash_block_tokens`` (512) prompt tokens and become ``Request.prefix_hashes`` unchanged: in these traces an id
-    only ever appears at one position after one parent, so equal ids already mean equal leading content. Every row
-    must satisfy (len(hash_ids) - 1) * hash_block_tokens < input_length <= len(hash_ids) * hash_block_tokens.
+    ``timestamp`` is in milliseconds; arrival_s counts from the first row's timestamp. ``hash_ids`` name
+    consecutive blocks of ``hash_block_tokens`` (512) prompt tokens and become ``Request.prefix_hashes`` unchanged:
+    in these traces an id only ever appears at one position after one parent, so equal ids already mean equal
+    leading content. Every row must satisfy
+    (len(hash_ids) - 1) * hash_block_tokens < input_length <= len(hash_ids) * hash_block_tokens.
 
     Timestamps are quantised into buckets about 3 s apart. With ``spread_buckets`` (default) the requests sharing a
     timestamp are spread uniformly (seeded) over the gap to the next distinct timestamp (the last bucket over the
@@ -52,7 +53,7 @@ class MooncakeTrace:
         if self.spread_buckets:
             times_ms = spread_ties(times_ms, np.random.default_rng(self.seed))
         self._replay = TraceReplay(
-            times_ms / 1000.0, np.maximum(prompts, 1), np.maximum(outputs, 1), start_s,
+            times_ms / 1000.0, prompts, outputs, start_s,
             Limits(rate_scale, max_requests, duration_s), hashes, offsets, hash_block_tokens,
         )
 
@@ -66,7 +67,7 @@ class MooncakeTrace:
 
 def spread_ties(stamps: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Times spread uniformly over [t, next distinct t) for each run of equal ``stamps`` (sorted), order kept."""
-    distinct, first, counts = np.unique(stamps, return_index=True, return_counts=True)
+    distinct, counts = np.unique(stamps, return_counts=True)
     if len(distinct) < 2:
         return stamps.astype(np.float64)
     gaps = np.diff(distinct)

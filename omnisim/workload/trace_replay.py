@@ -10,10 +10,11 @@ from omnisim.workload.limits import Limits
 
 
 class TraceReplay:
-    """Rows held as arrays (times in seconds from the trace's first row, nondecreasing; token counts >= 1; block
+    """Rows held as arrays (times in seconds from the trace's first row, nondecreasing; token counts as read; block
     hashes flattened with row offsets) and turned into ``Request``s one at a time.
 
-    Rows before ``start_s`` are skipped; arrival_s = (trace time - start_s) / rate_scale.
+    Rows before ``start_s`` are skipped; arrival_s = (trace time - start_s) / rate_scale. A token count of 0 is
+    replayed as 1 (a request has at least one prompt and one output token), so no row is dropped.
     """
 
     def __init__(
@@ -32,17 +33,13 @@ class TraceReplay:
         if start_s > times_s[-1]:
             raise ValueError(f"workload.start_s={start_s} is past the trace's last arrival at {times_s[-1]:.3f} s")
         self.times_s = times_s
-        self.prompts = prompts
-        self.outputs = outputs
+        self.prompts = np.maximum(prompts, 1)
+        self.outputs = np.maximum(outputs, 1)
         self.start_s = float(start_s)
         self.limits = limits
         self.hashes = hashes
         self.hash_offsets = hash_offsets
         self.hash_block_tokens = hash_block_tokens
-
-    def __len__(self) -> int:
-        """Rows in the whole trace (before the start offset and limits)."""
-        return len(self.times_s)
 
     def requests(self) -> Iterator[Request]:
         first = int(np.searchsorted(self.times_s, self.start_s, side="left"))
