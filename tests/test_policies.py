@@ -1,5 +1,6 @@
 """Every conf/proxy option: instantiated through Hydra, passes the conformance checker, and its yaml names exactly
-its constructor's arguments. The policy package imports nothing but omnisim.core, the standard library and numpy."""
+its constructor's arguments. The policy packages (proxy and placement) import nothing but omnisim.core, the standard
+library and numpy."""
 from __future__ import annotations
 
 import inspect
@@ -67,7 +68,7 @@ def test_no_policy_module_reads_simulator_internals(path):
 
 def test_policy_package_imports_without_simulator_or_frameworks():
     blocked = ["simpy", "hydra", "omegaconf", "pandas", "torch", "vllm", "aiohttp", "backends", "omnisim.sim",
-               "omnisim.cost", "omnisim.workload", "omnisim.metrics"]
+               "omnisim.cost", "omnisim.workload", "omnisim.metrics", "omnisim.moe"]
     code = f"""
 import importlib.abc, sys
 BLOCKED = {blocked!r}
@@ -77,7 +78,8 @@ class Block(importlib.abc.MetaPathFinder):
             raise ImportError("blocked: " + name)
 sys.meta_path.insert(0, Block())
 import omnisim.policies as p
-print(len(p.__all__))
+import omnisim.policies.placement as q  # not imported by omnisim.policies itself
+print(len(p.__all__), len(q.__all__))
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stderr
