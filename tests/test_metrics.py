@@ -357,8 +357,9 @@ def test_write_run_rejects_bad_input_before_writing(tmp_path):
 
 def test_json_ready_converts_numpy_and_nan():
     value = {"a": np.float64(1.5), "b": np.int64(3), "c": float("nan"), "d": (np.float32(2.0), None),
-             "e": {1: np.bool_(True)}, "f": np.array([1, 2])}
-    assert json_ready(value) == {"a": 1.5, "b": 3, "c": None, "d": [2.0, None], "e": {"1": True}, "f": [1, 2]}
+             "e": {1: np.bool_(True)}, "f": np.array([1, 2]), "g": np.array(np.nan), "h": np.array([[0.5, np.inf]])}
+    assert json_ready(value) == {"a": 1.5, "b": 3, "c": None, "d": [2.0, None], "e": {"1": True}, "f": [1, 2],
+                                 "g": None, "h": [[0.5, None]]}
 
 
 def test_plots_are_png_files(tmp_path):

@@ -173,9 +173,10 @@ def _peak_occupancy(enter: np.ndarray, leave: np.ndarray, edges: np.ndarray) -> 
 
 
 def _queue(records: pd.DataFrame) -> Figure:
-    """Queue lengths over time, as the peak within each of TIME_BINS bins. A request waits for prefill from arrival until prefill_start_s (or, if it
-    never started, until first_token_s or finish_s); it is in flight until finish_s. Requests without such a leave
-    time (e.g. dropped: records carry no drop time) are not counted rather than left queued forever."""
+    """Queue lengths over time, as the peak within each of TIME_BINS bins. A request waits for prefill from arrival
+    until prefill_start_s (or, if it never started, until first_token_s or finish_s); it is in flight until finish_s.
+    Requests without such a leave time (e.g. dropped: records carry no drop time) are not counted rather than left
+    queued forever."""
     start, end = _time_span(records)
     edges = np.linspace(start, end, TIME_BINS + 1)
     arrival = records["arrival_s"].to_numpy()

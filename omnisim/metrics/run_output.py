@@ -71,7 +71,9 @@ def json_ready(value, path: str = "summary"):
     Raises ValueError naming the offending key for anything JSON cannot hold."""
     if isinstance(value, dict):
         return {str(k): json_ready(v, f"{path}.{k}") for k, v in value.items()}
-    if isinstance(value, (list, tuple, np.ndarray)):
+    if isinstance(value, np.ndarray):
+        value = value.tolist()  # nested lists of Python scalars; a 0-d array becomes its scalar
+    if isinstance(value, (list, tuple)):
         return [json_ready(v, f"{path}[{i}]") for i, v in enumerate(value)]
     if isinstance(value, np.generic):
         value = value.item()
