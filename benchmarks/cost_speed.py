@@ -7,17 +7,19 @@ from __future__ import annotations
 import argparse
 import random
 import time
+from pathlib import Path
 
-from omnisim.cost import HardwareSpec, ModelSpec, Parallelism, RooflineModel, TableModel
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
-DEEPSEEK = ModelSpec(name="deepseek_r1", layers=61, hidden=7168, heads=128, kv_heads=128, intermediate=18432,
-                     vocab=129280, dtype_bytes=1, attention="mla", q_lora_rank=1536, kv_lora_rank=512,
-                     qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, num_experts=256, top_k=8,
-                     expert_intermediate=2048, shared_experts=1, first_dense_layers=3, num_expert_groups=8,
-                     topk_groups=4)
-LLAMA = ModelSpec(name="llama3_8b", layers=32, hidden=4096, heads=32, kv_heads=8, intermediate=14336, vocab=128256)
-H100 = HardwareSpec(name="h100", bf16_tflops=989, int8_tflops=1979, hbm_GB=80, hbm_TBps=3.35, intra_node_GBps=450,
-                    inter_node_GBps=50, devices_per_node=8)
+from omnisim.cost import Parallelism, RooflineModel, TableModel
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def load(group: str, name: str):
+    """The shipped conf/GROUP/NAME.yaml spec, so the figures are for the models users run."""
+    return instantiate(OmegaConf.load(CONF / group / f"{name}.yaml"))
 
 
 def batches(n: int, seed: int = 0) -> list[tuple]:
@@ -49,10 +51,11 @@ def main() -> None:
         {"prefill_tokens": p, "decode_seqs": d, "decode_context": c, "step_s": 0.01 + 1e-5 * p + 1e-4 * d + 1e-8 * c}
         for p, d, c in ((0, 1, 100), (0, 8, 900), (0, 64, 9000), (0, 32, 200), (512, 0, 0), (2048, 4, 400),
                         (4096, 0, 0), (1024, 16, 5000))])
+    llama, deepseek, h100 = load("model", "llama3_8b"), load("model", "deepseek_r1"), load("hardware", "h100")
     models = {
-        "roofline llama3_8b h100 tp1": RooflineModel(LLAMA, H100),
-        "roofline llama3_8b h100 tp4": RooflineModel(LLAMA, H100, Parallelism(tp=4)),
-        "roofline deepseek_r1 h100 dp8 ep8 overlap": RooflineModel(DEEPSEEK, H100, Parallelism(dp=8, ep=8),
+        "roofline llama3_8b h100 tp1": RooflineModel(llama, h100),
+        "roofline llama3_8b h100 tp4": RooflineModel(llama, h100, Parallelism(tp=4)),
+        "roofline deepseek_r1 h100 dp8 ep8 overlap": RooflineModel(deepseek, h100, Parallelism(dp=8, ep=8),
                                                                    comm_overlap=0.5),
         "table (fitted)": table,
     }
