@@ -1,9 +1,13 @@
 """MoeRuntime: the imbalance the simulator applies, rebalancing, and the weight moves behind it."""
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
+from hydra import compose, initialize_config_dir
 
+from omnisim.app import build_experiment
+from omnisim.metrics import summarize
 from omnisim.moe import MoeRuntime, RebalanceConfig, UniformLoad, ZipfLoad
 from omnisim.policies.placement import (DeepSeekEplb, MigrationAwarePlacement, OmniPlacementStatic,
                                         PredictivePlacement, StaticPlacement)
@@ -165,3 +169,26 @@ def test_tables_and_summary():
     summary = rt.summary()
     assert summary["moe_rebalances"] >= 1 and summary["moe_moves"] == len(tables["moe_moves"])
     assert summary["moe_imbalance_mean"] > 1.0
+
+
+def simulate_r1(*overrides: str):
+    """OmniInfer's 7P8-1D32 DeepSeek-R1 deployment, 100 requests, skewed expert load: (summary, backend extras)."""
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = compose("config", overrides=["name=test", "experiment=omniinfer_r1_7p1d", "workload.max_requests=100",
+                                           "expert_load=zipf", "expert_load.exponent=0.9", *overrides])
+    experiment, backend = build_experiment(cfg)
+    backend.progress = False
+    result = backend.run(experiment, None)
+    return summarize(result.records, experiment.slo), result.extra
+
+
+def test_placement_reaches_the_simulated_step_times():
+    static, static_extra = simulate_r1("placement=static", "rebalance=none")
+    placed, placed_extra = simulate_r1("placement=omni_placement_static", "rebalance=none")
+    for instance in ("prefill-0", "decode-0"):   # EP8 prefill, EP32 decode
+        assert placed_extra[f"moe_imbalance_mean.{instance}"] < 0.8 * static_extra[f"moe_imbalance_mean.{instance}"]
+    assert placed["tpot_s"]["mean"] < static["tpot_s"]["mean"]  # the max-loaded rank sets the MoE layer time
+    assert static_extra["moe_moves.decode-0"] == 0
+    _, vllm_extra = simulate_r1("placement=deepseek_eplb", "rebalance=vllm")  # synchronous: moves stall serving
+    assert vllm_extra["moe_moves.decode-0"] > 0 and vllm_extra["moe_stall_s.decode-0"] > 0
