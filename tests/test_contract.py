@@ -112,3 +112,22 @@ def test_checker_flags_wall_clock_and_global_randomness(tmp_path, monkeypatch):
     with pytest.raises(ConformanceError) as e:
         check_proxy_policy(Sneaky)
     assert "wall clock" in str(e.value) and "global randomness" in str(e.value) and "imports time" in str(e.value)
+
+
+def test_checker_reads_the_helper_modules_a_policy_imports(tmp_path, monkeypatch):
+    pkg = tmp_path / "sneakypkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "clock.py").write_text("import time\n\ndef now():\n    return time.monotonic()\n")
+    (pkg / "policy.py").write_text(textwrap.dedent("""
+        from omnisim.policies import RoundRobin
+        from .clock import now
+
+        class Tidy(RoundRobin):
+            pass
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from sneakypkg.policy import Tidy
+
+    with pytest.raises(ConformanceError, match=r"sneakypkg\.clock:\d+ reads the wall clock"):
+        check_proxy_policy(Tidy)

@@ -49,14 +49,53 @@ def _dotted(node: ast.AST) -> list[str]:
     return parts[::-1]
 
 
-def source_violations(obj: object) -> list[str]:
-    """Forbidden imports, wall-clock reads and global-RNG calls in the module that defines ``obj``'s class."""
-    module = sys.modules.get(type(obj).__module__)
+def _module_tree(name: str) -> ast.AST | None:
+    module = sys.modules.get(name)
     try:
-        tree = ast.parse(inspect.getsource(module))
+        return ast.parse(inspect.getsource(module))
     except (TypeError, OSError):
-        return []
-    where = getattr(module, "__name__", "?")
+        return None
+
+
+def _local_imports(tree: ast.AST, name: str, package: str) -> set[str]:
+    """Modules of ``package`` that module ``name`` imports (absolute or relative)."""
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = name.rsplit(".", node.level)[0]
+                target = f"{base}.{node.module}" if node.module else base
+            else:
+                target = node.module or ""
+            candidates = [target] + [f"{target}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            candidates = [a.name for a in node.names]
+        else:
+            continue
+        found.update(c for c in candidates if c.startswith(package + ".") and c in sys.modules)
+    return found
+
+
+def source_violations(obj: object) -> list[str]:
+    """Forbidden imports, wall-clock reads and global-RNG calls in the module that defines ``obj``'s class and in
+    every module of the same package that it imports, directly or not (helpers count as much as the policy)."""
+    first = type(obj).__module__
+    package = first.split(".")[0]
+    todo, seen, found = [first], set(), []
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        tree = _module_tree(name)
+        if tree is None:
+            continue
+        todo.extend(_local_imports(tree, name, package) - seen - {"omnisim.core", package})
+        found += _violations(tree, name)
+    return found
+
+
+def _violations(tree: ast.AST, where: str) -> list[str]:
     found = []
     for node in ast.walk(tree):
         names = []
