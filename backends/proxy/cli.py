@@ -25,6 +25,7 @@ from backends.proxy.config import ProxyConfig
 from backends.proxy.proxy import Proxy
 
 CONF_PROXY = Path(__file__).resolve().parents[2] / "conf" / "proxy"
+GC_YOUNG_THRESHOLD = 20_000  # net new container objects between young collections (CPython default 700)
 
 
 def build_policy(node, seed: int):
@@ -113,6 +114,9 @@ async def serve(config: ProxyConfig, policy) -> None:
     # garbage collector's full passes, which otherwise stall the event loop for milliseconds (p99 latency).
     gc.collect()
     gc.freeze()
+    # A served request leaves no reference cycles behind, yet at the default threshold (700 net allocations) the
+    # young generation was collected every ~17 requests: 10% of the proxy's CPU and 0.3-1 ms pauses, for nothing.
+    gc.set_threshold(GC_YOUNG_THRESHOLD)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
