@@ -179,7 +179,7 @@ def _resolve(path: Path) -> Path:
 
 def _read_csv(path: Path) -> dict[str, np.ndarray]:
     if not path.is_file():
-        raise ValueError(f"cost table: {path} does not exist")
+        raise ValueError(f"cost.path: {path} does not exist (looked in the current directory, then in {CHECKOUT})")
     with path.open(newline="") as f:
         lines = [(n, line) for n, line in enumerate(f, start=1) if line.strip() and not line.lstrip().startswith("#")]
     if not lines:

@@ -117,7 +117,7 @@ class EmpiricalLengths:
     """
 
     def __init__(self, path: str, prompt_column: str, output_column: str) -> None:
-        self.path = resolve_trace_path(path, field="lengths.path")
+        self.path = resolve_trace_path(path, field="workload.lengths.path")
         table = read_csv_table(self.path, [prompt_column, output_column])
         self.prompt_column = prompt_column
         self.output_column = output_column

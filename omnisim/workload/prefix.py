@@ -43,15 +43,15 @@ class PrefixSpec:
 
     def __post_init__(self) -> None:
         if self.num_prefixes < 1:
-            raise ValueError(f"prefix.num_prefixes must be >= 1, got {self.num_prefixes}")
+            raise ValueError(f"workload.prefix.num_prefixes must be >= 1, got {self.num_prefixes}")
         if self.prefix_tokens < 1:
-            raise ValueError(f"prefix.prefix_tokens must be >= 1, got {self.prefix_tokens}")
+            raise ValueError(f"workload.prefix.prefix_tokens must be >= 1, got {self.prefix_tokens}")
         if self.zipf_s < 0:
-            raise ValueError(f"prefix.zipf_s must be >= 0, got {self.zipf_s}")
+            raise ValueError(f"workload.prefix.zipf_s must be >= 0, got {self.zipf_s}")
         if not 0.0 <= self.share_fraction <= 1.0:
-            raise ValueError(f"prefix.share_fraction must be in [0, 1], got {self.share_fraction}")
+            raise ValueError(f"workload.prefix.share_fraction must be in [0, 1], got {self.share_fraction}")
         if self.hash_block_tokens < 1:
-            raise ValueError(f"prefix.hash_block_tokens must be >= 1, got {self.hash_block_tokens}")
+            raise ValueError(f"workload.prefix.hash_block_tokens must be >= 1, got {self.hash_block_tokens}")
 
     def choose(self, rng: np.random.Generator, n: int) -> np.ndarray:
         """Prefix id of each of ``n`` requests, -1 for a request that shares nothing."""

@@ -18,15 +18,17 @@ class RateSteps:
         try:
             pairs = [(float(start), float(multiplier)) for start, multiplier in steps]
         except (TypeError, ValueError):
-            raise ValueError(f"rate_steps must be a list of [start_s, multiplier] pairs, got {steps!r}") from None
+            raise ValueError(f"workload.rate_steps must be a list of [start_s, multiplier] pairs, got "
+                             f"{steps!r}") from None
         if not pairs or pairs[0][0] != 0.0:
-            raise ValueError(f"rate_steps must start with a step at 0 s, got {pairs!r}")
+            raise ValueError(f"workload.rate_steps must start with a step at 0 s, got {pairs!r}")
         starts = np.array([p[0] for p in pairs])
         multipliers = np.array([p[1] for p in pairs])
         if np.any(np.diff(starts) <= 0):
-            raise ValueError(f"rate_steps start times must increase, got {starts.tolist()}")
+            raise ValueError(f"workload.rate_steps start times must increase, got {starts.tolist()}")
         if np.any(multipliers < 0) or multipliers[-1] <= 0:
-            raise ValueError(f"rate_steps multipliers must be >= 0 with the last > 0, got {multipliers.tolist()}")
+            raise ValueError(f"workload.rate_steps multipliers must be >= 0 with the last > 0, got "
+                             f"{multipliers.tolist()}")
         self.steps = tuple(pairs)
         self._starts = starts
         self._multipliers = multipliers
