@@ -41,6 +41,20 @@ class InstanceGroup:
     def devices(self) -> int:
         return self.tp * self.dp
 
+    @property
+    def parallelism(self):
+        from omnisim.cost import Parallelism
+
+        return Parallelism(tp=self.tp, dp=self.dp, ep=self.ep)
+
+    def kv_capacity(self, model, hardware) -> int:
+        """KV tokens one instance holds: the override, or what device memory leaves after the weights."""
+        if self.kv_capacity_tokens:
+            return self.kv_capacity_tokens
+        from omnisim.cost import kv_capacity_tokens
+
+        return kv_capacity_tokens(model, hardware, self.parallelism, self.gpu_memory_utilization)
+
 
 @dataclass(frozen=True)
 class KVLink:

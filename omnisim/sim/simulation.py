@@ -16,12 +16,6 @@ from omnisim.sim.proxy_driver import ProxyDriver
 _ROLES = {"prefill": Role.PREFILL, "decode": Role.DECODE, "mixed": Role.MIXED}
 
 
-def _derived_capacity(model, hardware, parallel, group) -> int:
-    from omnisim.cost import kv_capacity_tokens
-
-    return kv_capacity_tokens(model, hardware, parallel, group.gpu_memory_utilization)
-
-
 class Simulation:
     """One run. ``timer_s``: the proxy's re-dispatch timer while requests are held; ``reserve_tokens``: KV an
     instance reserves for a decoding request at a time (vLLM allocates a block per block_size tokens; reserving
@@ -29,8 +23,6 @@ class Simulation:
 
     def __init__(self, experiment: Experiment, *, timer_s: float = 0.01, reserve_tokens: int = 256,
                  progress: bool = False, moe_factory=None, max_run_steps: int = 0) -> None:
-        from omnisim.cost.parallelism import Parallelism
-
         self.experiment = experiment
         self.progress = progress
         self.env = env = simpy.Environment()
@@ -52,9 +44,8 @@ class Simulation:
             if experts and experts % group.ep and not (moe_factory and group.ep > 1):
                 raise ValueError(f"cluster.{role}.ep={group.ep} does not divide the {experts} routed experts of "
                                  f"{model.name} (add redundant slots with placement= and rebalance=)")
-            parallel = Parallelism(tp=group.tp, dp=group.dp, ep=group.ep)
-            cost = experiment.cost(model=model, hardware=experiment.hardware, parallel=parallel)
-            capacity = group.kv_capacity_tokens or _derived_capacity(model, experiment.hardware, parallel, group)
+            cost = experiment.cost(model=model, hardware=experiment.hardware, parallel=group.parallelism)
+            capacity = group.kv_capacity(model, experiment.hardware)
             if capacity < group.max_model_len:
                 raise ValueError(
                     f"cluster.{role}: the KV cache holds {capacity} tokens, less than one max_model_len="
