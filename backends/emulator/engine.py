@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -82,7 +83,7 @@ class EmulatedEngine:
         self.moe_imbalance = moe_imbalance
         self.kv_capacity_tokens = kv_capacity_tokens
         self.pool = BlockPool(kv_capacity_tokens // block_size, enable_prefix_caching=enable_prefix_caching)
-        self.waiting: list[EngineSequence] = []
+        self.waiting: deque[EngineSequence] = deque()
         self.running: list[EngineSequence] = []
         self.stats = EngineStats()
         self._wake = asyncio.Event()
@@ -105,7 +106,7 @@ class EmulatedEngine:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
-        for seq in self.waiting + self.running:
+        for seq in [*self.waiting, *self.running]:
             self._finish(seq, "engine stopped")
         self.waiting.clear()
         self.running.clear()
@@ -174,13 +175,11 @@ class EmulatedEngine:
             chunk = min(seq.pending, budget)
             need = math.ceil((seq.num_computed + chunk) / self.block_size) - seq.blocks
             while need > 0 and not self.pool.grow(need):
+                preempted = True
                 victim = self.running[-1]
                 self._preempt(victim)
-                preempted = True
-                if victim is seq:
-                    break
-            if seq.done or seq not in self.running:
-                continue
+                if victim is seq:  # it was the latest admitted: no one is left after it, and none is admitted
+                    return batch
             seq.blocks += max(need, 0)
             batch.append((seq, chunk))
             budget -= chunk
@@ -189,7 +188,7 @@ class EmulatedEngine:
             seq = self.waiting[0]
             if not self._admit(seq):
                 break
-            self.waiting.pop(0)
+            self.waiting.popleft()
             self.running.append(seq)
             chunk = min(seq.pending, budget)
             batch.append((seq, chunk))
@@ -236,7 +235,7 @@ class EmulatedEngine:
         # Stamp the step's modelled end, not the (possibly late) wake-up time.
         now = (self._deadline - self._t0) / self.time_scale if self.time_scale > 0 else self.now()
         for seq, chunk in batch:
-            if seq.done or seq not in self.running:  # aborted or preempted during the step
+            if seq.done:  # aborted during the step (preemption happens only while scheduling, before it)
                 continue
             seq.num_computed += chunk
             full = min(seq.num_computed, seq.num_prompt) // self.block_size
@@ -267,7 +266,7 @@ class EmulatedEngine:
         seq.preemptions += 1
         seq.remote_kv = False  # recomputed locally from now on
         self.stats.preemptions += 1
-        self.waiting.insert(0, seq)
+        self.waiting.appendleft(seq)
 
     def _free(self, seq: EngineSequence) -> None:
         self.pool.release(seq.held, seq.blocks - len(seq.held))
