@@ -245,7 +245,9 @@ def _experiment(backend: str, requests: int):
 def test_emulated_run_agrees_with_the_simulated_run(tmp_path):
     experiment, emulator = _experiment("emulator", 24)
     _, sim = _experiment("sim", 24)
-    emulated = emulator.run(experiment, tmp_path).records
+    result = emulator.run(experiment, tmp_path)
+    assert result.extra["proxy_retries"] == 0
+    emulated = result.records
     simulated = sim.run(experiment, tmp_path).records
     assert len(emulated) == len(simulated) == 24
     assert (emulated["status"] == "ok").all(), emulated["error"].tolist()

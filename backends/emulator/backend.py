@@ -98,5 +98,5 @@ class EmulatorBackend:
                   "duration_s": duration, "steps": s.engine.stats.steps, "preemptions": s.engine.stats.preemptions,
                   "prefix_hit_tokens": s.engine.stats.prefix_hits} for s in fleet.servers])
         extra = {"backend": "emulator", "time_scale": self.time_scale,
-                 "proxy_retries": int(proxy.metrics.retries._value.get())}
+                 "proxy_retries": int(proxy.metrics.registry.get_sample_value("omnisim_proxy_retries_total"))}
         return RunResult(records=records_frame(rows), instances=instances, extra=extra)
