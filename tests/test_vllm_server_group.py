@@ -9,7 +9,7 @@ import time
 import pytest
 
 from backends.vllm.launch_plan import InstanceLaunch
-from backends.vllm.server_group import ServerGroup, ServerStartError, free_port_block
+from backends.vllm.server_group import AttachedServers, ServerGroup, ServerStartError, free_port_block
 
 FAKE_SERVER = textwrap.dedent("""
     import http.server, signal, subprocess, sys, time
@@ -105,6 +105,18 @@ def test_an_error_in_the_body_still_stops_everything(launches):
             child = child_pid(xs[0])
             raise KeyboardInterrupt  # Ctrl-C during a run
     assert group.procs["mixed-0"].poll() is not None and not alive(child)
+
+
+def test_attaching_waits_for_servers_started_elsewhere_and_leaves_them_running(launches):
+    xs = launches("ok")
+    with ServerGroup(xs, startup_timeout_s=30, poll_interval_s=0.1) as group:
+        with AttachedServers(xs, startup_timeout_s=30, poll_interval_s=0.1) as attached:
+            assert set(attached.ready_after_s) == {"mixed-0"} and attached.dead() == {}
+        assert group.dead() == {}  # still running after detaching
+    nobody = launches("ok")  # planned, never started
+    with pytest.raises(ServerStartError, match=r"mixed-0 \(http://127.0.0.1:\d+\) not healthy.*node scripts"):
+        with AttachedServers(nobody, startup_timeout_s=0.5, poll_interval_s=0.1):
+            pass
 
 
 def test_free_port_block_is_bindable():

@@ -23,7 +23,7 @@ import urllib.error
 import urllib.request
 from collections import deque
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from backends.vllm.launch_plan import InstanceLaunch
 
@@ -70,6 +70,24 @@ def http_ok(url: str, timeout_s: float = 2.0) -> bool:
         return False
 
 
+def wait_for_health(launches: Sequence[InstanceLaunch], started_at: float, timeout_s: float, poll_interval_s: float,
+                    check: Callable[[], None] = lambda: None) -> tuple[dict[str, float], list[InstanceLaunch]]:
+    """Poll the /health of every launch that serves HTTP until each answers 200 or ``timeout_s`` after
+    ``started_at`` (time.monotonic()) has passed; ``check`` runs before each round and may raise. Returns the seconds
+    from ``started_at`` to healthy per instance id, and the launches still not healthy (empty when all are)."""
+    ready: dict[str, float] = {}
+    pending = [x for x in launches if not x.headless]
+    while True:
+        check()
+        for launch in list(pending):
+            if http_ok(launch.url + "/health"):
+                ready[launch.id] = time.monotonic() - started_at
+                pending.remove(launch)
+        if not pending or time.monotonic() > started_at + timeout_s:
+            return ready, pending
+        time.sleep(poll_interval_s)
+
+
 class ServerGroup:
     def __init__(self, launches: Sequence[InstanceLaunch], startup_timeout_s: float = 300.0,
                  stop_timeout_s: float = 20.0, poll_interval_s: float = 1.0) -> None:
@@ -101,25 +119,18 @@ class ServerGroup:
     def wait_healthy(self) -> None:
         """Block until every server answers /health with 200; ServerStartError (with the log tail) if one exits
         first or the timeout passes."""
-        deadline = self._started_at + self.startup_timeout_s
-        pending = {process_key(x): x for x in self.launches if not x.headless}  # headless parts serve no HTTP
+        ready, late = wait_for_health(self.launches, self._started_at, self.startup_timeout_s, self.poll_interval_s,
+                                      self._raise_if_dead)
+        self.ready_after_s.update(ready)
+        if late:
+            raise ServerStartError(f"{', '.join(x.id for x in late)} not healthy after {self.startup_timeout_s:.0f} s; "
+                                   f"log of {late[0].id} ({late[0].log_path}):\n{log_tail(late[0].log_path)}")
+
+    def _raise_if_dead(self) -> None:
         by_key = {process_key(x): x for x in self.launches}
-        while pending:
-            for key, code in self.dead().items():
-                path = by_key[key].log_path
-                raise ServerStartError(f"{key} exited with code {code} while starting ({path}):\n{log_tail(path)}")
-            for key, launch in list(pending.items()):
-                if http_ok(launch.url + "/health"):
-                    self.ready_after_s[launch.id] = time.monotonic() - self._started_at
-                    del pending[key]
-            if not pending:
-                break
-            if time.monotonic() > deadline:
-                instance_id, launch = next(iter(pending.items()))
-                raise ServerStartError(
-                    f"{', '.join(pending)} not healthy after {self.startup_timeout_s:.0f} s; "
-                    f"log of {instance_id} ({launch.log_path}):\n{log_tail(launch.log_path)}")
-            time.sleep(self.poll_interval_s)
+        for key, code in self.dead().items():
+            path = by_key[key].log_path
+            raise ServerStartError(f"{key} exited with code {code} while starting ({path}):\n{log_tail(path)}")
 
     def dead(self) -> dict[str, int]:
         """Processes that have exited: id (with "/part" for headless parts) -> exit code."""
@@ -201,18 +212,11 @@ class AttachedServers:
         self.ready_after_s: dict[str, float] = {}
 
     def __enter__(self) -> "AttachedServers":
-        started = time.monotonic()
-        pending = {x.id: x for x in self.launches}
-        while pending:
-            for instance_id, launch in list(pending.items()):
-                if http_ok(launch.url + "/health"):
-                    self.ready_after_s[instance_id] = time.monotonic() - started
-                    del pending[instance_id]
-            if pending and time.monotonic() - started > self.startup_timeout_s:
-                raise ServerStartError(f"{', '.join(f'{i} ({x.url})' for i, x in pending.items())} not healthy "
-                                       f"after {self.startup_timeout_s:.0f} s; were the node scripts started?")
-            if pending:
-                time.sleep(self.poll_interval_s)
+        self.ready_after_s, late = wait_for_health(self.launches, time.monotonic(), self.startup_timeout_s,
+                                                   self.poll_interval_s)
+        if late:
+            raise ServerStartError(f"{', '.join(f'{x.id} ({x.url})' for x in late)} not healthy after "
+                                   f"{self.startup_timeout_s:.0f} s; were the node scripts started?")
         return self
 
     def __exit__(self, *exc) -> None:
