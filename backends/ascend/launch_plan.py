@@ -26,7 +26,7 @@ import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Mapping, NamedTuple, Sequence
 
 from backends.vllm.launch_plan import InstanceLaunch
 from omnisim.cluster import ClusterSpec, InstanceGroup
@@ -153,114 +153,121 @@ def _check_group(where: str, group: InstanceGroup, settings: AscendSettings) -> 
                 "parallel); multi-node tensor parallel is not supported by this launcher")
 
 
-def nodes_needed(cluster: ClusterSpec, devices_per_node: int) -> int:
-    """Nodes the packing in plan_instances uses (an instance never straddles a partly used node)."""
-    used, free = 0, 0
-    for _, group in cluster.groups():
-        for _ in range(group.count):
+class _Slot(NamedTuple):
+    """Where one instance runs: ``nodes`` nodes from ``first_node`` on, ``local`` devices from ``first_device`` on
+    each."""
+    role: str
+    index: int
+    group: InstanceGroup
+    first_node: int
+    nodes: int
+    first_device: int
+    local: int
+
+
+def _pack(cluster: ClusterSpec, devices_per_node: int) -> list[_Slot]:
+    """Instances in plan order, packed onto nodes: one that fits takes the rest of the current node, or a fresh node
+    when it does not fit there; a larger one takes whole fresh nodes (an instance never straddles a partly used
+    node)."""
+    slots = []
+    node, free = -1, 0
+    for role, group in cluster.groups():
+        for i in range(group.count):
             if group.devices > devices_per_node:
-                used += -(-group.devices // devices_per_node)
-                free = 0
-            elif group.devices <= free:
-                free -= group.devices
+                n = -(-group.devices // devices_per_node)
+                slots.append(_Slot(role, i, group, node + 1, n, 0, devices_per_node))
+                node, free = node + n, 0
             else:
-                used += 1
-                free = devices_per_node - group.devices
-    return used
+                if group.devices > free:
+                    node, free = node + 1, devices_per_node
+                slots.append(_Slot(role, i, group, node, 1, devices_per_node - free, group.devices))
+                free -= group.devices
+    return slots
+
+
+def nodes_needed(cluster: ClusterSpec, devices_per_node: int) -> int:
+    """Nodes the packing in plan_instances uses."""
+    return max((x.first_node + x.nodes for x in _pack(cluster, devices_per_node)), default=0)
 
 
 def plan_instances(cluster: ClusterSpec, settings: AscendSettings) -> tuple[InstanceLaunch, ...]:
     """One launch per process: per instance, one per node it occupies (the first serves HTTP; the rest run
     --headless). ValueError names the cluster field or setting that does not fit."""
-    groups = cluster.groups()
-    for role, group in groups:
+    for role, group in cluster.groups():
         _check_group(f"cluster.{role}", group, settings)
     need = nodes_needed(cluster, settings.devices_per_node)
     if need > len(settings.nodes):
         raise ValueError(f"nodes: the cluster needs {need} node(s) of {settings.devices_per_node} devices, "
                          f"{len(settings.nodes)} given ({list(settings.nodes)})")
-    node, free = -1, 0
     launches = []
-    k = 0
-    for role, group in groups:
-        for i in range(group.count):
-            instance_id = f"{role}-{i}"
-            if group.devices > settings.devices_per_node:
-                first_node, n_nodes, first_device = node + 1, group.devices // settings.devices_per_node, 0
-                node, free = first_node + n_nodes - 1, 0
-                local = settings.devices_per_node
-            else:
-                if group.devices > free:
-                    node, free = node + 1, settings.devices_per_node
-                first_node, n_nodes, first_device = node, 1, settings.devices_per_node - free
-                free -= group.devices
-                local = group.devices
-            extra = additional_config(role, group, settings)
-            kv = kv_transfer_config(role, k, cluster.prefill, cluster.decode, settings)
-            port = settings.base_port + k
-            for part in range(n_nodes):
-                host = settings.nodes[first_node + part]
-                argv = [
-                    settings.python, "-m", "vllm.entrypoints.openai.api_server",
-                    "--model", settings.model, "--served-model-name", settings.model_name,
-                    "--host", settings.bind_host, "--port", str(port), "--seed", str(settings.seed),
-                    "--trust-remote-code",
-                    "--max-model-len", str(group.max_model_len), "--max-num-seqs", str(group.max_num_seqs),
-                    "--max-num-batched-tokens", str(group.max_num_batched_tokens),
-                    "--block-size", str(group.block_size),
-                    "--gpu-memory-utilization", str(group.gpu_memory_utilization),
-                    "--enable-prefix-caching" if group.enable_prefix_caching else "--no-enable-prefix-caching",
-                ]
-                if group.tp > 1:
-                    argv += ["--tensor-parallel-size", str(group.tp)]
-                if group.dp > 1:
-                    local_dp = local // group.tp
-                    argv += ["--data-parallel-size", str(group.dp), "--data-parallel-size-local", str(local_dp),
-                             "--data-parallel-address", settings.nodes[first_node],
-                             "--data-parallel-rpc-port", str(settings.dp_rpc_base_port + k)]
-                    if part > 0:
-                        argv += ["--headless", "--data-parallel-start-rank", str(part * local_dp)]
-                if group.ep > 1:
-                    argv.append("--enable-expert-parallel")
-                if settings.quantization:
-                    argv += ["--quantization", settings.quantization]
-                if settings.enforce_eager:
-                    argv.append("--enforce-eager")
-                if extra:
-                    argv += ["--additional-config", json.dumps(extra, sort_keys=True)]
-                if kv is not None:
-                    argv += ["--kv-transfer-config", json.dumps(kv, sort_keys=True)]
-                argv += list(settings.extra_args)
+    for k, (role, i, group, first_node, n_nodes, first_device, local) in enumerate(
+            _pack(cluster, settings.devices_per_node)):
+        instance_id = f"{role}-{i}"
+        extra = additional_config(role, group, settings)
+        kv = kv_transfer_config(role, k, cluster.prefill, cluster.decode, settings)
+        port = settings.base_port + k
+        for part in range(n_nodes):
+            host = settings.nodes[first_node + part]
+            argv = [
+                settings.python, "-m", "vllm.entrypoints.openai.api_server",
+                "--model", settings.model, "--served-model-name", settings.model_name,
+                "--host", settings.bind_host, "--port", str(port), "--seed", str(settings.seed),
+                "--trust-remote-code",
+                "--max-model-len", str(group.max_model_len), "--max-num-seqs", str(group.max_num_seqs),
+                "--max-num-batched-tokens", str(group.max_num_batched_tokens),
+                "--block-size", str(group.block_size),
+                "--gpu-memory-utilization", str(group.gpu_memory_utilization),
+                "--enable-prefix-caching" if group.enable_prefix_caching else "--no-enable-prefix-caching",
+            ]
+            if group.tp > 1:
+                argv += ["--tensor-parallel-size", str(group.tp)]
+            if group.dp > 1:
+                local_dp = local // group.tp
+                argv += ["--data-parallel-size", str(group.dp), "--data-parallel-size-local", str(local_dp),
+                         "--data-parallel-address", settings.nodes[first_node],
+                         "--data-parallel-rpc-port", str(settings.dp_rpc_base_port + k)]
+                if part > 0:
+                    argv += ["--headless", "--data-parallel-start-rank", str(part * local_dp)]
+            if group.ep > 1:
+                argv.append("--enable-expert-parallel")
+            if settings.quantization:
+                argv += ["--quantization", settings.quantization]
+            if settings.enforce_eager:
+                argv.append("--enforce-eager")
+            if extra:
+                argv += ["--additional-config", json.dumps(extra, sort_keys=True)]
+            if kv is not None:
+                argv += ["--kv-transfer-config", json.dumps(kv, sort_keys=True)]
+            argv += list(settings.extra_args)
 
-                devices = tuple(range(first_device, first_device + local))
-                env = {
-                    "ASCEND_RT_VISIBLE_DEVICES": ",".join(map(str, devices)),
-                    "HCCL_IF_IP": host,
-                    "GLOO_SOCKET_IFNAME": settings.nic_name,
-                    "TP_SOCKET_IFNAME": settings.nic_name,
-                    "HCCL_SOCKET_IFNAME": settings.nic_name,
-                    "HCCL_BUFFSIZE": str(settings.hccl_buffsize_mb.get(role, 600)),
-                    "HCCL_OP_EXPANSION_MODE": "AIV",
-                    "OMP_PROC_BIND": "false",
-                    "OMP_NUM_THREADS": str(settings.omp_num_threads),
-                    "PYTORCH_NPU_ALLOC_CONF": "expandable_segments:True",
-                    "TASK_QUEUE_ENABLE": "1",
-                    "VLLM_USE_V1": "1",
-                    "VLLM_HOST_IP": host,
-                    "VLLM_NO_USAGE_STATS": "1",
-                    # Same hash seed everywhere: prefix-block hashes must agree across instances (KV pool, events).
-                    "PYTHONHASHSEED": str(settings.seed),
-                }
-                if _eplb_env_guard(extra):
-                    env["DYNAMIC_EPLB"] = "true"
-                if settings.connector == "LLMDataDistCMgrConnector" and kv is not None:
-                    env["DISAGGREGATED_PREFILL_RANK_TABLE_PATH"] = str(settings.rank_table_path)
-                env.update(settings.env)
-                work_dir = Path(settings.work_dir) / (instance_id if part == 0 else f"{instance_id}.part{part}")
-                launches.append(InstanceLaunch(
-                    id=instance_id, role=role, host=host, port=port, argv=tuple(argv), env=env, work_dir=work_dir,
-                    devices=devices, node=host, part=part))
-            k += 1
+            devices = tuple(range(first_device, first_device + local))
+            env = {
+                "ASCEND_RT_VISIBLE_DEVICES": ",".join(map(str, devices)),
+                "HCCL_IF_IP": host,
+                "GLOO_SOCKET_IFNAME": settings.nic_name,
+                "TP_SOCKET_IFNAME": settings.nic_name,
+                "HCCL_SOCKET_IFNAME": settings.nic_name,
+                "HCCL_BUFFSIZE": str(settings.hccl_buffsize_mb.get(role, 600)),
+                "HCCL_OP_EXPANSION_MODE": "AIV",
+                "OMP_PROC_BIND": "false",
+                "OMP_NUM_THREADS": str(settings.omp_num_threads),
+                "PYTORCH_NPU_ALLOC_CONF": "expandable_segments:True",
+                "TASK_QUEUE_ENABLE": "1",
+                "VLLM_USE_V1": "1",
+                "VLLM_HOST_IP": host,
+                "VLLM_NO_USAGE_STATS": "1",
+                # Same hash seed everywhere: prefix-block hashes must agree across instances (KV pool, events).
+                "PYTHONHASHSEED": str(settings.seed),
+            }
+            if _eplb_env_guard(extra):
+                env["DYNAMIC_EPLB"] = "true"
+            if settings.connector == "LLMDataDistCMgrConnector" and kv is not None:
+                env["DISAGGREGATED_PREFILL_RANK_TABLE_PATH"] = str(settings.rank_table_path)
+            env.update(settings.env)
+            work_dir = Path(settings.work_dir) / (instance_id if part == 0 else f"{instance_id}.part{part}")
+            launches.append(InstanceLaunch(
+                id=instance_id, role=role, host=host, port=port, argv=tuple(argv), env=env, work_dir=work_dir,
+                devices=devices, node=host, part=part))
     return tuple(launches)
 
 
