@@ -97,6 +97,8 @@ def test_proxy_wiring_follows_the_plan(tmp_path):
     assert proxy_config(launches, "shared_storage", 32, {}, kv_events=False, tokenizer="m").prefix_source == "history"
     with pytest.raises(ValueError, match="backend.proxy_options.*bogus"):
         proxy_config(launches, "shared_storage", 32, {"bogus": 1}, kv_events=False)
+    with pytest.raises(ValueError, match=r"backend.proxy_options: \['pd_mode'\]"):  # the connector decides it
+        proxy_config(launches, "shared_storage", 32, {"pd_mode": "kv_transfer_params"}, kv_events=False)
 
 
 def test_busy_time_is_the_union_of_request_intervals():

@@ -52,6 +52,10 @@ def proxy_config(launches: Sequence[InstanceLaunch], pd_mode: str, block_size: i
     history, because vLLM's own block hashes never equal hashes the proxy computes from request text."""
     from backends.proxy import ProxyConfig
 
+    fixed = sorted({"upstreams", "pd_mode"} & set(proxy_options))
+    if fixed:
+        raise ValueError(f"backend.proxy_options: {fixed} follow from the planned servers and the connector; "
+                         "they cannot be set here")
     upstreams = [{"url": x.url, "role": x.role, "id": x.id, "kv_events": x.kv_events_endpoint} for x in launches]
     data = {"port": 0, "prefix_block_tokens": block_size, **dict(proxy_options), "upstreams": upstreams,
             "pd_mode": pd_mode}
