@@ -89,15 +89,11 @@ def busy_seconds(records: pd.DataFrame, instance_id: str, role: str) -> float:
         start = rows["decode_dispatch_s"].fillna(rows["arrival_s"])
         end = rows["finish_s"]
     spans = sorted((s, e) for s, e in zip(start.to_numpy(), end.to_numpy()) if np.isfinite(s) and np.isfinite(e))
-    busy, cur_s, cur_e = 0.0, None, None
-    for s, e in spans:
-        if cur_e is None or s > cur_e:
-            busy += 0.0 if cur_e is None else cur_e - cur_s
-            cur_s, cur_e = s, e
-        else:
-            cur_e = max(cur_e, e)
-    if cur_e is not None:
-        busy += cur_e - cur_s
+    busy, reached = 0.0, -np.inf
+    for s, e in spans:  # by start time: count the part of each span past what is already counted
+        if e > reached:
+            busy += e - max(s, reached)
+            reached = e
     return float(busy)
 
 
