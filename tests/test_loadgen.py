@@ -103,6 +103,12 @@ def test_refused_failed_and_truncated_requests_each_get_a_record():
         await resp.write(b'data: {"choices":[{"index":0,"text":" x"}]}\n\n')
         return resp  # ends without [DONE]
 
+    async def malformed(request):
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(b'data: {"choices":["x"]}\n\ndata: [DONE]\n\n')  # choices that are not objects
+        return resp
+
     async def main():
         async with Fleet([EngineGroup("mixed", 1, LinearStepTime(overhead_s=0.02))]) as fleet:
             proxy = Proxy(ProxyConfig(upstreams=fleet.upstreams(), port=0, max_inflight=2), RoundRobin())
@@ -114,25 +120,30 @@ def test_refused_failed_and_truncated_requests_each_get_a_record():
                 await proxy.stop()
         app = web.Application()
         app.router.add_post("/v1/completions", truncating)
+        app.router.add_post("/v1/chat/completions", malformed)
         runner = web.AppRunner(app)
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", 0).start()
         port = runner.addresses[0][1]
         try:
             cut = await LoadGenerator(f"http://127.0.0.1:{port}", model="m").run([Request("t", 0.0, 5, 5)])
+            odd = await LoadGenerator(f"http://127.0.0.1:{port}", model="m", endpoint="chat").run(
+                [Request("o", 0.0, 5, 5), Request("p", 0.0, 5, 5)])
         finally:
             await runner.cleanup()
         dead = await LoadGenerator(f"http://127.0.0.1:{port}", model="m", request_timeout_s=2).run(
             [Request("d", 0.0, 5, 5)])
-        return limited, cut, dead
+        return limited, cut, odd, dead
 
-    limited, cut, dead = run(main())
+    limited, cut, odd, dead = run(main())
     limited = records_frame(limited)
     assert len(limited) == 6
     assert sorted(limited["status"]) == ["dropped"] * 4 + ["ok"] * 2
     assert limited.loc[limited["status"] == "dropped", "error"].str.startswith("HTTP 429").all()
     cut = records_frame(cut)
     assert cut["status"].iloc[0] == "error" and "without [DONE]" in cut["error"].iloc[0]
+    odd = records_frame(odd)  # a malformed answer is that request's error record, never the replay's crash
+    assert list(odd["status"]) == ["error"] * 2 and odd["error"].str.startswith("malformed SSE event").all()
     dead = records_frame(dead)
     assert dead["status"].iloc[0] == "error" and dead["error"].iloc[0]
 

@@ -174,14 +174,15 @@ class _Outcome:
             self.cached_tokens = int(self._prefill_cached)
 
     def read_json(self, data, now: float, chat: bool) -> None:
-        if not isinstance(data, dict) or "choices" not in data:
+        try:  # an answer of another shape is this request's error, not the replay's
+            choice = data["choices"][0] if data["choices"] else {}
+            text = (choice.get("message") or {}).get("content") if chat else choice.get("text")
+            self.output_tokens = len((text or "").split())
+            self._usage(data.get("usage"))
+        except (ValueError, TypeError, KeyError, AttributeError):
             self.fail("error", f"unexpected answer: {str(data)[:200]}")
             return
         self.first_token = self.finish = now
-        choice = data["choices"][0] if data["choices"] else {}
-        text = (choice.get("message") or {}).get("content") if chat else choice.get("text")
-        self.output_tokens = len((text or "").split())
-        self._usage(data.get("usage"))
 
     async def read_stream(self, resp: aiohttp.ClientResponse, loop, chat: bool) -> None:
         done = False
@@ -193,23 +194,23 @@ class _Outcome:
             if payload == b"[DONE]":
                 done = True
                 break
-            try:
+            try:  # an event of another shape is this request's error, not the replay's
                 event = json.loads(payload)
-            except ValueError:
+                if "error" in event:
+                    err = event["error"]
+                    self.fail("error", str(err.get("message", err)) if isinstance(err, dict) else str(err))
+                    return
+                for choice in event.get("choices") or ():
+                    text = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
+                    if text:
+                        counted += 1
+                        if self.first_token is None:
+                            self.first_token = loop.time()
+                if event.get("usage"):
+                    self._usage(event["usage"])
+            except (ValueError, TypeError, KeyError, AttributeError):
                 self.fail("error", f"malformed SSE event: {payload[:200]!r}")
                 return
-            if "error" in event:
-                err = event["error"]
-                self.fail("error", str(err.get("message", err)) if isinstance(err, dict) else str(err))
-                return
-            for choice in event.get("choices") or ():
-                text = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
-                if text:
-                    counted += 1
-                    if self.first_token is None:
-                        self.first_token = loop.time()
-            if event.get("usage"):
-                self._usage(event["usage"])
         self.finish = loop.time()
         if not self.output_tokens:
             self.output_tokens = counted
