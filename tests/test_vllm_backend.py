@@ -165,3 +165,15 @@ def test_placement_policy_reaches_vllm_eplb_through_the_plugin_env(tmp_path):
     settings = backend.settings("m", tmp_path, 2, placement_env(cls(), backend.engine["eplb"]))
     cluster = ClusterSpec(prefill=InstanceGroup(tp=2, ep=2), decode=InstanceGroup(tp=2, ep=2))
     assert all(x.env[POLICY_ENV] == name for x in plan_instances(cluster, settings))
+
+
+def test_picked_ports_leave_room_for_every_data_parallel_rank(tmp_path):
+    backend = VllmBackend(device="cuda", kv_events=True, connector="NixlConnector")
+    cluster = ClusterSpec(prefill=InstanceGroup(dp=4), decode=InstanceGroup(dp=2))
+    launches = plan_instances(cluster, backend.settings("m", tmp_path, 2, port_stride=4))
+    ports = [x.port for x in launches]
+    for x in launches:  # vLLM opens the KV-event and NIXL side-channel ports once per DP rank, offset by the rank
+        events, nixl = int(x.kv_events_endpoint.rsplit(":", 1)[1]), int(x.env["VLLM_NIXL_SIDE_CHANNEL_PORT"])
+        dp = cluster.prefill.dp if x.role == "prefill" else cluster.decode.dp
+        ports += [events + r for r in range(dp)] + [nixl + r for r in range(dp)]
+    assert len(ports) == len(set(ports))

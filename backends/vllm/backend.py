@@ -106,23 +106,30 @@ class VllmBackend:
         # Check the engine settings now (bad device/connector/eplb fail at construction, naming the key).
         EngineSettings(model="check", work_dir=Path("."), **self.engine)
 
-    def settings(self, model: str, work_dir: Path, n_instances: int, env: Mapping[str, str] | None = None
-                 ) -> EngineSettings:
+    def settings(self, model: str, work_dir: Path, n_instances: int, env: Mapping[str, str] | None = None,
+                 port_stride: int = 1) -> EngineSettings:
+        """``port_stride``: the cluster's largest dp (vLLM offsets KV-event and NIXL ports by the DP rank, so
+        instance k's ports start at base + k * port_stride, as in launch_plan)."""
         host = self.engine["host"]
         base_port = self.base_port or free_port_block(n_instances, host)
         extra = {}
-        if self.engine["kv_events"] and not self.base_port:
-            extra["kv_events_base_port"] = free_port_block(n_instances, host, start=base_port + n_instances)
-        if self.engine["connector"] == "NixlConnector" and not self.base_port:
-            extra["nixl_side_channel_base_port"] = free_port_block(n_instances, host, start=base_port + 2 * n_instances)
+        if not self.base_port:  # one free block per port kind, each searched after the previous one
+            after = base_port + n_instances
+            for key, wanted in (("kv_events_base_port", self.engine["kv_events"]),
+                                ("nixl_side_channel_base_port", self.engine["connector"] == "NixlConnector")):
+                if wanted:
+                    extra[key] = free_port_block(n_instances * port_stride, host, start=after)
+                    after = extra[key] + n_instances * port_stride
         engine = {**self.engine, "env": {**self.engine["env"], **(env or {})}}
         return EngineSettings(model=model, work_dir=work_dir, base_port=base_port, **extra, **engine)
 
     def plan(self, experiment: Experiment, work_dir: Path) -> tuple[EngineSettings, tuple]:
         """The engine settings and one launch per instance for ``experiment`` (builds a tiny model if needed)."""
         model = resolve_model(self.model_path, experiment, self.model_cache_dir)
-        n = sum(g.count for _, g in experiment.cluster.groups())
-        settings = self.settings(model, work_dir, n, placement_env(experiment.placement, self.engine["eplb"]))
+        groups = [g for _, g in experiment.cluster.groups()]
+        settings = self.settings(model, work_dir, sum(g.count for g in groups),
+                                 placement_env(experiment.placement, self.engine["eplb"]),
+                                 port_stride=max(g.dp for g in groups))
         return settings, plan_instances(experiment.cluster, settings)
 
     def run(self, experiment: Experiment, out_dir: Path) -> RunResult:
