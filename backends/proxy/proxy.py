@@ -39,6 +39,10 @@ from omnisim.core import (
 log = logging.getLogger(__name__)
 _json_decode = msgspec.json.Decoder().decode
 _json_encode = msgspec.json.Encoder().encode
+# Every header the upstream request needs, given up front so aiohttp adds no defaults of its own per request.
+_UPSTREAM_HEADERS = {"Content-Type": "application/json", "Accept": "*/*", "Accept-Encoding": "identity",
+                     "User-Agent": "omnisim-proxy"}
+_PATHS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
 _PREFILL_PARAMS = {"do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None,
                    "remote_block_ids": None, "remote_host": None, "remote_port": None}
 
@@ -192,7 +196,7 @@ class Proxy:
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=None),
             timeout=aiohttp.ClientTimeout(total=None, connect=c.connect_timeout_s, sock_read=c.read_timeout_s),
-            auto_decompress=False, skip_auto_headers=("User-Agent",))
+            auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar())  # engines' cookies are not ours to keep
         app = web.Application(client_max_size=c.max_body_bytes)
         app.router.add_post("/v1/completions", self._completions)
         app.router.add_post("/v1/chat/completions", self._chat)
@@ -509,7 +513,7 @@ class Proxy:
                 if attempt:
                     self.metrics.retries.inc()
                 try:
-                    return await self._serve(request, endpoint, body, req, timing)
+                    return await self._serve(request, endpoint, body, raw, req, timing)
                 except _Retry as e:
                     error = str(e)
                     log.info("request %s attempt %d failed: %s", req.id, attempt + 1, e)
@@ -528,16 +532,17 @@ class Proxy:
             self._active_ids.discard(req.id)
 
     # -- the two phases -----------------------------------------------------------------------------------------
-    async def _serve(self, request: web.Request, endpoint: str, body: dict, req: Request, timing: _Timing
-                     ) -> web.StreamResponse:
+    async def _serve(self, request: web.Request, endpoint: str, body: dict, raw: bytes, req: Request,
+                     timing: _Timing) -> web.StreamResponse:
+        """``raw``: the client's body as received; it goes upstream unchanged wherever the body is unchanged."""
         ticket = await self._assign(Phase.PREFILL, req, None)
         up = ticket.up
         timing.predicted_cached_tokens = ticket.cached if req.prefix_hashes else None
-        path = "/v1/chat/completions" if endpoint == "chat" else "/v1/completions"
+        path = _PATHS[endpoint]
         if up.role is not Role.PREFILL:  # colocated, or served whole by a decode instance
             timing.decode_instance = up.id
             timing.decode_dispatch = self._loop.time()
-            return await self._final(request, endpoint, path, ticket, body, req, timing)
+            return await self._final(request, endpoint, path, ticket, body, raw, req, timing)
         timing.prefill_instance = up.id
         timing.prefill_dispatch = self._loop.time()
         kv_params = await self._prefill(ticket, path, body, req, timing)
@@ -545,14 +550,13 @@ class Proxy:
         ticket = await self._assign(Phase.DECODE, req, up.id)
         timing.decode_instance = ticket.up.id
         timing.decode_dispatch = self._loop.time()
-        decode_body = body
         if self.config.pd_mode == "kv_transfer_params":
-            decode_body = {**body, "kv_transfer_params": kv_params}
-        return await self._final(request, endpoint, path, ticket, decode_body, req, timing)
+            raw = _json_encode({**body, "kv_transfer_params": kv_params})
+        return await self._final(request, endpoint, path, ticket, body, raw, req, timing)
 
     @staticmethod
     def _upstream_headers(req: Request) -> dict[str, str]:
-        return {"X-Request-Id": req.id, "Content-Type": "application/json"}
+        return {"X-Request-Id": req.id, **_UPSTREAM_HEADERS}
 
     async def _prefill(self, ticket: _Ticket, path: str, body: dict, req: Request, timing: _Timing
                        ) -> dict | None:
@@ -566,7 +570,7 @@ class Proxy:
             pbody["kv_transfer_params"] = dict(_PREFILL_PARAMS)
         started = self._loop.time()
         try:
-            async with self._session.post(up.url + path, data=_json_encode(pbody),
+            async with self._session.post(up.endpoint(path), data=_json_encode(pbody),
                                           headers=self._upstream_headers(req)) as resp:
                 data = await resp.read()
                 status = resp.status
@@ -606,11 +610,11 @@ class Proxy:
                 self.prefix.forget(up.id)  # a restarted engine starts with an empty cache
 
     async def _final(self, request: web.Request, endpoint: str, path: str, ticket: _Ticket, body: dict,
-                     req: Request, timing: _Timing) -> web.StreamResponse:
-        """Send the request to the instance that generates the answer and relay the answer to the client."""
+                     data: bytes, req: Request, timing: _Timing) -> web.StreamResponse:
+        """Send ``data`` (``body`` encoded) to the instance that generates the answer and relay the answer."""
         up = ticket.up
         try:
-            async with self._session.post(up.url + path, data=_json_encode(body),
+            async with self._session.post(up.endpoint(path), data=data,
                                           headers=self._upstream_headers(req)) as resp:
                 if resp.status >= 500:
                     self.metrics.errors.labels("upstream_5xx").inc()

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from collections import deque
 
+from yarl import URL
+
 from omnisim.core import BatchSample, InstanceState, Role
 
 from backends.proxy.config import Upstream
@@ -32,6 +34,14 @@ class UpstreamState:
         self.kv_usage = 0.0
         self._batches: deque[BatchSample] = deque(maxlen=16)
         self.recent_batches: tuple[BatchSample, ...] = ()  # rebuilt only when a sample arrives
+        self._endpoints: dict[str, URL] = {}
+
+    def endpoint(self, path: str) -> URL:
+        """The URL of ``path`` on this engine, parsed once (aiohttp would parse a string on every request)."""
+        url = self._endpoints.get(path)
+        if url is None:
+            url = self._endpoints[path] = URL(self.url + path)
+        return url
 
     def observed(self, sample: BatchSample) -> None:
         self._batches.append(sample)
