@@ -12,7 +12,6 @@ from backends.loadgen import LoadGenerator
 from backends.loadgen.load_generator import ENDPOINTS
 from backends.proxy import Proxy, ProxyConfig
 from backends.proxy.config import PD_MODES, PREFIX_SOURCES
-from omnisim.cost import Parallelism, kv_capacity_tokens
 from omnisim.experiment import Experiment, RunResult
 from omnisim.metrics import records_frame
 
@@ -56,14 +55,11 @@ class EmulatorBackend:
 
     def fleet(self, experiment: Experiment) -> Fleet:
         cluster, model, hardware = experiment.cluster, experiment.model, experiment.hardware
-        groups = []
-        for role, g in cluster.groups():
-            parallel = Parallelism(tp=g.tp, dp=g.dp, ep=g.ep)
-            capacity = g.kv_capacity_tokens or kv_capacity_tokens(model, hardware, parallel, g.gpu_memory_utilization)
-            groups.append(EngineGroup(role, g.count, experiment.cost(model=model, hardware=hardware, parallel=parallel),
-                                      max_num_seqs=g.max_num_seqs, max_num_batched_tokens=g.max_num_batched_tokens,
-                                      block_size=g.block_size, kv_capacity_tokens=capacity,
-                                      enable_prefix_caching=g.enable_prefix_caching))
+        groups = [EngineGroup(role, g.count, experiment.cost(model=model, hardware=hardware, parallel=g.parallelism),
+                              max_num_seqs=g.max_num_seqs, max_num_batched_tokens=g.max_num_batched_tokens,
+                              block_size=g.block_size, kv_capacity_tokens=g.kv_capacity(model, hardware),
+                              enable_prefix_caching=g.enable_prefix_caching)
+                  for role, g in cluster.groups()]
         kv_bytes = model.kv_bytes_per_token
         return Fleet(groups, time_scale=self.time_scale, kv_events=self.prefix_source == "kv_events",
                      shared_storage=self.pd_mode == "shared_storage",
