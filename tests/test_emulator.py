@@ -272,3 +272,14 @@ def test_bad_backend_settings_fail_at_construction(kwargs, field):
 
     with pytest.raises(ValueError, match=f"backend.{field}"):
         EmulatorBackend(**kwargs)
+
+
+def test_backend_yaml_keys_are_the_constructor_arguments():
+    import inspect
+
+    import yaml
+
+    from backends.emulator.backend import EmulatorBackend
+
+    keys = set(yaml.safe_load((REPO / "conf" / "backend" / "emulator.yaml").read_text())) - {"_target_"}
+    assert keys == set(inspect.signature(EmulatorBackend).parameters)
