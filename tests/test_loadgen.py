@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -176,3 +177,15 @@ def test_cli_replays_a_workload_file_and_writes_the_run(tmp_path):
         fleet.kill()
         fleet.wait(10)
         fleet.stdout.close()
+
+
+def test_cli_without_a_served_model_says_so_and_exits_2(tmp_path, capsys):
+    from backends.loadgen.__main__ import main
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"
+    code = main(["--url", url, "--workload", str(REPO / "conf" / "workload" / "poisson.yaml"),
+                 "--set", "max_requests=2", "--out", str(tmp_path / "run")])
+    assert code == 2 and "loadgen: model: cannot read the served model" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -66,10 +66,10 @@ def main(argv=None) -> int:
                             stream=not args.no_stream, prompt_format=args.prompt_format,
                             vocab_size=args.vocab_size, seed=args.seed, time_scale=args.time_scale,
                             request_timeout_s=args.timeout_s)
+        records = gen.replay(workload.requests())  # ValueError: no --model and none served at --url
     except ValueError as e:
         print(f"loadgen: {e}", file=sys.stderr)
         return 2
-    records = gen.replay(workload.requests())
     summary = summarize(records, slo)
     summary.update(backend="loadgen", url=args.url, seed=args.seed)
     write_run(args.out, records, summary)

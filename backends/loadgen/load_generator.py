@@ -78,8 +78,8 @@ class LoadGenerator:
                 data = await resp.json(content_type=None)
                 return data["data"][0]["id"]
         except (aiohttp.ClientError, asyncio.TimeoutError, KeyError, IndexError, TypeError, ValueError) as e:
-            raise ValueError(f"loadgen: cannot read the served model from {self.base_url}/v1/models ({e}); "
-                             f"give model=") from None
+            raise ValueError(f"model: cannot read the served model from {self.base_url}/v1/models ({e}); "
+                             "give the model's name") from None
 
     def _auth(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
