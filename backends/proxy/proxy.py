@@ -208,9 +208,11 @@ class Proxy:
         await web.TCPSite(self._runner, c.host, c.port, backlog=1024).start()
         self.port = self._runner.addresses[0][1]
         self._tasks.append(asyncio.create_task(self._timer()))
-        self._tasks.append(asyncio.create_task(self._health_loop()))
+        health_timeout = aiohttp.ClientTimeout(total=c.health_timeout_s)
+        self._poll_each(c.health_interval_s, lambda up: self._check_health(up, health_timeout))
         if c.metrics_interval_s > 0:
-            self._tasks.append(asyncio.create_task(self._metrics_loop()))
+            metrics_timeout = aiohttp.ClientTimeout(total=max(1.0, c.metrics_interval_s))
+            self._poll_each(c.metrics_interval_s, lambda up: self._scrape_metrics(up, metrics_timeout))
         if c.prefix_source == "kv_events":
             for up in self.upstreams.values():
                 if up.upstream.kv_events:
@@ -339,47 +341,47 @@ class Proxy:
                                                             f"{self.config.queue_timeout_s}", "queue_timeout", True))
 
     # -- background: health and engine metrics ----------------------------------------------------------------
-    async def _health_loop(self) -> None:
-        c = self.config
-        timeout = aiohttp.ClientTimeout(total=c.health_timeout_s)
+    def _poll_each(self, interval_s: float, poll) -> None:
+        """``await poll(up)`` every ``interval_s`` for each upstream, their phases spread evenly over the interval:
+        N engines' answers never arrive in one burst (one /metrics answer of the emulator takes 0.7 ms to render;
+        four at once stalled a shared engine host and the proxy's loop for about 3 ms, every second)."""
+        ups = list(self.upstreams.values())
+        for k, up in enumerate(ups):
+            self._tasks.append(asyncio.create_task(self._every(interval_s, k * interval_s / len(ups), poll, up)))
 
-        async def check(up: UpstreamState) -> None:
-            try:
-                async with self._session.get(up.url + "/health", timeout=timeout) as resp:
-                    ok = resp.status == 200
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
-                ok = False
-            was = up.healthy
-            up.check_passed() if ok else up.check_failed(c.health_failures)
-            if up.healthy != was:
-                log.warning("upstream %s is %s", up.id, "back in rotation" if up.healthy else "out of rotation")
-                if up.healthy:
-                    self._kick()
-
+    @staticmethod
+    async def _every(interval_s: float, offset_s: float, poll, up: UpstreamState) -> None:
+        await asyncio.sleep(offset_s)
         while True:
-            await asyncio.gather(*(check(u) for u in self.upstreams.values()))
-            await asyncio.sleep(c.health_interval_s)
+            await poll(up)
+            await asyncio.sleep(interval_s)
 
-    async def _metrics_loop(self) -> None:
-        timeout = aiohttp.ClientTimeout(total=max(1.0, self.config.metrics_interval_s))
+    async def _check_health(self, up: UpstreamState, timeout: aiohttp.ClientTimeout) -> None:
+        try:
+            async with self._session.get(up.endpoint("/health"), timeout=timeout) as resp:
+                ok = resp.status == 200
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            ok = False
+        was = up.healthy
+        up.check_passed() if ok else up.check_failed(self.config.health_failures)
+        if up.healthy != was:
+            log.warning("upstream %s is %s", up.id, "back in rotation" if up.healthy else "out of rotation")
+            if up.healthy:
+                self._kick()
 
-        async def scrape(up: UpstreamState) -> None:
-            try:
-                async with self._session.get(up.url + "/metrics", timeout=timeout) as resp:
-                    if resp.status != 200:
-                        return
-                    text = await resp.text()
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
-                return
-            values, seen = _engine_gauges(text)
-            if "vllm:num_requests_running" in seen:
-                up.engine_running = int(values["vllm:num_requests_running"])
-                up.engine_waiting = int(values["vllm:num_requests_waiting"])
-            up.kv_usage = values["vllm:kv_cache_usage_perc"]
-
-        while True:
-            await asyncio.gather(*(scrape(u) for u in self.upstreams.values()))
-            await asyncio.sleep(self.config.metrics_interval_s)
+    async def _scrape_metrics(self, up: UpstreamState, timeout: aiohttp.ClientTimeout) -> None:
+        try:
+            async with self._session.get(up.endpoint("/metrics"), timeout=timeout) as resp:
+                if resp.status != 200:
+                    return
+                text = await resp.text()
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            return
+        values, seen = _engine_gauges(text)
+        if "vllm:num_requests_running" in seen:
+            up.engine_running = int(values["vllm:num_requests_running"])
+            up.engine_waiting = int(values["vllm:num_requests_waiting"])
+        up.kv_usage = values["vllm:kv_cache_usage_perc"]
 
     # -- HTTP handlers ------------------------------------------------------------------------------------------
     def _error(self, status: int, message: str, kind: str, endpoint: str, retry_after: bool = False
