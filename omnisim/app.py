@@ -50,6 +50,13 @@ def run_experiment(cfg: DictConfig, out_dir: Path) -> dict:
     return summary
 
 
+def instantiate_node(node, seed: int):
+    """Instantiate one config node (a conf/<group>/<option>.yaml) with ``${seed}`` resolved: for command-line
+    tools that take a single group's file rather than the whole app config."""
+    root = OmegaConf.create({"seed": seed, "node": node})
+    return instantiate(root.node, _convert_="all")
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> float | None:
     out_dir = Path(HydraConfig.get().runtime.output_dir)

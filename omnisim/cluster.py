@@ -94,6 +94,14 @@ class ClusterSpec:
     def disaggregated(self) -> bool:
         return self.mixed is None
 
+    @property
+    def block_size(self) -> int:
+        """The KV block size every instance uses (KV moves block by block between prefill and decode)."""
+        sizes = {g.block_size for _, g in self.groups()}
+        if len(sizes) > 1:
+            raise ValueError(f"cluster: prefill and decode block_size differ ({sorted(sizes)}); KV moves block by block")
+        return sizes.pop()
+
     def groups(self) -> list[tuple[str, InstanceGroup]]:
         """(role name, group) pairs: instance ids are f"{role}-{index}"."""
         if self.disaggregated:

@@ -68,7 +68,7 @@ class AscendBackend:
             check_ascend(sum(len(x.devices) for x in launches))
         else:
             log.info("ascend: waiting for servers started by %s", ", ".join(map(str, scripts)))
-        block_size = experiment.cluster.groups()[0][1].block_size
+        block_size = experiment.cluster.block_size
         replay = dataclasses.replace(self.replay, vocab_size=model_vocab_size(str(model), self.replay.vocab_size))
         result = run_on_servers(
             experiment, out_dir, launches, pd_mode=settings.pd_mode, model_name=settings.model_name,

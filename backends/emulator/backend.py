@@ -71,7 +71,7 @@ class EmulatorBackend:
         return asyncio.run(self._run(experiment))
 
     async def _run(self, experiment: Experiment) -> RunResult:
-        block_size = experiment.cluster.groups()[0][1].block_size
+        block_size = experiment.cluster.block_size
         async with self.fleet(experiment) as fleet:
             config = ProxyConfig(upstreams=fleet.upstreams(), port=0, pd_mode=self.pd_mode,
                                  prefix_source=self.prefix_source, prefix_block_tokens=block_size,

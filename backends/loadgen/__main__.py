@@ -23,7 +23,7 @@ _ABSENT = object()
 
 
 def _instantiate(path: Path, seed: int, overrides: list[str], what: str):
-    from hydra.utils import instantiate
+    from omnisim.app import instantiate_node
 
     if not path.is_file():
         raise ValueError(f"--{what}: no such file {path}")
@@ -35,8 +35,7 @@ def _instantiate(path: Path, seed: int, overrides: list[str], what: str):
         if OmegaConf.select(node, key, default=_ABSENT, throw_on_missing=False) is _ABSENT:
             raise ValueError(f"--set: {path} has no key {key!r}")
         OmegaConf.update(node, key, yaml.safe_load(value), merge=False)
-    root = OmegaConf.create({"seed": seed, "node": node})
-    return instantiate(root.node, _convert_="all")
+    return instantiate_node(node, seed)
 
 
 def main(argv=None) -> int:

@@ -143,7 +143,7 @@ class VllmBackend:
         except BaseException:
             shutil.rmtree(work_dir, ignore_errors=True)
             raise
-        block_size = experiment.cluster.groups()[0][1].block_size
+        block_size = experiment.cluster.block_size
         result = run_on_servers(
             experiment, out_dir, launches, pd_mode=settings.pd_mode, model_name=settings.model_name,
             block_size=block_size, kv_events=settings.kv_events, replay=replay, backend_name="vllm",

@@ -31,10 +31,7 @@ class Simulation:
         self.prefix = PrefixIndex()
         cluster, model = experiment.cluster, experiment.model
         groups = cluster.groups()
-        sizes = {g.block_size for _, g in groups}
-        if len(sizes) > 1:
-            raise ValueError(f"cluster: prefill and decode block_size differ ({sorted(sizes)}); KV moves block by block")
-        self.driver = ProxyDriver(env, experiment.proxy, self.prefix, block_size=sizes.pop(),
+        self.driver = ProxyDriver(env, experiment.proxy, self.prefix, block_size=cluster.block_size,
                                   max_model_len=min(g.max_model_len for _, g in groups), timer_s=timer_s,
                                   on_record=self._record)
         self.instances: list[Instance] = []
