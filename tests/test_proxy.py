@@ -17,7 +17,8 @@ from omegaconf import OmegaConf
 from backends.common.tokens import block_hashes
 from backends.emulator import EngineGroup, Fleet, LinearStepTime
 from backends.proxy import Proxy, ProxyConfig, ProxyThread, Upstream
-from omnisim.core import Assignment, Phase, Request
+from backends.proxy.upstream_state import UpstreamState
+from omnisim.core import Assignment, BatchSample, Phase, Request
 from omnisim.policies import RoundRobin
 
 pytestmark = pytest.mark.timeout(120)
@@ -207,6 +208,20 @@ def test_instance_states_combine_own_accounting_with_engine_metrics():
             assert prefill.prefill_tokens == 3 and 0.02 <= prefill.duration_s < 0.1
 
     run(main())
+
+
+def test_an_upstreams_snapshot_is_reused_until_its_state_changes():
+    up = UpstreamState(Upstream("http://127.0.0.1:1", "decode", "d"))
+    assert up.snapshot() is up.snapshot()  # unchanged: the policy's view reuses it
+    changes = [lambda: up.assigned(100, 120), lambda: up.prefilled(100), lambda: up.engine_reported(1, 0, 0.5),
+               lambda: up.observed(BatchSample(0.01, 0, 1)), lambda: up.check_failed(1), up.check_passed,
+               lambda: up.connection_failed(1), lambda: up.finished(120)]
+    for change in changes:
+        before = up.snapshot()
+        change()
+        assert up.snapshot() != before and up.snapshot() == up._build_snapshot()  # never stale
+    state = up.snapshot()
+    assert (state.healthy, state.num_running, state.decode_tokens, state.kv_usage) == (False, 0, 0, 0.5)
 
 
 def test_a_16p4d_fleet_runs_in_one_process_behind_the_proxy():

@@ -104,15 +104,15 @@ class _Ticket:
     open: bool = True
 
     def prompt_done(self) -> None:
-        self.up.inflight_prompt_tokens -= self.prompt
-        self.prompt = 0
+        if self.prompt:
+            self.up.prefilled(self.prompt)
+            self.prompt = 0
 
     def close(self) -> bool:
         if not self.open:
             return False
         self.prompt_done()
-        self.up.decode_tokens -= self.decode
-        self.up.outstanding -= 1
+        self.up.finished(self.decode)
         self.open = False
         return True
 
@@ -123,7 +123,7 @@ class _Pending:
     future: asyncio.Future
 
 
-@dataclass
+@dataclass(slots=True)
 class _Timing:
     received: float
     prefill_instance: str = ""
@@ -297,9 +297,7 @@ class Proxy:
                 self.prefix.record(up.id, r.prefix_hashes)
         if phase is Phase.DECODE or up.role is not Role.PREFILL:
             decode = r.prompt_tokens + r.output_tokens
-        up.outstanding += 1
-        up.inflight_prompt_tokens += prompt
-        up.decode_tokens += decode
+        up.assigned(prompt, decode)
         self.metrics.dispatched(up.id, phase.value)
         return _Ticket(up, prompt, decode, cached, alone=up.outstanding == 1)
 
@@ -378,10 +376,10 @@ class Proxy:
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
             return
         values, seen = _engine_gauges(text)
-        if "vllm:num_requests_running" in seen:
-            up.engine_running = int(values["vllm:num_requests_running"])
-            up.engine_waiting = int(values["vllm:num_requests_waiting"])
-        up.kv_usage = values["vllm:kv_cache_usage_perc"]
+        running = "vllm:num_requests_running" in seen
+        up.engine_reported(int(values["vllm:num_requests_running"]) if running else None,
+                           int(values["vllm:num_requests_waiting"]) if running else None,
+                           values["vllm:kv_cache_usage_perc"])
 
     # -- HTTP handlers ------------------------------------------------------------------------------------------
     def _error(self, status: int, message: str, kind: str, endpoint: str, retry_after: bool = False

@@ -12,7 +12,9 @@ from backends.proxy.config import Upstream
 
 class UpstreamState:
     """Counts change at dispatch and completion (exact for this proxy's traffic); the engine's running/waiting
-    split and KV usage come from its last /metrics scrape (stale by up to one poll interval).
+    split and KV usage come from its last /metrics scrape (stale by up to one poll interval). Every change goes
+    through a method here, which drops the cached ``snapshot()``: a policy's view rebuilds only the instances
+    whose state changed since the last one (with 20 engines, 20 InstanceStates per scheduling call otherwise).
 
     ``recent_batches`` are what the proxy can observe of engine steps (it cannot see them directly): a prefill
     that ran alone on its instance gives (duration, uncached prompt tokens, 0), queueing included; a finished
@@ -35,6 +37,7 @@ class UpstreamState:
         self._batches: deque[BatchSample] = deque(maxlen=16)
         self.recent_batches: tuple[BatchSample, ...] = ()  # rebuilt only when a sample arrives
         self._endpoints: dict[str, URL] = {}
+        self._snapshot: InstanceState | None = None
 
     def endpoint(self, path: str) -> URL:
         """The URL of ``path`` on this engine, parsed once (aiohttp would parse a string on every request)."""
@@ -43,11 +46,41 @@ class UpstreamState:
             url = self._endpoints[path] = URL(self.url + path)
         return url
 
+    def assigned(self, prompt_tokens: int, decode_tokens: int) -> None:
+        """A request was assigned here: ``prompt_tokens`` to prefill, ``decode_tokens`` of context to decode."""
+        self.outstanding += 1
+        self.inflight_prompt_tokens += prompt_tokens
+        self.decode_tokens += decode_tokens
+        self._snapshot = None
+
+    def prefilled(self, prompt_tokens: int) -> None:
+        self.inflight_prompt_tokens -= prompt_tokens
+        self._snapshot = None
+
+    def finished(self, decode_tokens: int) -> None:
+        """An assigned request left (answered, failed or cancelled); its prompt tokens were released before."""
+        self.decode_tokens -= decode_tokens
+        self.outstanding -= 1
+        self._snapshot = None
+
+    def engine_reported(self, running: int | None, waiting: int | None, kv_usage: float) -> None:
+        """The engine's own gauges from /metrics (running/waiting None: it does not export them)."""
+        if running is not None:
+            self.engine_running, self.engine_waiting = running, waiting
+        self.kv_usage = kv_usage
+        self._snapshot = None
+
     def observed(self, sample: BatchSample) -> None:
         self._batches.append(sample)
         self.recent_batches = tuple(self._batches)
+        self._snapshot = None
 
     def snapshot(self) -> InstanceState:
+        if self._snapshot is None:
+            self._snapshot = self._build_snapshot()
+        return self._snapshot
+
+    def _build_snapshot(self) -> InstanceState:
         if self.engine_running is None:
             running, waiting = self.outstanding, 0
         else:  # requests sent since the last scrape are assumed waiting
@@ -61,14 +94,19 @@ class UpstreamState:
 
     def check_passed(self) -> None:
         self.failures = 0
-        self.healthy = True
+        self._set_healthy(True)
 
     def check_failed(self, threshold: int) -> None:
         self.failures += 1
         if self.failures >= threshold:
-            self.healthy = False
+            self._set_healthy(False)
 
     def connection_failed(self, threshold: int) -> None:
         """A dispatch could not connect: out of rotation now, back after its next passing health check."""
         self.failures = max(self.failures, threshold)
-        self.healthy = False
+        self._set_healthy(False)
+
+    def _set_healthy(self, healthy: bool) -> None:
+        if healthy != self.healthy:
+            self.healthy = healthy
+            self._snapshot = None
