@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import importlib.util
 import json
 import os
@@ -115,6 +116,18 @@ class ForeignCpu:
         self.share = max(0.0, foreign / (wall * len(self.CORES)))
 
 
+class NoGarbageCollection:
+    """Collect now and not during the window: this process's own full collections (its window keeps thousands of
+    tasks alive) stalled the client and the fleet for 17-28 ms at a random point of some windows."""
+
+    def __enter__(self) -> None:
+        gc.collect()
+        gc.disable()
+
+    def __exit__(self, *exc) -> None:
+        gc.enable()
+
+
 class Processes:
     """Every process the benchmark starts; all are killed on exit, whatever happens."""
 
@@ -195,21 +208,30 @@ async def open_loop(urls: list, rate: float, seconds: float, body: bytes, warmup
     """Requests at a fixed rate (round robin over ``urls``; (prefill, decode) pairs: the client does PD itself);
     latencies of those sent after the warm-up."""
     n = int(rate * (seconds + warmup_s))
+    loop = asyncio.get_running_loop()
+    results: list = [None] * n
+    remaining = n
+    finished = loop.create_future()
+
+    async def one(i: int, url) -> None:
+        nonlocal remaining
+        results[i] = await (_one_pd if isinstance(url, tuple) else _one)(session, url, body)
+        remaining -= 1
+        if not remaining:
+            finished.set_result(None)
+
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
                                      timeout=aiohttp.ClientTimeout(total=30)) as session:
-        loop = asyncio.get_running_loop()
-        start = loop.time()
-        tasks = []
-        with ForeignCpu() as foreign:
+        tasks = []  # the loop keeps only weak references to tasks
+        with NoGarbageCollection(), ForeignCpu() as foreign:
+            start = loop.time()
             for i in range(n):
                 delay = start + i / rate - loop.time()
                 if delay > 0:
                     await asyncio.sleep(delay)
-                url = urls[i % len(urls)]
-                send = _one_pd if isinstance(url, tuple) else _one
-                tasks.append(asyncio.create_task(send(session, url, body)))
+                tasks.append(asyncio.create_task(one(i, urls[i % len(urls)])))
             sent_s = loop.time() - start
-            results = await asyncio.gather(*tasks)
+            await finished  # not gather(): setting it up over thousands of tasks delayed the last requests
     keep = results[int(rate * warmup_s):]
     e2e = np.array([r[1] for r in keep])
     ok = np.array([r[2] for r in keep])
@@ -233,7 +255,7 @@ async def closed_loop(url: str, concurrency: int, seconds: float, body: bytes, p
                                      timeout=aiohttp.ClientTimeout(total=30)) as session:
         workers = [asyncio.create_task(worker(session)) for _ in range(concurrency)]
         await asyncio.sleep(1.0)  # warm up
-        with ForeignCpu() as foreign:
+        with NoGarbageCollection(), ForeignCpu() as foreign:
             done0, cpu0, t0 = done, _cpu_seconds(pid), time.monotonic()
             await asyncio.sleep(seconds)
             completed, cpu, wall = done - done0, _cpu_seconds(pid) - cpu0, time.monotonic() - t0
