@@ -61,10 +61,16 @@ def prompt_tokens(body: dict) -> list[Token]:
 ROOT_DIGEST = bytes(8)  # the parent of a sequence's first block
 
 
-def _block_bytes(block: Sequence[Token]) -> bytes:
-    if block and isinstance(block[0], int):
-        return struct.pack(f"<{len(block)}q", *block)
-    return "\x1f".join(block).encode()
+def _blocks_bytes(tokens: Sequence[Token], block_size: int, n: int) -> list[bytes]:
+    """The bytes of each full block of ``tokens[:n]`` (n a multiple of block_size): token ids as little-endian
+    int64s, words joined by \x1f. All ids are packed at once: per block, this runs once per block of a prompt on
+    every request the proxy routes."""
+    if isinstance(tokens[0], int):
+        packed = struct.pack(f"<{n}q", *tokens[:n])
+        size = 8 * block_size
+        return [packed[i:i + size] for i in range(0, 8 * n, size)]
+    join = "\x1f".join
+    return [join(tokens[i:i + block_size]).encode() for i in range(0, n, block_size)]
 
 
 def chain_digests(tokens: Sequence[Token], block_size: int, parent: bytes = ROOT_DIGEST,
@@ -75,13 +81,15 @@ def chain_digests(tokens: Sequence[Token], block_size: int, parent: bytes = ROOT
     name), so blocks that differ only there never match."""
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
+    n = len(tokens) - len(tokens) % block_size
+    if not n:
+        return []
+    blake2b = hashlib.blake2b
     out = []
-    for k, start in enumerate(range(0, len(tokens) - block_size + 1, block_size)):
-        data = parent + _block_bytes(tokens[start:start + block_size])
-        extra = extra_keys[k] if extra_keys is not None and k < len(extra_keys) else None
-        if extra is not None:
-            data += b"\x1e" + _extra_encoder.encode(extra)
-        parent = hashlib.blake2b(data, digest_size=8).digest()
+    for k, data in enumerate(_blocks_bytes(tokens, block_size, n)):
+        if extra_keys is not None and k < len(extra_keys) and extra_keys[k] is not None:
+            data += b"\x1e" + _extra_encoder.encode(extra_keys[k])
+        parent = blake2b(parent + data, digest_size=8).digest()
         out.append(parent)
     return out
 
@@ -95,4 +103,5 @@ def block_hashes(tokens: Sequence[Token], block_size: int, cache_salt: str | Non
     """Chained hashes of the full ``block_size``-token blocks of ``tokens`` (a partial last block has none).
     ``cache_salt``: a request's vLLM ``cache_salt``, which vLLM mixes into its first block's hash."""
     extra = [[cache_salt]] if cache_salt else None
-    return tuple(digest_hash(d) for d in chain_digests(tokens, block_size, extra_keys=extra))
+    from_bytes = int.from_bytes
+    return tuple(from_bytes(d, "big") >> 1 for d in chain_digests(tokens, block_size, extra_keys=extra))  # digest_hash
