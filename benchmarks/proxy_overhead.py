@@ -1,7 +1,7 @@
 """The proxy's added latency and its throughput per CPU core, against a fleet of emulated engines on loopback.
 
-    python benchmarks/proxy_overhead.py [--rate 1000] [--seconds 5] [--repeat 3] [--engines 4] [--tokens 4] [--pd]
-                                        [--realtime]
+    python benchmarks/proxy_overhead.py [--rate 1000] [--seconds 5] [--repeat 3] [--engines 4] [--tokens 4]
+                                        [--prompt-words 16] [--pd] [--realtime]
 
 Layout (2 cores): the proxy alone on core 0. This process, on core 1, runs the emulated fleet (time_scale 0:
 engines answer as fast as they can) and the client in one event loop: the direct and the proxied paths then do the
@@ -277,7 +277,8 @@ def _spread(values: list[float]) -> tuple[float, list[float]]:
 
 
 async def run(args, procs: Processes) -> dict:
-    body = json.dumps({"model": "omnisim-emulated", "prompt": "hello " * 16, "max_tokens": args.tokens,
+    prompt = " ".join(f"w{i % 1000}" for i in range(args.prompt_words))  # words: one emulator token each
+    body = json.dumps({"model": "omnisim-emulated", "prompt": prompt, "max_tokens": args.tokens,
                        "stream": True, "ignore_eos": True}).encode()
     prefill_n = args.engines // 2 if args.pd else 0
     groups = ([EngineGroup("prefill", prefill_n, ENGINE_STEP), EngineGroup("decode", args.engines - prefill_n,
@@ -354,6 +355,8 @@ def main(argv=None) -> int:
     p.add_argument("--pd", action="store_true", help="disaggregated: half prefill, half decode engines, vLLM's "
                                                      "kv_transfer_params protocol (the client does it when direct)")
     p.add_argument("--tokens", type=int, default=4, help="streamed output tokens per request")
+    p.add_argument("--prompt-words", type=int, default=16, help="prompt length (the proxy tokenizes and hashes "
+                                                                "every prompt: OmniInfer's average is 3,500)")
     p.add_argument("--concurrency", type=int, default=64, help="closed-loop clients for the saturation phase")
     p.add_argument("--proxy-loop", choices=("auto", "asyncio", "uvloop"), default="auto",
                    help="the omnisim proxy's event loop (auto: uvloop when installed)")
@@ -363,8 +366,10 @@ def main(argv=None) -> int:
     p.add_argument("--no-router", action="store_true", help="skip vllm-router even if installed")
     p.add_argument("--max-wall-s", type=float, default=900.0, help="busy loops and the whole run stop by then")
     args = p.parse_args(argv)
-    if args.repeat < 1 or args.seconds <= 0 or args.rate <= 0 or args.engines < (2 if args.pd else 1):
-        p.error("--repeat >= 1, --seconds > 0, --rate > 0 and --engines >= 1 (2 with --pd) are needed")
+    if (args.repeat < 1 or args.seconds <= 0 or args.rate <= 0 or args.prompt_words < 1
+            or args.engines < (2 if args.pd else 1)):
+        p.error("--repeat >= 1, --seconds > 0, --rate > 0, --prompt-words >= 1 and --engines >= 1 (2 with --pd) "
+                "are needed")
     signal.signal(signal.SIGALRM, lambda *_: (_ for _ in ()).throw(TimeoutError("benchmark ran too long")))
     signal.alarm(int(args.max_wall_s))
     os.sched_setaffinity(0, {CLIENT_CORE})
@@ -383,7 +388,7 @@ def main(argv=None) -> int:
         signal.alarm(0)
         procs.stop_all()
     result = dict(summary["omnisim"])
-    result.update(rate=args.rate, tokens=args.tokens, engines=args.engines, pd=args.pd, repeat=args.repeat,
+    result.update(rate=args.rate, tokens=args.tokens, prompt_words=args.prompt_words, engines=args.engines, pd=args.pd, repeat=args.repeat,
                   realtime=args.realtime, proxy_loop=args.proxy_loop if args.proxy_loop != "auto" else (
                       "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"))
     if "vllm-router" in summary:
