@@ -30,10 +30,9 @@ GC_YOUNG_THRESHOLD = 20_000  # net new container objects between young collectio
 
 def build_policy(node, seed: int):
     """Instantiate a conf/proxy/-style policy node with ``${seed}`` resolved (the CLI's one use of Hydra)."""
-    from hydra.utils import instantiate
+    from omnisim.app import instantiate_node
 
-    root = OmegaConf.create({"seed": seed, "proxy": node})
-    return instantiate(root.proxy, _convert_="all")
+    return instantiate_node(node, seed)
 
 
 def policy_node(name: str):

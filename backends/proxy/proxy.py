@@ -603,8 +603,10 @@ class Proxy:
 
     def _failed(self, up: UpstreamState, error: BaseException) -> None:
         self.metrics.errors.labels("upstream").inc()
-        if isinstance(error, (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError,
-                              aiohttp.ClientPayloadError, ConnectionError)):
+        # Only a refused or unreachable connection proves the engine is gone. A dropped connection can be a pooled
+        # keep-alive socket the engine closed as we reused it (seen with vLLM's uvicorn under load): the request is
+        # retried, and the health checks decide about the engine.
+        if isinstance(error, (aiohttp.ClientConnectorError, ConnectionRefusedError)):
             up.connection_failed(self.config.health_failures)  # back after its next passing health check
             if isinstance(self.prefix, RoutingHistory):
                 self.prefix.forget(up.id)  # a restarted engine starts with an empty cache
