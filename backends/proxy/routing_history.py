@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections import OrderedDict
 
 from omnisim.core import Request
+from omnisim.core.prefix_index import reusable_tokens
 
 
 class RoutingHistory:
@@ -26,12 +27,4 @@ class RoutingHistory:
         self._blocks.pop(instance_id, None)
 
     def cached_tokens(self, request: Request, instance_id: str) -> int:
-        blocks = self._blocks.get(instance_id)
-        if not blocks:
-            return 0
-        n = 0
-        for h in request.prefix_hashes:
-            if h not in blocks:
-                break
-            n += 1
-        return min(n * request.hash_block_tokens, request.prompt_tokens - 1)
+        return reusable_tokens(request, self._blocks.get(instance_id, ()))

@@ -1,10 +1,25 @@
 """A prefix lookup fed by KV-cache events: what the proxy knows of each instance's cache."""
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Container, Iterable
 
 from omnisim.core.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 from omnisim.core.request import Request
+
+
+def reusable_tokens(request: Request, blocks: Container[int]) -> int:
+    """Prompt tokens of ``request`` a cache holding ``blocks`` lets its prefill skip: the leading run of its prefix
+    hashes found in ``blocks``, in whole blocks, never the last prompt token (it produces the first logits), as in
+    vLLM: a fully cached prompt reuses all but its last block."""
+    h = request.hash_block_tokens
+    if not h or not blocks:
+        return 0
+    n = 0
+    for key in request.prefix_hashes:
+        if key not in blocks:
+            break
+        n += 1
+    return min(n, (request.prompt_tokens - 1) // h) * h
 
 
 class PrefixIndex:
@@ -30,9 +45,8 @@ class PrefixIndex:
         self._blocks.pop(instance_id, None)
 
     def cached_blocks(self, request: Request, instance_id: str) -> int:
-        blocks = self._blocks.get(instance_id)
-        if not blocks:
-            return 0
+        """Leading prefix hashes of ``request`` cached on the instance (whatever the prompt's length)."""
+        blocks = self._blocks.get(instance_id, ())
         n = 0
         for h in request.prefix_hashes:
             if h not in blocks:
@@ -41,7 +55,4 @@ class PrefixIndex:
         return n
 
     def cached_tokens(self, request: Request, instance_id: str) -> int:
-        # As in vLLM: the last prompt token is always recomputed (it produces the first logits), and hits are whole
-        # blocks, so a fully cached prompt reuses all but its last block.
-        h = request.hash_block_tokens
-        return min(self.cached_blocks(request, instance_id), (request.prompt_tokens - 1) // h) * h if h else 0
+        return reusable_tokens(request, self._blocks.get(instance_id, ()))
