@@ -3,7 +3,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from omnisim.core import PrefixIndex, Request
-from omnisim.sim import BlockManager
+from omnisim.engine import BlockManager
 
 prefix = st.lists(st.integers(0, 5), min_size=0, max_size=6).map(
     lambda xs: tuple(sum(xs[: i + 1]) * 7919 + i for i in range(len(xs))))  # chained: position-dependent

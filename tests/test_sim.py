@@ -26,8 +26,9 @@ def test_every_request_completes_and_all_kv_returns(cluster):
     for inst in sim.instances:
         inst.bm.check()
         assert inst.bm.used == 0, f"{inst.id} still holds {inst.bm.used} blocks"
-        assert not inst.running and not inst.waiting and not inst.prefilling and inst.transferring == 0
-        assert inst.pending_prefill == 0 and inst.ctx_sum == 0 and inst.remote_tokens == 0
+        s = inst.sched
+        assert not s.running and not s.waiting and not s.prefilling and s.transferring == 0
+        assert s.pending_prefill == 0 and s.ctx_sum == 0 and s.remote_tokens == 0
 
 
 def test_same_seed_same_records_and_other_seed_differs():
@@ -171,4 +172,4 @@ def test_inflight_prompt_tokens_count_only_the_uncached_part():
     at_burst = [v for t, v in seen if t == 5.0]
     # r1 and r2 assigned when r3 is dispatched: two uncached 512-token tails, not two whole 4096-token prompts
     assert at_burst[-1] == 512 + 512
-    assert sim.instances[0].pending_prefill == 0
+    assert sim.instances[0].sched.pending_prefill == 0

@@ -11,7 +11,7 @@ import simpy
 
 from omnisim.core import ClusterView, Phase, PrefixIndex, ProxyPolicy, Request, Role, Waiting
 from omnisim.sim.instance import Instance
-from omnisim.sim.sequence import Sequence
+from omnisim.engine.sequence import Sequence
 
 
 class PolicyError(RuntimeError):
