@@ -1,5 +1,8 @@
 """The contract between policies and drivers. Imports the standard library and numpy only."""
-from omnisim.core.dispatch import Assignment, Phase, ProxyPolicy, Waiting
+from omnisim.core.dispatch import (
+    Assignment, Phase, PolicyError, ProxyPolicy, Waiting, accepts, check_assignments, roles_for, serves,
+    validate_assignments,
+)
 from omnisim.core.instance import BatchSample, InstanceState, Role
 from omnisim.core.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 from omnisim.core.placement import ExpertLoad, Placement, PlacementPolicy, Topology
@@ -12,5 +15,6 @@ PROTOCOL_VERSION = "1.0"
 __all__ = [
     "PROTOCOL_VERSION", "AllBlocksCleared", "Assignment", "BatchSample", "BlockRemoved", "BlockStored",
     "ClusterView", "ExpertLoad", "InstanceState", "KVEvent", "NO_PREFIX_CACHE", "Phase", "Placement",
-    "PlacementPolicy", "PrefixIndex", "PrefixLookup", "ProxyPolicy", "Request", "Role", "Topology", "Waiting",
+    "PlacementPolicy", "PolicyError", "PrefixIndex", "PrefixLookup", "ProxyPolicy", "Request", "Role", "Topology",
+    "Waiting", "accepts", "check_assignments", "roles_for", "serves", "validate_assignments",
 ]

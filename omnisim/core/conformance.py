@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from omnisim.core.dispatch import Assignment, Phase, ProxyPolicy, Waiting
+from omnisim.core.dispatch import Phase, ProxyPolicy, Waiting, check_assignments
 from omnisim.core.instance import BatchSample, InstanceState, Role
 from omnisim.core.placement import ExpertLoad, Placement, PlacementPolicy, Topology
 from omnisim.core.request import Request
@@ -145,27 +145,8 @@ def random_queue(rng: random.Random, phase: Phase, start: int, now_hint: float =
 
 
 def _check_assignments(out: object, phase: Phase, queue: Sequence[Waiting], view: ClusterView) -> list[str]:
-    problems = []
-    if not isinstance(out, (list, tuple)):
-        return [f"schedule returned {type(out).__name__}, not a list or tuple of Assignment"]
-    queued = {w.request.id for w in queue}
-    healthy = {s.id: s for s in view.instances if s.healthy}
-    seen = set()
-    for a in out:
-        if not isinstance(a, Assignment):
-            problems.append(f"schedule returned {a!r}, not an Assignment")
-            continue
-        if a.request_id not in queued:
-            problems.append(f"{phase.value}: assigned {a.request_id!r}, which is not in the queue")
-        if a.request_id in seen:
-            problems.append(f"{phase.value}: assigned {a.request_id!r} twice")
-        seen.add(a.request_id)
-        state = healthy.get(a.instance_id)
-        if state is None:
-            problems.append(f"{phase.value}: assigned to {a.instance_id!r}, not a healthy instance in the view")
-        elif phase is Phase.DECODE and state.role is Role.PREFILL:
-            problems.append(f"decode: assigned to prefill instance {a.instance_id!r}")
-    return problems
+    """The drivers' own rule (omnisim.core.dispatch.check_assignments), every violation listed."""
+    return check_assignments(phase, queue, out, view.instances)[1]
 
 
 def _run_proxy(policy: ProxyPolicy, calls) -> tuple[list, list[str]]:

@@ -1,10 +1,13 @@
-"""The proxy policy: which queued requests go where, now."""
+"""The proxy policy: which queued requests go where, now. And the rules every driver applies to its answer: which
+instance roles serve a phase, and which assignments are valid (one function each, called by the simulator's proxy
+driver, the HTTP proxy and the conformance checker alike)."""
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, Sequence
+from typing import TYPE_CHECKING, Iterable, Protocol, Sequence
 
+from omnisim.core.instance import InstanceState, Role
 from omnisim.core.request import Request
 
 if TYPE_CHECKING:
@@ -47,3 +50,84 @@ class ProxyPolicy(Protocol):
     """
 
     def schedule(self, phase: Phase, queue: Sequence[Waiting], view: "ClusterView") -> Sequence[Assignment]: ...
+
+
+class PolicyError(RuntimeError):
+    """A proxy policy broke the contract (an invalid assignment), or a driver cannot go on with its decisions."""
+
+
+# -- phase -> role ------------------------------------------------------------------------------------------------
+_PHASE_ROLES = {
+    Phase.PREFILL: (Role.PREFILL, Role.MIXED),
+    Phase.DECODE: (Role.DECODE, Role.MIXED),
+}
+
+
+def roles_for(phase: Phase) -> tuple[Role, ...]:
+    """The roles whose instances serve ``phase``, its candidates: PREFILL or MIXED instances prefill, DECODE or
+    MIXED instances decode (MIXED instances serve both)."""
+    return _PHASE_ROLES[phase]
+
+
+def serves(role: Role, phase: Phase) -> bool:
+    """Whether an instance of ``role`` is a candidate for ``phase`` (see ``roles_for``)."""
+    return role in _PHASE_ROLES[phase]
+
+
+def accepts(role: Role, phase: Phase) -> bool:
+    """Whether a ``phase`` assignment may go to an instance of ``role``. PREFILL phase: any instance (a PREFILL one
+    disaggregates; a DECODE or MIXED one prefills and decodes the request itself, no KV transfer). DECODE phase: a
+    DECODE or MIXED instance only; a PREFILL instance never decodes a request prefilled elsewhere."""
+    return phase is Phase.PREFILL or role is not Role.PREFILL
+
+
+# -- assignment validation ----------------------------------------------------------------------------------------
+def check_assignments(phase: Phase, queue: Sequence[Waiting], assignments: object,
+                      instances: Iterable[InstanceState]) -> tuple[dict[str, str], list[str]]:
+    """Split a policy's answer into its valid part (request id -> instance id, in the policy's order) and one line
+    per violation. Valid: a list or tuple of ``Assignment``s, each naming a request in ``queue`` (at most once) and
+    a healthy instance in ``instances`` that ``accepts`` the phase."""
+    if not isinstance(assignments, (list, tuple)):
+        return {}, [f"schedule returned {type(assignments).__name__}, not a list or tuple of Assignment"]
+    chosen: dict[str, str] = {}
+    problems: list[str] = []
+    if not assignments:
+        return chosen, problems
+    queued = {w.request.id for w in queue}
+    states = {s.id: s for s in instances}
+    seen: set[str] = set()
+    for a in assignments:
+        if not isinstance(a, Assignment):
+            problems.append(f"schedule returned {a!r}, not an Assignment")
+            continue
+        rid = a.request_id
+        bad = False
+        if rid not in queued:
+            problems.append(f"{phase.value}: assigned {rid!r}, which is not in the queue")
+            bad = True
+        if rid in seen:
+            problems.append(f"{phase.value}: assigned {rid!r} twice")
+            bad = True
+        seen.add(rid)
+        state = states.get(a.instance_id)
+        if state is None or not state.healthy:
+            problems.append(f"{phase.value}: assigned {rid!r} to {a.instance_id!r}, not a healthy instance in the "
+                            f"view")
+            bad = True
+        elif not accepts(state.role, phase):
+            problems.append(f"{phase.value}: assigned {rid!r} to {state.role.value} instance {a.instance_id!r}")
+            bad = True
+        if not bad:
+            chosen[rid] = a.instance_id
+    return chosen, problems
+
+
+def validate_assignments(policy_name: str, phase: Phase, queue: Sequence[Waiting], assignments: object,
+                         instances: Iterable[InstanceState]) -> dict[str, str]:
+    """The assignments as request id -> instance id, in the policy's order; ``PolicyError`` naming every violation
+    (see ``check_assignments``) if any is invalid: a driver applies all of a call's assignments or none."""
+    chosen, problems = check_assignments(phase, queue, assignments, instances)
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise PolicyError(f"{policy_name}: {shown}")
+    return chosen

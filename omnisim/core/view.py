@@ -4,8 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from omnisim.core.dispatch import Phase
-from omnisim.core.instance import InstanceState, Role
+from omnisim.core.dispatch import Phase, roles_for
+from omnisim.core.instance import InstanceState
 from omnisim.core.request import Request
 
 
@@ -24,11 +24,6 @@ class NoPrefixCache:
 
 NO_PREFIX_CACHE = NoPrefixCache()
 
-_PHASE_ROLES = {
-    Phase.PREFILL: (Role.PREFILL, Role.MIXED),
-    Phase.DECODE: (Role.DECODE, Role.MIXED),
-}
-
 
 @dataclass(frozen=True, slots=True)
 class ClusterView:
@@ -40,7 +35,7 @@ class ClusterView:
 
     def candidates(self, phase: Phase) -> tuple[InstanceState, ...]:
         """Healthy instances that serve ``phase`` (MIXED instances serve both)."""
-        roles = _PHASE_ROLES[phase]
+        roles = roles_for(phase)
         return tuple(s for s in self.instances if s.healthy and s.role in roles)
 
     def instance(self, instance_id: str) -> InstanceState:

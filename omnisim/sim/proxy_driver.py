@@ -9,13 +9,13 @@ from typing import Callable
 
 import simpy
 
-from omnisim.core import ClusterView, Phase, PrefixIndex, ProxyPolicy, Request, Role, Waiting
+from omnisim.core import (
+    ClusterView, Phase, PolicyError, PrefixIndex, ProxyPolicy, Request, Role, Waiting, validate_assignments,
+)
 from omnisim.sim.instance import Instance
 from omnisim.engine.sequence import Sequence
 
-
-class PolicyError(RuntimeError):
-    pass
+__all__ = ["PolicyError", "ProxyDriver"]  # PolicyError lives in omnisim.core; importable from here as before
 
 
 class ProxyDriver:
@@ -78,25 +78,18 @@ class ProxyDriver:
 
     def _dispatch(self, phase: Phase) -> None:
         queue = self.queues[phase]
-        out = self.policy.schedule(phase, queue, self.view())
-        if out:
-            chosen: dict[str, Instance] = {}
-            for a in out:
-                inst = self.instances.get(a.instance_id)
-                if inst is None or a.request_id in chosen:
-                    raise PolicyError(f"{type(self.policy).__name__} returned {a}: unknown instance or a request "
-                                      f"assigned twice")
-                if phase is Phase.DECODE and inst.role is Role.PREFILL:
-                    raise PolicyError(f"{type(self.policy).__name__} sent {a.request_id} to prefill instance "
-                                      f"{inst.id} in the decode phase")
-                chosen[a.request_id] = inst
+        view = self.view()
+        out = self.policy.schedule(phase, queue, view)
+        chosen = validate_assignments(type(self.policy).__name__, phase, queue, out, view.instances)
+        if chosen:
             keep = []
             now = self.env.now
             for w in queue:
-                inst = chosen.pop(w.request.id, None)
-                if inst is None:
+                instance_id = chosen.pop(w.request.id, None)
+                if instance_id is None:
                     keep.append(w)
                     continue
+                inst = self.instances[instance_id]
                 seq = self.seqs[w.request.id]
                 if phase is Phase.PREFILL:
                     seq.t_prefill_dispatch = now
@@ -109,9 +102,6 @@ class ProxyDriver:
                     seq.t_decode_dispatch = now
                     seq.decode_instance = inst.id
                     inst.submit_remote(seq, self.instances[w.source_id])
-            if chosen:
-                raise PolicyError(f"{type(self.policy).__name__} assigned requests not in the {phase.value} queue: "
-                                  f"{sorted(chosen)[:5]}")
             queue[:] = keep
         if len(queue) > self.max_queue:
             self.max_queue = len(queue)
