@@ -124,7 +124,8 @@ def test_a_stored_block_names_the_block_before_it_as_parent():
     async def main():
         engine = EmulatedEngine(RecordingModel(), block_size=16, time_scale=0.0)
         stored = []
-        engine.pool.on_stored = lambda hashes, parent: stored.append((tuple(hashes), parent))
+        engine.kv_listener = lambda events: stored.extend(
+            (e.block_hashes, e.parent_block_hash) for e in events if isinstance(e, BlockStored))
         await engine.start()
         shared = [f"s{i}" for i in range(32)]
         # Prefilled in the same step: a stores the first shared block, so b stores only its second one.

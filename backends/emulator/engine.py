@@ -1,43 +1,41 @@
-"""An emulated continuous-batching engine: vLLM v1's scheduling shape, step times from an omnisim StepTimeModel.
+"""An emulated engine: omnisim's engine scheduler (the very one the simulator runs) on asyncio's clock.
 
-Each step: schedule (running sequences first, one token for each decoding one and a chunk for each prefilling one,
-then admit waiting sequences while the token budget, ``max_num_seqs`` and the KV block pool allow), sleep the
-model's step time (scaled by ``time_scale``: 0.1 runs ten times faster than emulated time), then advance every
-scheduled sequence. A sequence that cannot grow its KV preempts the most recently admitted one (recompute, as vLLM).
+Each step: ``Scheduler.schedule`` plans it (vLLM v1's rules, written once in ``omnisim.engine``), the step-time
+model times it, the loop sleeps that long (scaled by ``time_scale``: 0.1 runs ten times faster than emulated time,
+0 as fast as possible) and ``Scheduler.complete`` applies it; then every request's waiter is woken to stream its new
+tokens. A request whose prompt KV comes from elsewhere (PD decode, ExampleConnector's shared storage) is allocated
+its blocks first, then its KV crosses a ``KVLinkQueue`` (one FIFO per source engine), then it joins the batch.
 """
 from __future__ import annotations
 
 import asyncio
 import math
-from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from backends.common.tokens import Token, block_hashes
-from backends.emulator.block_pool import BlockPool
+from omnisim.core import Request
+from omnisim.core.kv_events import KVEvent
+from omnisim.engine import BlockManager, KVLinkQueue, Scheduler
+from omnisim.engine import Sequence as CoreSequence
 
 
 @dataclass(eq=False)
 class EngineSequence:
-    """One request inside the engine. ``remote_kv``: its prompt KV arrives by transfer (PD decode side)."""
+    """One request inside the engine, as the HTTP layer sees it. ``remote_kv``: its prompt KV arrives by transfer
+    (PD decode side); ``core``: the scheduler's sequence (progress, KV, timestamps)."""
 
     rid: str
     tokens: Sequence[Token]
     max_tokens: int
-    hashes: tuple[int, ...] = ()
+    core: CoreSequence
+    engine: "EmulatedEngine"
     remote_kv: bool = False
-    num_computed: int = 0
-    generated: int = 0
-    cached_tokens: int = 0
-    preemptions: int = 0
-    held: list[int] = field(default_factory=list)
-    blocks: int = 0
-    committed_blocks: int = 0
     arrival_s: float = 0.0
-    first_token_s: float | None = None
-    finish_s: float | None = None
     done: bool = False
     error: str | None = None
+    finish_s: float | None = None
+    reported: int = 0  # generated tokens already counted in the engine's stats
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -45,12 +43,22 @@ class EngineSequence:
         return len(self.tokens)
 
     @property
-    def total_len(self) -> int:
-        return len(self.tokens) + self.generated
+    def generated(self) -> int:
+        return self.engine.sched.generated(self.core)
 
     @property
-    def pending(self) -> int:
-        return self.total_len - self.num_computed
+    def cached_tokens(self) -> int:
+        """Local prefix-cache hits at first admission (transferred KV is not a cache hit)."""
+        return self.core.cached
+
+    @property
+    def preemptions(self) -> int:
+        return self.core.preemptions
+
+    @property
+    def first_token_s(self) -> float | None:
+        t = self.core.t_first
+        return None if t != t else t
 
 
 @dataclass
@@ -67,14 +75,28 @@ class EngineStats:
     busy_s: float = 0.0
 
 
+class _TokenLink:
+    """A KV link timed per prompt token (the emulator's ``kv_transfer_s(tokens)``), for KVLinkQueue."""
+
+    latency_s = 0.0
+
+    def __init__(self, transfer_s: Callable[[int], float]) -> None:
+        self._transfer_s = transfer_s
+
+    def transfer_s(self, tokens: float) -> float:
+        return float(self._transfer_s(int(tokens)))
+
+
 class EmulatedEngine:
     def __init__(self, step_time_model: Any, *, max_num_seqs: int = 256, max_num_batched_tokens: int = 8192,
                  block_size: int = 16, kv_capacity_tokens: int = 1 << 20, enable_prefix_caching: bool = True,
-                 time_scale: float = 1.0, moe_imbalance: float = 1.0):
+                 time_scale: float = 1.0, moe_imbalance: float = 1.0, engine_policy=None):
         if time_scale < 0:
             raise ValueError(f"time_scale must be >= 0, got {time_scale}")
         if max_num_seqs < 1 or max_num_batched_tokens < 1 or block_size < 1:
             raise ValueError("max_num_seqs, max_num_batched_tokens and block_size must be >= 1")
+        if kv_capacity_tokens < block_size:
+            raise ValueError(f"kv capacity: need at least one KV block, got {kv_capacity_tokens} tokens")
         self.model = step_time_model
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -82,14 +104,44 @@ class EmulatedEngine:
         self.time_scale = time_scale
         self.moe_imbalance = moe_imbalance
         self.kv_capacity_tokens = kv_capacity_tokens
-        self.pool = BlockPool(kv_capacity_tokens // block_size, enable_prefix_caching=enable_prefix_caching)
-        self.waiting: deque[EngineSequence] = deque()
-        self.running: list[EngineSequence] = []
+        self.pool = BlockManager(kv_capacity_tokens // block_size, block_size)
+        # vLLM grows a decoding request's KV block by block: reserve one block ahead, not the simulator's 256 tokens
+        self.sched = Scheduler("emulated", self.pool, self, max_num_seqs=max_num_seqs,
+                               max_num_batched_tokens=max_num_batched_tokens,
+                               enable_prefix_caching=enable_prefix_caching, reserve_tokens=block_size,
+                               max_run_steps=1, policy=engine_policy)
         self.stats = EngineStats()
+        self._seqs: dict[str, EngineSequence] = {}  # core id -> request, while the engine holds it
+        self._links: dict[EngineSequence, KVLinkQueue] = {}  # remote requests -> the link their KV comes over
+        self._next_id = 0
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self._transfers: set[asyncio.Task] = set()
         self._t0 = 0.0
         self._deadline = 0.0
+
+    # -- what the HTTP layer reads ------------------------------------------------------------------------------
+    @property
+    def kv_listener(self) -> Callable[[Sequence[KVEvent]], None] | None:
+        return self.pool.listener
+
+    @kv_listener.setter
+    def kv_listener(self, listener: Callable[[Sequence[KVEvent]], None] | None) -> None:
+        """Receives every batch of KV events (BlockStored / BlockRemoved) the block manager publishes."""
+        self.pool.listener = listener
+
+    @property
+    def running(self) -> list[EngineSequence]:
+        s = self.sched
+        return [self._seqs[c.id] for c in (*s.prefilling, *s.running.values())]
+
+    @property
+    def waiting(self) -> list[EngineSequence]:
+        s = self.sched
+        return [self._seqs[c.id] for c in (*s.waiting, *s.remote, *s.ready)]
+
+    def kv_usage(self) -> float:
+        return self.sched.kv_usage()
 
     # -- clock: emulated seconds since start -------------------------------------------------------------------
     def now(self) -> float:
@@ -102,14 +154,15 @@ class EmulatedEngine:
         self._task = asyncio.create_task(self._loop())
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
-        for seq in [*self.waiting, *self.running]:
-            self._finish(seq, "engine stopped")
-        self.waiting.clear()
-        self.running.clear()
+        tasks = [t for t in (self._task, *self._transfers) if t is not None]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._task = None
+        self._transfers.clear()
+        for seq in list(self._seqs.values()):
+            self._end(seq, "engine stopped", self.now())
+        self._seqs.clear()
 
     # -- requests ----------------------------------------------------------------------------------------------
     def make_sequence(self, rid: str, tokens: Sequence[Token], max_tokens: int, remote_kv: bool = False
@@ -123,32 +176,82 @@ class EmulatedEngine:
         if needed > self.pool.num_blocks:
             raise ValueError(f"prompt + max_tokens = {len(tokens) + max_tokens} tokens exceed this engine's KV "
                              f"capacity of {self.pool.num_blocks * self.block_size} tokens")
-        return EngineSequence(rid, tokens, max_tokens, block_hashes(tokens, self.block_size), remote_kv)
+        bs = self.block_size
+        # Ids inside the scheduler are the engine's own: clients may reuse request ids.
+        core_id = f"{self._next_id}"
+        self._next_id += 1
+        req = Request(core_id, 0.0, len(tokens), max_tokens, block_hashes(tokens, bs), bs)
+        return EngineSequence(rid, tokens, max_tokens, CoreSequence(req, bs), self, remote_kv)
 
-    def add(self, seq: EngineSequence) -> None:
-        seq.arrival_s = self.now()
-        self.waiting.append(seq)
+    def add(self, seq: EngineSequence, link: KVLinkQueue | None = None) -> None:
+        """Queue ``seq``. A ``remote_kv`` one pulls its KV over ``link`` (a FIFO shared by the requests whose KV
+        comes from the same engine) once its blocks are allocated; no link: the KV is there at once."""
+        seq.arrival_s = now = self.now()
+        seq.core.t_prefill_dispatch = now
+        self._seqs[seq.core.id] = seq
+        if seq.remote_kv:
+            self.stats.kv_loaded += 1
+            self._links[seq] = link
+            self.sched.submit_remote(seq.core)
+        else:
+            self.sched.submit(seq.core)
         self._wake.set()
 
     def abort(self, seq: EngineSequence) -> None:
-        """Drop a sequence (client gone): frees its blocks at once."""
+        """Drop a sequence (client gone): frees its blocks at once (a transfer in flight frees them on arrival)."""
         if seq.done:
             return
-        if seq in self.waiting:
-            self.waiting.remove(seq)
-        elif seq in self.running:
-            self.running.remove(seq)
-            self._free(seq)
+        self.sched.abort(seq.core, self.now())
         self.stats.aborted += 1
-        self._finish(seq, "aborted")
+        self._end(seq, "aborted", self.now())
+
+    @staticmethod
+    def link(transfer_s: Callable[[int], float]) -> KVLinkQueue:
+        """A FIFO KV link whose transfers take ``transfer_s(prompt_tokens)`` emulated seconds."""
+        return KVLinkQueue(_TokenLink(transfer_s))
+
+    # -- what the scheduler tells its driver (omnisim.engine.EngineEvents) -------------------------------------
+    def pull_kv(self, core: CoreSequence) -> None:
+        seq = self._seqs[core.id]
+        link = self._links.pop(seq, None)
+        if link is None:
+            self.sched.kv_arrived(core)
+            return
+        now = self.now()
+        delay = link.send(now, core.prompt) - now
+        task = asyncio.get_running_loop().create_task(self._transfer(seq, delay))
+        self._transfers.add(task)
+        task.add_done_callback(self._transfers.discard)
+
+    async def _transfer(self, seq: EngineSequence, delay_s: float) -> None:
+        await asyncio.sleep(delay_s * self.time_scale)
+        seq.core.t_kv_end = self.now()
+        self.sched.kv_arrived(seq.core)
+        if seq.done:  # aborted while its KV was in flight
+            self.sched.abort(seq.core, self.now())
+        self._wake.set()
+
+    def prefilled(self, core: CoreSequence) -> None:  # pragma: no cover - emulated engines prefill locally
+        raise AssertionError("an emulated engine decodes every request it prefills (PD prefill: max_tokens=1)")
+
+    def finished(self, core: CoreSequence) -> None:
+        seq = self._seqs[core.id]
+        self._count(seq)
+        self.stats.finished += 1
+        self._end(seq, None, core.t_finish)
 
     # -- the loop ----------------------------------------------------------------------------------------------
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
+        sched = self.sched
         idle = True
         while True:
-            batch = self._schedule() if self.waiting or self.running else None
-            if not batch:  # idle (or nothing fits, which make_sequence's check rules out): never spin
+            if idle:
+                start = self.now()
+            else:  # steps of a busy period follow each other at their modelled ends
+                start = (self._deadline - self._t0) / self.time_scale if self.time_scale > 0 else self.now()
+            plan = sched.schedule(start)
+            if plan is None:  # idle: never spin
                 idle = True
                 self._wake.clear()
                 await self._wake.wait()
@@ -156,126 +259,39 @@ class EmulatedEngine:
             if idle:  # a busy period starts now
                 idle = False
                 self._deadline = loop.time()
-            step_s = self._step_time(batch)
+            step_s = float(self.model.step_time(plan.prefill_tokens, plan.prefill_attention, plan.prefill_context,
+                                                plan.decode_seqs, plan.decode_context, self.moe_imbalance))
             self.stats.steps += 1
             self.stats.busy_s += step_s
             # Steps of a busy period end at exact multiples of the model's times: a late wake-up (timer
             # granularity, a busy event loop) shortens the next sleep instead of delaying every later step.
             self._deadline += step_s * self.time_scale
             await asyncio.sleep(max(0.0, self._deadline - loop.time()))
-            self._advance(batch)
+            # Stamp the step's modelled end, not the (possibly late) wake-up time.
+            end = (self._deadline - self._t0) / self.time_scale if self.time_scale > 0 else self.now()
+            preempted = sched.n_preemptions
+            sched.complete(plan, 1, end, end)
+            self.stats.preemptions += sched.n_preemptions - preempted
+            for core in sched.running.values():
+                self._count(self._seqs[core.id])
 
-    def _schedule(self) -> list[tuple[EngineSequence, int]]:
-        budget = self.max_num_batched_tokens
-        batch: list[tuple[EngineSequence, int]] = []
-        preempted = False
-        k = 0
-        while k < len(self.running) and budget > 0:
-            seq = self.running[k]
-            chunk = min(seq.pending, budget)
-            need = math.ceil((seq.num_computed + chunk) / self.block_size) - seq.blocks
-            while need > 0 and not self.pool.grow(need):
-                preempted = True
-                victim = self.running[-1]
-                self._preempt(victim)
-                if victim is seq:  # it was the latest admitted: no one is left after it, and none is admitted
-                    return batch
-            seq.blocks += max(need, 0)
-            batch.append((seq, chunk))
-            budget -= chunk
-            k += 1
-        while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
-            if not self._admit(seq):
-                break
-            self.waiting.popleft()
-            self.running.append(seq)
-            chunk = min(seq.pending, budget)
-            batch.append((seq, chunk))
-            budget -= chunk
-        return batch
-
-    def _admit(self, seq: EngineSequence) -> bool:
-        bs = self.block_size
-        hit_blocks = self.pool.cached_prefix(seq.hashes)
-        hit_tokens = min(hit_blocks * bs, seq.num_prompt - 1)
-        hit_blocks = hit_tokens // bs
-        computed = seq.num_prompt - 1 if seq.remote_kv else hit_tokens
-        new_blocks = math.ceil(max(seq.total_len, 1) / bs) - hit_blocks
-        hits = seq.hashes[:hit_blocks]
-        if not self.pool.can_allocate(hits, new_blocks):
-            return False
-        self.pool.allocate(hits, new_blocks)
-        seq.held = list(hits)
-        seq.committed_blocks = hit_blocks
-        seq.blocks = hit_blocks + new_blocks
-        seq.num_computed = computed
-        if seq.preemptions == 0:
-            seq.cached_tokens = hit_tokens  # local prefix-cache hits only (transferred KV is not a cache hit)
-            self.stats.prefix_queries += seq.num_prompt
-            self.stats.prefix_hits += hit_tokens
-            self.stats.kv_loaded += seq.remote_kv
-        return True
-
-    def _step_time(self, batch: list[tuple[EngineSequence, int]]) -> float:
-        prefill_tokens = decode_seqs = decode_context = prefill_context = 0
-        prefill_attention = 0.0
-        for seq, chunk in batch:
-            if seq.generated > 0 and chunk == 1 and seq.pending == 1:
-                decode_seqs += 1
-                decode_context += seq.num_computed + 1
-            else:
-                prefill_tokens += chunk
-                prefill_attention += chunk * (seq.num_computed + (chunk + 1) / 2)
-                prefill_context += seq.num_computed + chunk
-        return float(self.model.step_time(prefill_tokens, prefill_attention, prefill_context, decode_seqs,
-                                          decode_context, self.moe_imbalance))
-
-    def _advance(self, batch: list[tuple[EngineSequence, int]]) -> None:
-        # Stamp the step's modelled end, not the (possibly late) wake-up time.
-        now = (self._deadline - self._t0) / self.time_scale if self.time_scale > 0 else self.now()
-        for seq, chunk in batch:
-            if seq.done:  # aborted during the step (preemption happens only while scheduling, before it)
-                continue
-            seq.num_computed += chunk
-            full = min(seq.num_computed, seq.num_prompt) // self.block_size
-            if full > seq.committed_blocks:
-                parent = seq.hashes[seq.committed_blocks - 1] if seq.committed_blocks else None
-                seq.held += self.pool.commit(seq.hashes[seq.committed_blocks:full], parent)
-                seq.committed_blocks = full
-            if seq.num_computed < seq.total_len:
-                continue
-            if seq.generated == 0 and seq.preemptions == 0:
+    def _count(self, seq: EngineSequence) -> None:
+        """Count ``seq``'s new tokens in the stats and wake its waiter."""
+        n = seq.generated
+        if n > seq.reported:
+            if seq.reported == 0:
+                # vLLM counts a prompt (and its prefix-cache query) once its prefill is done
                 self.stats.prompt_tokens += seq.num_prompt
-            seq.generated += 1
-            self.stats.generation_tokens += 1
-            if seq.first_token_s is None:
-                seq.first_token_s = now
-            if seq.generated >= seq.max_tokens:
-                self.running.remove(seq)
-                self._free(seq)
-                self.stats.finished += 1
-                self._finish(seq, None, now)
-            else:
-                seq.changed.set()
+                self.stats.prefix_queries += seq.num_prompt
+                self.stats.prefix_hits += seq.cached_tokens
+            self.stats.generation_tokens += n - seq.reported
+            seq.reported = n
+            seq.changed.set()
 
-    def _preempt(self, seq: EngineSequence) -> None:
-        self.running.remove(seq)
-        self._free(seq)
-        seq.num_computed = 0
-        seq.preemptions += 1
-        seq.remote_kv = False  # recomputed locally from now on
-        self.stats.preemptions += 1
-        self.waiting.appendleft(seq)
-
-    def _free(self, seq: EngineSequence) -> None:
-        self.pool.release(seq.held, seq.blocks - len(seq.held))
-        seq.held = []
-        seq.blocks = 0
-        seq.committed_blocks = 0
-
-    def _finish(self, seq: EngineSequence, error: str | None, now: float | None = None) -> None:
+    def _end(self, seq: EngineSequence, error: str | None, now: float) -> None:
+        self._seqs.pop(seq.core.id, None)
+        self._links.pop(seq, None)
         seq.done = True
         seq.error = error
-        seq.finish_s = self.now() if now is None else now
+        seq.finish_s = now
         seq.changed.set()

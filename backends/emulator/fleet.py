@@ -40,6 +40,7 @@ class Fleet:
                  kv_transfer_s: Callable[[int], float] | None = None, model_name: str = "omnisim-emulated",
                  max_model_len: int = 1 << 17, moe_imbalance: float = 1.0) -> None:
         store = SharedKVStore() if shared_storage else None
+        kv_links: dict = {}  # one egress FIFO per prefill engine, shared by every decode engine pulling from it
         self.servers: list[EmulatorServer] = []
         for g in groups:
             for i in range(g.count):
@@ -55,7 +56,7 @@ class Fleet:
                                         max_model_len=max_model_len,
                                         kv_events_endpoint=f"tcp://{host}:*" if kv_events else None,
                                         kv_transfer_s=kv_transfer_s if g.role == "decode" else None,
-                                        shared_store=store, kv_role=kv_role)
+                                        shared_store=store, kv_role=kv_role, kv_links=kv_links)
                 self.servers.append(server)
 
     def __getitem__(self, engine_id: str) -> EmulatorServer:

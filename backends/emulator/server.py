@@ -6,7 +6,8 @@ token is the text " x". The engine generates exactly ``max_tokens`` tokens (as v
 
 PD: a request with ``kv_transfer_params.do_remote_decode`` is prefilled, answered with one token and with
 ``kv_transfer_params`` naming this engine and the blocks; a request with ``do_remote_prefill`` skips the prefill
-compute (its KV "arrives" after ``kv_transfer_s(prompt_tokens)`` emulated seconds) and decodes. With a
+compute: the engine allocates its blocks, its KV crosses the link from ``remote_engine_id`` (``kv_transfer_s(prompt
+tokens)`` emulated seconds, one transfer after another per source engine), then it decodes. With a
 ``shared_store`` (ExampleConnector's shared storage), a ``kv_role="producer"`` engine saves every prompt it
 prefills and a ``"consumer"`` engine loads a saved prompt instead of prefilling it.
 """
@@ -26,7 +27,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from backends.common.kv_wire import KVEventPublisher
 from backends.common.tokens import block_hashes, prompt_tokens
 from backends.emulator.engine import EmulatedEngine, EngineSequence
-from omnisim.core import BlockRemoved, BlockStored
+from omnisim.engine import KVLinkQueue
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,8 @@ class EmulatorServer:
                  model_name: str = "omnisim-emulated",
                  host: str = "127.0.0.1", port: int = 0, max_model_len: int = 1 << 17,
                  kv_events_endpoint: str | None = None, kv_transfer_s: Callable[[int], float] | None = None,
-                 shared_store: SharedKVStore | None = None, kv_role: str | None = None, log_requests: int = 256):
+                 shared_store: SharedKVStore | None = None, kv_role: str | None = None, log_requests: int = 256,
+                 kv_links: dict[str, KVLinkQueue] | None = None):
         if kv_role not in (None, "producer", "consumer", "both"):
             raise ValueError(f"kv_role: expected producer, consumer, both or None, got {kv_role!r}")
         self.engine = engine
@@ -67,6 +69,8 @@ class EmulatorServer:
         self.port = port
         self.max_model_len = max_model_len
         self.kv_transfer_s = kv_transfer_s or (lambda tokens: 0.0)
+        # source engine id -> the FIFO its KV leaves through (a fleet shares one dict among its decode engines)
+        self.kv_links = {} if kv_links is None else kv_links
         self.shared_store = shared_store
         self.kv_role = kv_role
         self.healthy = True  # tests flip this to make /health fail
@@ -93,9 +97,7 @@ class EmulatorServer:
     async def start(self) -> None:
         if self._kv_events_endpoint:
             self.publisher = KVEventPublisher(self._kv_events_endpoint)
-            self.engine.pool.on_stored = lambda hashes, parent: self.publisher.publish(
-                [BlockStored(tuple(hashes), parent, self.engine.block_size)])
-            self.engine.pool.on_removed = lambda hashes: self.publisher.publish([BlockRemoved(tuple(hashes))])
+            self.engine.kv_listener = self.publisher.publish
         await self.engine.start()
         app = web.Application(client_max_size=64 << 20, middlewares=[self._dead_after_crash])
         app.router.add_post("/v1/completions", self._completions)
@@ -162,7 +164,7 @@ class EmulatorServer:
         e, lv = self.engine, self._lv
         self._g_running.labels(*lv).set(len(e.running))
         self._g_waiting.labels(*lv).set(len(e.waiting))
-        self._g_kv.labels(*lv).set(e.pool.usage())
+        self._g_kv.labels(*lv).set(e.kv_usage())
         s = e.stats
         now = (s.prompt_tokens, s.generation_tokens, s.prefix_queries, s.prefix_hits, s.preemptions)
         for counter, new, old in zip((self._c_prompt, self._c_gen, self._c_queries, self._c_hits, self._c_preempt),
@@ -236,13 +238,11 @@ class EmulatorServer:
             remote_kv = bool(kv and kv.get("do_remote_prefill"))
             if not remote_kv and self.kv_role in ("consumer", "both") and self.shared_store is not None:
                 remote_kv = self.shared_store.has(tokens)
-            if remote_kv:  # the KV crosses the link before the engine can schedule the request
-                await asyncio.sleep(self.kv_transfer_s(len(tokens)) * self.engine.time_scale)
             try:
                 seq = self.engine.make_sequence(rid, tokens, max_tokens, remote_kv)
             except ValueError as e:
                 return self._error(400, str(e))
-            self.engine.add(seq)
+            self.engine.add(seq, self._link(kv.get("remote_engine_id") if kv else None) if remote_kv else None)
             try:
                 if body.get("stream"):
                     return await self._stream(request, seq, body, chat)
@@ -252,6 +252,13 @@ class EmulatorServer:
                 raise
         finally:
             self._transports.discard(request.transport)
+
+    def _link(self, source_id: str | None) -> KVLinkQueue:
+        key = source_id or "shared-storage"
+        link = self.kv_links.get(key)
+        if link is None:
+            link = self.kv_links[key] = self.engine.link(self.kv_transfer_s)
+        return link
 
     def _finished(self, seq: EngineSequence) -> None:
         if seq.error is None:

@@ -14,7 +14,7 @@ from omnisim.core.kv_events import BlockRemoved, BlockStored, KVEvent
 
 
 class BlockManager:
-    __slots__ = ("num_blocks", "block_size", "free", "refs", "lru", "lru_blocks", "unit_blocks", "_publish")
+    __slots__ = ("num_blocks", "block_size", "free", "refs", "lru", "lru_blocks", "unit_blocks", "listener")
 
     def __init__(self, num_blocks: int, block_size: int,
                  listener: Callable[[Sequence[KVEvent]], None] | None = None) -> None:
@@ -25,7 +25,7 @@ class BlockManager:
         self.lru: OrderedDict[int, int] = OrderedDict()  # unreferenced cached unit -> its blocks, oldest first
         self.lru_blocks = 0
         self.unit_blocks: dict[int, int] = {}  # cached unit -> blocks it occupies
-        self._publish = listener
+        self.listener = listener  # receives every KVEvent batch (None: nobody listens)
 
     @property
     def available(self) -> int:
@@ -75,8 +75,8 @@ class BlockManager:
                 self.lru_blocks -= n
                 self.free += n
                 evicted.append(k)
-            if self._publish is not None:
-                self._publish((BlockRemoved(tuple(evicted)),))
+            if self.listener is not None:
+                self.listener((BlockRemoved(tuple(evicted)),))
         self.free -= blocks
         return True
 
@@ -84,20 +84,29 @@ class BlockManager:
         """Return private blocks to the pool."""
         self.free += blocks
 
-    def store(self, keys: Sequence[int], unit_blocks: int) -> list[int]:
+    def store(self, keys: Sequence[int], unit_blocks: int, parent: int | None = None) -> list[int]:
         """Turn private blocks holding freshly computed units into cached units referenced once by the caller.
 
+        ``keys`` are consecutive units of one chain and ``parent`` the unit before them (None: the chain's start).
         Returns the keys that were stored; keys already cached (computed concurrently elsewhere) are skipped and
-        their blocks stay private to the caller.
+        their blocks stay private to the caller. Each unbroken run of stored keys is published as one BlockStored
+        naming the unit right before it as its parent, as vLLM's events do.
         """
         refs, stored = self.refs, []
+        runs: list[tuple[list[int], int | None]] = []
+        before = parent
         for k in keys:
             if k not in refs:
                 refs[k] = 1
                 self.unit_blocks[k] = unit_blocks
+                if not runs or runs[-1][0][-1] != before:
+                    runs.append(([], before))
+                runs[-1][0].append(k)
                 stored.append(k)
-        if stored and self._publish is not None:
-            self._publish((BlockStored(tuple(stored), block_size=self.block_size * unit_blocks),))
+            before = k
+        if stored and self.listener is not None:
+            size = self.block_size * unit_blocks
+            self.listener(tuple(BlockStored(tuple(run), run_parent, size) for run, run_parent in runs))
         return stored
 
     def release(self, keys: Sequence[int]) -> None:

@@ -174,8 +174,9 @@ class Scheduler:
         self.dirty = True
         return bool(self.waiting)
 
-    def abort(self, seq: Sequence) -> bool:
-        """Drop ``seq`` wherever it is (between steps): its KV is freed. False if it is not here."""
+    def abort(self, seq: Sequence, now: float) -> bool:
+        """Drop ``seq`` wherever it is, also during a step (its part of that step is then discarded): its KV is
+        freed at once and its finish time set. False if it is not here (finished, or its KV is in transit)."""
         if seq in self.waiting:
             self.waiting.remove(seq)
             self.pending_prefill -= seq.prefill_target - seq.computed - seq.expected_hit
@@ -199,6 +200,7 @@ class Scheduler:
             self._free(seq)
         else:
             return False
+        seq.t_finish = now
         self.dirty = True
         return True
 
@@ -326,6 +328,8 @@ class Scheduler:
         if chunks:
             pt = 0
             for seq, c in chunks:
+                if seq.t_finish == seq.t_finish:  # aborted during the step
+                    continue
                 pt += c
                 seq.computed += c
                 if seq.computed >= seq.prefill_target:
@@ -340,7 +344,8 @@ class Scheduler:
     def _prefilled(self, seq: Sequence, now: float) -> None:
         self.prefilling.remove(seq)
         if seq.keys and self.caching and len(seq.held_keys) < len(seq.keys):
-            stored = self.bm.store(seq.keys[len(seq.held_keys):], seq.unit_blocks)
+            m = len(seq.held_keys)
+            stored = self.bm.store(seq.keys[m:], seq.unit_blocks, seq.keys[m - 1] if m else None)
             if stored:
                 seq.held_keys = seq.held_keys + tuple(stored)
                 seq.private_blocks -= len(stored) * seq.unit_blocks
