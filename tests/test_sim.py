@@ -119,6 +119,19 @@ def test_requests_longer_than_max_model_len_are_rejected_and_counted():
     assert bad.finish_s.isna().all()
 
 
+def test_max_model_len_bounds_prompt_plus_output_not_the_prompt_alone():
+    from omnisim.core import Request
+
+    class Two(Workload):
+        def requests(self):
+            yield Request("fits", 0.0, 8000, 192)  # 8,192 = max_model_len exactly
+            yield Request("too_long", 0.1, 200, 7993)  # a short prompt, but 8,193 tokens in all
+
+    r = run(experiment(colocated(), Two()))[1].records.set_index("request_id")
+    assert r.loc["fits", "status"] == "ok" and r.loc["too_long", "status"] == "error"
+    assert "max_model_len" in r.loc["too_long", "error"]
+
+
 def test_kv_that_cannot_hold_one_sequence_fails_at_build():
     with pytest.raises(ValueError, match="max_model_len"):
         Simulation(experiment(colocated(kv=4000)))
