@@ -310,6 +310,28 @@ def test_prefix_index_from_kv_events_or_routing_history(source):
     run(main())
 
 
+def test_the_prefix_source_decides_where_request_hashes_come_from():
+    from backends.proxy.prefix_source import (
+        KVEventPrefixSource, NoPrefixSource, RoutingHistoryPrefixSource, prefix_source,
+    )
+    from backends.proxy.request_parser import RequestParser
+
+    ups = (Upstream("http://127.0.0.1:1", kv_events="tcp://127.0.0.1:1"),)
+    words = [f"w{i}" for i in range(40)]
+    body = {"prompt": " ".join(words), "max_tokens": 2}
+    given = {"X-Prefix-Hashes": "7,8", "X-Hash-Block-Tokens": "512"}
+    own = block_hashes(words, 16)
+    for source, kind, with_header, without in [("history", RoutingHistoryPrefixSource, (7, 8), own),
+                                               ("kv_events", KVEventPrefixSource, own, own),
+                                               ("none", NoPrefixSource, (), ())]:
+        config = ProxyConfig(upstreams=ups, prefix_source=source)
+        chosen = prefix_source(config, exact_tokens=False)
+        assert type(chosen) is kind and chosen.name == source and chosen.block_map is None
+        parser = RequestParser(config, chosen, None, lambda: 0.0, set())
+        assert parser.parse(given, body, "completions").prefix_hashes == with_header, source
+        assert parser.parse({}, body, "completions").prefix_hashes == without, source
+
+
 # -- limits and bad input ----------------------------------------------------------------------------------------
 
 def test_bad_requests_are_refused_with_clear_errors():
@@ -354,13 +376,13 @@ def test_overload_answers_429_and_503_with_retry_after():
     async def main():
         async with cluster(mixed=1, model=SLOW, max_inflight=1) as (fleet, proxy, s):
             slow = asyncio.create_task(post(s, proxy.url, {"prompt": "a", "max_tokens": 20}))
-            await wait_until(lambda: proxy._inflight == 1)
+            await wait_until(lambda: proxy.api.inflight == 1)
             status, headers, _ = await post(s, proxy.url, {"prompt": "a", "max_tokens": 1})
             assert status == 429 and headers["Retry-After"] == "1"
             assert (await slow)[0] == 200
         async with cluster(mixed=1, policy=HoldAll(), max_queued=1, queue_timeout_s=0.3) as (fleet, proxy, s):
             held = asyncio.create_task(post(s, proxy.url, {"prompt": "a", "max_tokens": 1}))
-            await wait_until(lambda: len(proxy._queues[Phase.PREFILL]) == 1)
+            await wait_until(lambda: len(proxy.dispatcher.queues[Phase.PREFILL]) == 1)
             status, headers, text = await post(s, proxy.url, {"prompt": "a", "max_tokens": 1})
             assert status == 503 and "Retry-After" in headers and "queue full" in text
             status, headers, text = await held  # then the held one times out

@@ -1,0 +1,200 @@
+"""One attempt at serving a request through the engines, in vLLM's PD protocol.
+
+Disaggregated (the policy put the PREFILL phase on a prefill instance): the prefill request goes with
+``max_tokens=1``, ``stream=false`` and ``kv_transfer_params={"do_remote_decode": true, ...}``; then, once the
+DECODE phase is assigned, the decode request carries the ``kv_transfer_params`` that prefill returned
+(``pd_mode="shared_storage"``: no params either way, the decode instance loads what prefill stored). Colocated (a
+MIXED or DECODE instance got the PREFILL phase): the client's request goes there whole. The answer, streamed (SSE)
+or not, is relayed to the client as it comes.
+
+Failures: an upstream that refuses the connection, answers 5xx or drops the connection before the client got any
+byte raises Retry (a refused connection also takes it out of rotation); once bytes have reached the client, a
+failure ends the stream with an SSE ``error`` event (never a silent truncation: no ``[DONE]`` follows). A client
+that disconnects cancels its upstream request.
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import Callable
+
+import aiohttp
+import msgspec
+from aiohttp import web
+
+from backends.proxy.dispatcher import Dispatcher
+from backends.proxy.errors import Retry, UpstreamAnswer
+from backends.proxy.prefix_source import PrefixSource
+from backends.proxy.proxy_metrics import ProxyMetrics
+from backends.proxy.request_timing import RequestTiming
+from backends.proxy.reservation import Reservation
+from backends.proxy.upstream_state import UpstreamState
+from omnisim.core import BatchSample, Phase, Request, Role
+
+_json_decode = msgspec.json.Decoder().decode
+_json_encode = msgspec.json.Encoder().encode
+# Every header the upstream request needs, given up front so aiohttp adds no defaults of its own per request.
+_UPSTREAM_HEADERS = {"Content-Type": "application/json", "Accept": "*/*", "Accept-Encoding": "identity",
+                     "User-Agent": "omnisim-proxy"}
+PATHS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
+PREFILL_PARAMS = {"do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None,
+                  "remote_block_ids": None, "remote_host": None, "remote_port": None}
+_UPSTREAM_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
+
+
+class PDProtocol:
+    def __init__(self, session: aiohttp.ClientSession, dispatcher: Dispatcher, prefix: PrefixSource,
+                 metrics: ProxyMetrics, pd_mode: str, health_failures: int, clock: Callable[[], float]) -> None:
+        """``clock``: the event loop's time (timings, observed step durations)."""
+        self.session = session
+        self.dispatcher = dispatcher
+        self.prefix = prefix
+        self.metrics = metrics
+        self.kv_transfer_params = pd_mode == "kv_transfer_params"
+        self.health_failures = health_failures
+        self.clock = clock
+
+    async def serve(self, request: web.Request, endpoint: str, body: dict, raw: bytes, req: Request,
+                    timing: RequestTiming) -> web.StreamResponse:
+        """``raw``: the client's body as received; it goes upstream unchanged wherever the body is unchanged."""
+        d = self.dispatcher
+        reservation = await d.assign(Phase.PREFILL, req, None)
+        up = reservation.up
+        timing.predicted_cached_tokens = reservation.cached if req.prefix_hashes else None
+        path = PATHS[endpoint]
+        if up.role is not Role.PREFILL:  # colocated, or served whole by a decode instance
+            timing.decode_instance = up.id
+            timing.decode_dispatch = self.clock()
+            return await self._final(request, endpoint, path, reservation, body, raw, req, timing)
+        timing.prefill_instance = up.id
+        timing.prefill_dispatch = self.clock()
+        kv_params = await self._prefill(reservation, path, body, req, timing)
+        timing.prefill_end = self.clock()
+        reservation = await d.assign(Phase.DECODE, req, up.id)
+        timing.decode_instance = reservation.up.id
+        timing.decode_dispatch = self.clock()
+        if self.kv_transfer_params:
+            raw = _json_encode({**body, "kv_transfer_params": kv_params})
+        return await self._final(request, endpoint, path, reservation, body, raw, req, timing)
+
+    @staticmethod
+    def _upstream_headers(req: Request) -> dict[str, str]:
+        return {"X-Request-Id": req.id, **_UPSTREAM_HEADERS}
+
+    async def _prefill(self, reservation: Reservation, path: str, body: dict, req: Request, timing: RequestTiming
+                       ) -> dict | None:
+        up = reservation.up
+        pbody = {k: v for k, v in body.items() if k not in ("stream_options", "min_tokens")}
+        pbody["max_tokens"] = 1
+        if "max_completion_tokens" in body:
+            pbody["max_completion_tokens"] = 1
+        pbody["stream"] = False
+        if self.kv_transfer_params:
+            pbody["kv_transfer_params"] = dict(PREFILL_PARAMS)
+        started = self.clock()
+        try:
+            async with self.session.post(up.endpoint(path), data=_json_encode(pbody),
+                                         headers=self._upstream_headers(req)) as resp:
+                data = await resp.read()
+                status = resp.status
+                content_type = resp.content_type
+            if status == 200 and reservation.alone and up.outstanding == 1:
+                up.observed(BatchSample(self.clock() - started, reservation.prompt, 0))
+        except _UPSTREAM_ERRORS as e:
+            self._failed(up, e)
+            raise Retry(f"prefill on {up.id}: {type(e).__name__}: {e}") from None
+        finally:
+            self.dispatcher.release(reservation)
+        if status >= 500:
+            self.metrics.errors.labels("upstream_5xx").inc()
+            raise Retry(f"prefill on {up.id}: HTTP {status}")
+        if status != 200:
+            raise UpstreamAnswer(status, data, content_type)
+        try:
+            answer = _json_decode(data)
+            params = answer.get("kv_transfer_params")
+            cached = ((answer.get("usage") or {}).get("prompt_tokens_details") or {}).get("cached_tokens")
+            timing.prefill_cached_tokens = cached if isinstance(cached, int) else None
+        except (msgspec.DecodeError, AttributeError):
+            params = None
+        if not self.kv_transfer_params:
+            return None
+        if not isinstance(params, dict):
+            self.metrics.errors.labels("no_kv_transfer_params").inc()
+            raise Retry(f"prefill on {up.id} returned no kv_transfer_params (is its KV connector a producer?)")
+        return params
+
+    def _failed(self, up: UpstreamState, error: BaseException) -> None:
+        self.metrics.errors.labels("upstream").inc()
+        # Only a refused or unreachable connection proves the engine is gone. A dropped connection can be a pooled
+        # keep-alive socket the engine closed as we reused it (seen with vLLM's uvicorn under load): the request is
+        # retried, and the health checks decide about the engine.
+        if isinstance(error, (aiohttp.ClientConnectorError, ConnectionRefusedError)):
+            up.connection_failed(self.health_failures)  # back after its next passing health check
+            self.prefix.engine_lost(up.id)  # a restarted engine starts with an empty cache
+
+    async def _final(self, request: web.Request, endpoint: str, path: str, reservation: Reservation, body: dict,
+                     data: bytes, req: Request, timing: RequestTiming) -> web.StreamResponse:
+        """Send ``data`` (``body`` encoded) to the instance that generates the answer and relay the answer."""
+        up = reservation.up
+        try:
+            async with self.session.post(up.endpoint(path), data=data,
+                                         headers=self._upstream_headers(req)) as resp:
+                if resp.status >= 500:
+                    self.metrics.errors.labels("upstream_5xx").inc()
+                    raise Retry(f"{up.id}: HTTP {resp.status}")
+                if resp.status != 200:
+                    raise UpstreamAnswer(resp.status, await resp.read(), resp.content_type)
+                if not body.get("stream"):
+                    data = await resp.read()
+                    elapsed = self.clock() - timing.received
+                    self.metrics.ttft.observe(elapsed)
+                    self.metrics.e2e.observe(elapsed)
+                    self.metrics.answered(endpoint, 200)
+                    return web.Response(body=data, content_type="application/json", headers=timing.headers())
+                return await self._relay(request, endpoint, resp, reservation, timing)
+        except _UPSTREAM_ERRORS as e:
+            self._failed(up, e)
+            raise Retry(f"{up.id}: {type(e).__name__}: {e}") from None
+        finally:
+            self.dispatcher.release(reservation)
+
+    async def _relay(self, request: web.Request, endpoint: str, resp: aiohttp.ClientResponse,
+                     reservation: Reservation, timing: RequestTiming) -> web.StreamResponse:
+        """Stream SSE bytes as they come. Before the first byte an upstream failure propagates (the caller
+        retries); after it, the client gets an SSE error event and no [DONE]."""
+        chunk = await resp.content.readany()  # failures here propagate: nothing was sent yet
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                               **timing.headers()})
+        await response.prepare(request)
+        self.metrics.ttft.observe(self.clock() - timing.received)
+        reservation.prompt_done()
+        up = reservation.up
+        arrivals = []
+        while chunk:
+            arrivals.append(self.clock())
+            try:
+                await response.write(chunk)
+            except (ConnectionError, RuntimeError):  # the client left: drop the upstream request too
+                resp.close()
+                self.metrics.errors.labels("client_disconnected").inc()
+                return response
+            try:
+                chunk = await resp.content.readany()
+            except _UPSTREAM_ERRORS as e:
+                self._failed(up, e)
+                self.metrics.errors.labels("midstream").inc()
+                self.metrics.answered(endpoint, 502)
+                err = {"error": {"message": f"upstream {up.id} failed mid-stream: {type(e).__name__}: {e}",
+                                 "type": "upstream_error", "code": 502}}
+                try:
+                    await response.write(b"\n\ndata: " + _json_encode(err) + b"\n\n")
+                except (ConnectionError, RuntimeError):
+                    pass  # the client is gone too
+                return response
+        await response.write_eof()
+        self.metrics.e2e.observe(self.clock() - timing.received)
+        self.metrics.answered(endpoint, 200)
+        if len(arrivals) >= 4:  # one chunk per decode step: the median gap is the step time
+            gaps = sorted(b - a for a, b in zip(arrivals, arrivals[1:]))
+            up.observed(BatchSample(gaps[len(gaps) // 2], 0, up.outstanding))
+        return response
