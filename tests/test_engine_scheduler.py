@@ -300,3 +300,26 @@ def test_kv_link_queue_is_fifo_on_bandwidth_with_overlapping_latency():
     assert q.send(0.0, 1e9) == pytest.approx(1.1)  # latency + bytes / bandwidth
     assert q.send(0.5, 1e9) == pytest.approx(2.1)  # waits for the first transfer's bytes, not its latency
     assert q.send(5.0, 1e9) == pytest.approx(6.1)  # an idle link starts at once
+
+
+def test_the_engine_model_is_pure():
+    """No SimPy, asyncio, HTTP or simulator inside omnisim.engine: both drivers can run it."""
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    code = textwrap.dedent("""
+        import sys
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in {"simpy", "asyncio", "aiohttp", "vllm", "torch", "hydra", "pandas",
+                                          "backends"} or name.startswith("omnisim.sim"):
+                    raise ImportError(f"blocked: {name}")
+        sys.meta_path.insert(0, Block())
+        import omnisim.engine
+        print("ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

@@ -336,7 +336,8 @@ class Scheduler:
                     self._prefilled(seq, now)
             self.pending_prefill -= pt
             self.prefill_tokens_done += pt
-        usage = self.kv_usage()
+        bm = self.bm
+        usage = (bm.num_blocks - bm.free - bm.lru_blocks) / bm.num_blocks
         if usage > self.peak_kv_usage:
             self.peak_kv_usage = usage
         self.dirty = True

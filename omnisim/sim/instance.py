@@ -172,11 +172,11 @@ class Instance:
     def _complete(self, now: float) -> None:
         """Apply the step or run of steps that ends at ``now``."""
         run, plan = self.run, self.plan
-        k = run.k
-        duration = run.duration
+        k, a = run.k, run.a
+        duration = k * a + run.b * k * (k - 1) / 2
         self.busy_s += duration
         self.n_steps += k
-        self.sched.complete(plan, k, now, run.first_step_end)
+        self.sched.complete(plan, k, now, run.t0 + a)
         if plan.chunks:
             self.recent.append(BatchSample(duration, plan.prefill_tokens, plan.decode_seqs))
         else:
