@@ -7,6 +7,13 @@ from omnisim.core.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, 
 from omnisim.core.request import Request
 
 
+def reusable_units(matched: int, tokens: int, unit_tokens: int) -> int:
+    """Of ``matched`` leading cached units (``unit_tokens`` tokens each), how many a prefill of ``tokens`` tokens
+    reuses: as in vLLM, whole units only, and never the last token (it produces the first logits). Every driver
+    (the engine scheduler, the event-fed index, the proxy's routing history) counts cache hits with this rule."""
+    return min(matched, (tokens - 1) // unit_tokens)
+
+
 def reusable_tokens(request: Request, blocks: Container[int]) -> int:
     """Prompt tokens of ``request`` a cache holding ``blocks`` lets its prefill skip: the leading run of its prefix
     hashes found in ``blocks``, in whole blocks, never the last prompt token (it produces the first logits), as in
@@ -19,7 +26,7 @@ def reusable_tokens(request: Request, blocks: Container[int]) -> int:
         if key not in blocks:
             break
         n += 1
-    return min(n, (request.prompt_tokens - 1) // h) * h
+    return reusable_units(n, request.prompt_tokens, h) * h
 
 
 class PrefixIndex:

@@ -29,6 +29,7 @@ from collections import deque
 from typing import Protocol
 
 from omnisim.core.engine_policy import PrefillPolicy, QueuedPrompt
+from omnisim.core.prefix_index import reusable_units
 from omnisim.engine.block_manager import BlockManager
 from omnisim.engine.sequence import Sequence
 
@@ -287,7 +288,7 @@ class Scheduler:
         never the last prompt token (it produces the first logits)."""
         if not (seq.keys and self.caching):
             return 0
-        return min(self.bm.match(seq.keys), (seq.prefill_target - 1) // (seq.unit_blocks * self.block_size))
+        return reusable_units(self.bm.match(seq.keys), seq.prefill_target, seq.unit_blocks * self.block_size)
 
     def _allocate(self, seq: Sequence, now: float) -> bool:
         bm, B = self.bm, self.block_size

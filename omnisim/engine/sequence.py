@@ -1,4 +1,4 @@
-"""A request's life inside the simulator: progress counters and the timestamps that become its record."""
+"""A request's life inside an engine (simulated or emulated): progress counters and the timestamps of its record."""
 from __future__ import annotations
 
 import math
