@@ -22,7 +22,7 @@ from backends.proxy.proxy_metrics import ProxyMetrics
 from backends.proxy.reservation import Reservation
 from backends.proxy.upstream_state import UpstreamState
 from omnisim.core import (
-    ClusterView, Phase, PolicyError, ProxyPolicy, Request, Role, Waiting, serves, validate_assignments,
+    ClusterView, Phase, PolicyError, ProxyPolicy, Request, Role, Waiting, roles_for, validate_assignments,
 )
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,8 @@ class Dispatcher:
         """Queue ``request`` for ``phase`` and wait until the policy assigns it; its reservation there.
         ``source``: in the DECODE phase, the prefill instance that holds its KV. Raises Reject (503) when no
         healthy instance serves the phase, the request is held too long, or the policy failed on it."""
-        if not any(u.healthy and serves(u.role, phase) for u in self.upstreams.values()):  # == view.candidates
+        roles = roles_for(phase)
+        if not any(u.healthy and u.role in roles for u in self.upstreams.values()):  # == view.candidates(phase)
             raise Reject(503, f"no healthy instance for the {phase.value} phase", "no_instance", True)
         future = self._loop.create_future()
         self.queues[phase][request.id] = _Pending(Waiting(request, self.now_s(), source), future)
