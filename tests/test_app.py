@@ -13,6 +13,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from omnisim.app import CONF_DIR, build_experiment, run_experiment
+from omnisim.core import PROTOCOL_VERSION
 
 ROOT = Path(CONF_DIR).parent
 TRACES = ROOT.parent / "shared" / "traces"
@@ -66,6 +67,7 @@ def test_run_writes_a_complete_directory_and_the_seed_fixes_it(tmp_path):
     assert set(summary["ttft_s"]) >= {"mean", "p50", "p90", "p99"}
     assert summary["requests"] == summary["completed"] == 60
     on_disk = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert summary["protocol_version"] == on_disk["protocol_version"] == PROTOCOL_VERSION
     assert on_disk["completed"] == 60 and sorted((tmp_path / "a" / "plots").glob("*.png"))
     a, b, c = (pd.read_parquet(tmp_path / d / "requests.parquet") for d in "abc")
     pd.testing.assert_frame_equal(a, b)
@@ -86,7 +88,8 @@ def test_command_line_run_prints_the_summary(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "TTFT" in out.stdout and "goodput" in out.stdout
     assert (tmp_path / "run" / ".hydra" / "config.yaml").exists()
-    assert json.loads((tmp_path / "run" / "summary.json").read_text())["completed"] == 30
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["completed"] == 30 and summary["protocol_version"] == PROTOCOL_VERSION
 
 
 def test_multirun_with_the_joblib_launcher(tmp_path):

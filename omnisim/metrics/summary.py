@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pandas as pd
 
+from omnisim.core import PROTOCOL_VERSION
 from omnisim.metrics.instances import utilisation
 from omnisim.metrics.latency import request_latencies
 from omnisim.metrics.records import validate_records
@@ -38,6 +39,7 @@ def summarize(records: pd.DataFrame, slo: SLO, instances: pd.DataFrame | None = 
     - prefix_hit_rate = sum(cached_tokens) / sum(prompt_tokens) over completed requests.
     - prefill_instances / decode_instances: requests per instance id (any status, "" left out).
     - With ``instances`` (instance_id, role, busy_s, duration_s): utilisation = mean busy_s / duration_s per role.
+    - protocol_version: omnisim.core.PROTOCOL_VERSION, the version of the policy protocol the run was made with.
     """
     validate_records(records)
     ok = (records["status"] == "ok").to_numpy(dtype=bool)
@@ -60,6 +62,7 @@ def summarize(records: pd.DataFrame, slo: SLO, instances: pd.DataFrame | None = 
     prompt_sum = int(col["prompt_tokens"].sum())
 
     summary = {
+        "protocol_version": PROTOCOL_VERSION,
         "requests": int(len(records)),
         "completed": completed,
         "dropped": int((records["status"] == "dropped").sum()),
