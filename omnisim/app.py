@@ -1,9 +1,13 @@
 """The ``omnisim`` command: a Hydra app that instantiates one experiment and runs it on the chosen backend.
 
-This is the only module that calls ``hydra.utils.instantiate``; every constructor receives plain values.
+This is the only module that calls ``hydra.utils.instantiate``; every constructor receives plain values. It also
+composes single options (``compose_option``, ``instantiate_node``) for the command-line tools and processes that
+take one group's node rather than the whole app config (omnisim-proxy, the load generator, omnisim-placement,
+vLLM's EPLB plugin), so it imports the simulator and the metrics only where a whole experiment is built.
 """
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 
@@ -11,9 +15,6 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-
-from omnisim.experiment import Experiment, RunResult
-from omnisim.metrics import format_summary, summarize, write_run
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 log = logging.getLogger("omnisim")
@@ -29,9 +30,14 @@ def _build(cfg: DictConfig, key: str):
         raise ValueError(f"config group '{key}': {e}") from e
 
 
-def build_experiment(cfg: DictConfig) -> tuple[Experiment, object]:
-    """Instantiate every group of a composed config: (experiment, backend)."""
+def build_experiment(cfg: DictConfig) -> tuple:
+    """Instantiate every group of a composed config: (experiment, backend). ``options["placement_config"]`` is the
+    resolved placement node (plain values), for backends that rebuild the policy in another process (vLLM's EPLB)."""
+    from omnisim.experiment import Experiment
+
     options = {k: _build(cfg, k) for k in ("expert_load", "rebalance") if cfg.get(k) is not None}
+    if cfg.get("placement") is not None:
+        options["placement_config"] = OmegaConf.to_container(cfg.placement, resolve=True)
     experiment = Experiment(
         name=str(cfg.name), seed=int(cfg.seed), model=_build(cfg, "model"), hardware=_build(cfg, "hardware"),
         cluster=_build(cfg, "cluster"), workload=_build(cfg, "workload"), proxy=_build(cfg, "proxy"),
@@ -40,8 +46,10 @@ def build_experiment(cfg: DictConfig) -> tuple[Experiment, object]:
 
 
 def run_experiment(cfg: DictConfig, out_dir: Path) -> dict:
+    from omnisim.metrics import summarize, write_run
+
     experiment, backend = build_experiment(cfg)
-    result: RunResult = backend.run(experiment, out_dir)
+    result = backend.run(experiment, out_dir)
     summary = summarize(result.records, experiment.slo, result.instances)
     summary.update(result.extra)
     summary["name"] = experiment.name
@@ -50,15 +58,62 @@ def run_experiment(cfg: DictConfig, out_dir: Path) -> dict:
     return summary
 
 
+def _compose(config_name: str):
+    """Hydra's composition of one config of conf/ (or of the ConfigStore), inside the app or a caller's
+    ``initialize_config_dir(CONF_DIR)`` when there is one."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():
+        return compose(config_name)
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name)
+
+
+def config_options(group: str) -> list[str]:
+    """The options of conf/<group>/ (``group`` may be nested, e.g. ``cluster/group``), sorted."""
+    return sorted(p.stem for p in Path(CONF_DIR, group).glob("*.yaml"))
+
+
+def compose_option(group: str, option: str) -> dict:
+    """conf/<group>/<option>.yaml as the app composes it (its defaults list applied: nested nodes, base options),
+    unresolved (``${seed}`` stays), as plain data. ``group`` may be nested, e.g. ``cluster/group``."""
+    if not Path(CONF_DIR, group, f"{option}.yaml").is_file():
+        raise ValueError(f"no conf/{group}/{option}.yaml; known: {config_options(group)}")
+    node = _compose(f"{group}/{option}")
+    for key in group.split("/"):
+        node = node[key]
+    return OmegaConf.to_container(node, resolve=False)
+
+
+_NODE_NAME = "_omnisim_node"
+
+
+def compose_node(node):
+    """``node`` with its ``defaults`` list applied as Hydra applies it to a conf/ file: a conf/<group>/*.yaml file
+    loaded as it is (conf/ defaults lists name absolute groups, ``/group@key: option`` and ``/group/option@_here_``,
+    so they compose the same outside their group). A node without a defaults list is returned unchanged."""
+    data = OmegaConf.to_container(node, resolve=False) if OmegaConf.is_config(node) else node
+    if not isinstance(data, dict) or "defaults" not in data:
+        return node
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name=_NODE_NAME, node=copy.deepcopy(data))
+    return OmegaConf.to_container(_compose(_NODE_NAME), resolve=False)
+
+
 def instantiate_node(node, seed: int):
-    """Instantiate one config node (a conf/<group>/<option>.yaml) with ``${seed}`` resolved: for command-line
-    tools that take a single group's file rather than the whole app config."""
-    root = OmegaConf.create({"seed": seed, "node": node})
+    """Instantiate one config node (a conf/<group>/<option>.yaml, its defaults list applied) with ``${seed}``
+    resolved: for command-line tools and processes that take a single group's node rather than the whole app
+    config."""
+    root = OmegaConf.create({"seed": seed, "node": compose_node(node)})
     return instantiate(root.node, _convert_="all")
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> float | None:
+    from omnisim.metrics import format_summary
+
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     summary = run_experiment(cfg, out_dir)
     print(format_summary(summary))

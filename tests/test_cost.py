@@ -1,16 +1,16 @@
 """Cost model: model/hardware specs from conf/, roofline step times, KV capacity."""
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 
 import numpy as np
 import pytest
-from hydra.utils import get_class, instantiate
-from omegaconf import OmegaConf
+from hydra.utils import instantiate
 
+from omnisim.app import compose_option
 from omnisim.cost import (HardwareSpec, ModelSpec, Parallelism, RooflineModel, kv_capacity_tokens,
                           weight_bytes_per_device)
+from tests.config_keys import check_keys
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
@@ -18,7 +18,7 @@ HARDWARE = sorted(p.stem for p in (CONF / "hardware").glob("*.yaml"))
 
 
 def load(group: str, name: str):
-    return instantiate(OmegaConf.load(CONF / group / f"{name}.yaml"))
+    return instantiate(compose_option(group, name))  # defaults list applied (deepseek_v3 is deepseek_r1 renamed)
 
 
 # ---- configs --------------------------------------------------------------------------------------------------------
@@ -30,19 +30,17 @@ def test_every_model_and_hardware_listed_in_the_brief_exists():
 
 @pytest.mark.parametrize("group,name", [("model", n) for n in MODELS] + [("hardware", n) for n in HARDWARE])
 def test_config_instantiates_with_exactly_constructor_keys(group, name):
-    cfg = OmegaConf.load(CONF / group / f"{name}.yaml")
+    cfg = compose_option(group, name)
     spec = instantiate(cfg)
     assert isinstance(spec, ModelSpec if group == "model" else HardwareSpec)
     assert spec.name == name
-    params = set(inspect.signature(type(spec)).parameters)
-    assert set(cfg) - {"_target_"} == params
+    check_keys(cfg, f"{group}/{name}", group)
 
 
 @pytest.mark.parametrize("name", ["roofline", "table"])
 def test_cost_configs_build_a_step_time_model_per_instance_group(name):
-    cfg = OmegaConf.load(CONF / "cost" / f"{name}.yaml")
-    params = set(inspect.signature(get_class(cfg._target_)).parameters) - {"model", "hardware", "parallel"}
-    assert set(cfg) - {"_target_", "_partial_"} == params  # the app adds model, hardware, parallel
+    cfg = compose_option("cost", name)
+    check_keys(cfg, f"cost/{name}", "cost")  # less model, hardware, parallel: the app adds them
     make = instantiate(cfg)
     cost = make(model=load("model", "tiny_llama"), hardware=load("hardware", "cpu"), parallel=Parallelism())
     small, big = cost.step_time(0, 0.0, 0, 1, 100), cost.step_time(0, 0.0, 0, 64, 64 * 1000)

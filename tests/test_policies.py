@@ -3,16 +3,17 @@ its constructor's arguments. The policy packages (proxy and placement) import no
 library and numpy."""
 from __future__ import annotations
 
-import inspect
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from hydra.utils import get_class, instantiate
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from omnisim.app import compose_option
 from omnisim.core.conformance import check_proxy_policy, source_violations
+from tests.config_keys import check_keys
 
 ROOT = Path(__file__).resolve().parents[1]
 PROXY_CONFS = sorted((ROOT / "conf" / "proxy").glob("*.yaml"))
@@ -21,7 +22,7 @@ EXPECTED = {"random", "round_robin", "least_load", "least_requests", "power_of_t
 
 
 def build(path: Path, seed: int):
-    cfg = OmegaConf.merge({"seed": seed}, {"proxy": OmegaConf.load(path)})
+    cfg = OmegaConf.merge({"seed": seed}, {"proxy": compose_option("proxy", path.stem)})  # defaults list applied
     return instantiate(cfg.proxy)
 
 
@@ -34,21 +35,9 @@ def test_config_passes_conformance(path):
     check_proxy_policy(lambda seed: build(path, seed), calls=150)
 
 
-def _check_keys(node: dict, where: str) -> None:
-    cls = get_class(node["_target_"])
-    params = {n for n, p in inspect.signature(cls).parameters.items() if p.kind is p.POSITIONAL_OR_KEYWORD}
-    keys = set(node) - {"_target_"}
-    assert keys == params, f"{where}: keys {sorted(keys)} != {cls.__name__} arguments {sorted(params)}"
-    if "seed" in params:
-        assert node["seed"] == "${seed}", f"{where}: seed must be ${{seed}}"
-    for key in keys:
-        if isinstance(node[key], dict) and "_target_" in node[key]:
-            _check_keys(node[key], f"{where}.{key}")
-
-
 @pytest.mark.parametrize("path", PROXY_CONFS, ids=lambda p: p.stem)
 def test_config_keys_are_the_constructor_arguments(path):
-    _check_keys(OmegaConf.to_container(OmegaConf.load(path), resolve=False), path.name)
+    check_keys(compose_option("proxy", path.stem), path.name, "proxy")
 
 
 def test_unknown_config_key_fails():

@@ -18,6 +18,7 @@ from backends.common.tokens import block_hashes
 from backends.emulator import EngineGroup, Fleet, LinearStepTime
 from backends.proxy import Proxy, ProxyConfig, ProxyThread, Upstream
 from backends.proxy.upstream_state import UpstreamState
+from omnisim.app import compose_option
 from omnisim.core import Assignment, BatchSample, Phase, Request
 from omnisim.policies import RoundRobin
 
@@ -134,7 +135,7 @@ POLICIES = sorted(p.stem for p in (REPO / "conf" / "proxy").glob("*.yaml"))
 
 
 def make_policy(name: str, seed: int = 0):
-    root = OmegaConf.create({"seed": seed, "proxy": OmegaConf.load(REPO / "conf" / "proxy" / f"{name}.yaml")})
+    root = OmegaConf.create({"seed": seed, "proxy": compose_option("proxy", name)})  # defaults list applied
     return instantiate(root.proxy, _convert_="all")
 
 

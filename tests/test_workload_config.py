@@ -1,58 +1,56 @@
-"""conf/workload/*.yaml compose under Hydra and instantiate the right objects with the command-line names users use."""
+"""conf/workload/*.yaml compose under Hydra and instantiate the right objects with the command-line names users use.
+(That every option's keys are exactly its constructor's arguments: tests/test_app.py, with tests/config_keys.py.)"""
 from __future__ import annotations
 
-import inspect
 import hydra
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from omnisim.app import compose_option, config_options
 from omnisim.workload import REPO_ROOT, AzureTrace, PoissonWorkload, Workload, summarize_workload
 
 CONF = REPO_ROOT / "conf"
-WORKLOAD_FILES = sorted((CONF / "workload").glob("*.yaml"))
-NEEDS_TRACES = {"azure", "mooncake", "sharegpt"}
+WORKLOADS = config_options("workload")
 HAVE_TRACES = (REPO_ROOT / "../shared/traces").is_dir()
 
 
+def needs_traces(name: str) -> bool:
+    return "shared/traces" in str(compose_option("workload", name))
+
+
 def instantiate(name: str, convert: str = "all", **overrides):
-    """Like the app (omnisim/app.py), which instantiates each group with _convert_="all"."""
-    cfg = OmegaConf.create({"seed": 7, "workload": OmegaConf.load(CONF / "workload" / f"{name}.yaml")})
+    """Like the app (omnisim/app.py), which instantiates each group, composed, with _convert_="all"."""
+    cfg = OmegaConf.create({"seed": 7, "workload": compose_option("workload", name)})
     for key, value in overrides.items():
         OmegaConf.update(cfg, f"workload.{key}", value)
     return hydra.utils.instantiate(cfg.workload, _convert_=convert)
 
 
-def assert_keys_match_constructor(node: dict, where: str) -> None:
-    target = hydra.utils.get_class(node["_target_"])
-    parameters = set(inspect.signature(target).parameters)
-    assert set(node) - {"_target_"} == parameters, f"{where}: keys differ from {target.__name__}'s arguments"
-    for key, value in node.items():
-        if isinstance(value, dict) and "_target_" in value:
-            assert_keys_match_constructor(value, f"{where}.{key}")
-
-
 def test_expected_options_exist():
-    names = {path.stem for path in WORKLOAD_FILES}
-    assert {"poisson", "gamma", "azure", "mooncake", "sharegpt"} <= names
+    assert {"poisson", "gamma", "azure", "mooncake", "sharegpt"} <= set(WORKLOADS)
+    assert {"azure_conversation"} <= set(config_options("workload/lengths"))
 
 
-@pytest.mark.parametrize("path", WORKLOAD_FILES, ids=lambda p: p.stem)
-def test_config_keys_are_the_constructor_arguments(path):
-    node = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
-    assert_keys_match_constructor(node, path.name)
-    assert node["seed"] == "${seed}"
-
-
-@pytest.mark.parametrize("path", WORKLOAD_FILES, ids=lambda p: p.stem)
-def test_every_option_instantiates_and_yields_requests(path):
-    if path.stem in NEEDS_TRACES and not HAVE_TRACES:
+@pytest.mark.parametrize("name", WORKLOADS)
+def test_every_option_instantiates_and_yields_requests(name):
+    if needs_traces(name) and not HAVE_TRACES:
         pytest.skip("public traces not found at ../shared/traces")
-    workload = instantiate(path.stem, max_requests=20)
+    workload = instantiate(name, max_requests=20)
     assert isinstance(workload, Workload)
     requests = list(workload.requests())
     assert len(requests) == 20
-    assert requests == list(instantiate(path.stem, max_requests=20).requests())
+    assert requests == list(instantiate(name, max_requests=20).requests())
+
+
+def test_synthetic_workloads_share_one_lengths_option():
+    lengths = compose_option("workload/lengths", "azure_conversation")
+    for name in ("poisson", "gamma", "poisson_prefix"):
+        assert compose_option("workload", name)["lengths"] == lengths
+    assert compose_option("workload", "cpu_tiny")["lengths"] == compose_option("workload/lengths", "tiny_uniform")
+    r1 = compose_option("workload", "omniinfer_r1")["lengths"]  # the base option's lengths, three fields changed
+    assert r1["prompt"] == {**lengths["prompt"], "mean": 3500, "cv": 0.8, "high": 16384}
+    assert r1["output"] == {**lengths["output"], "mean": 1200, "cv": 1.0, "high": 32768}
 
 
 def test_default_poisson_is_small_and_azure_shaped():
@@ -66,7 +64,7 @@ def test_default_poisson_is_small_and_azure_shaped():
 
 
 def test_seed_interpolation_changes_the_sequence():
-    cfg = OmegaConf.create({"seed": 1, "workload": OmegaConf.load(CONF / "workload" / "poisson.yaml")})
+    cfg = OmegaConf.create({"seed": 1, "workload": compose_option("workload", "poisson")})
     first = list(hydra.utils.instantiate(cfg.workload).requests())
     cfg.seed = 2
     assert list(hydra.utils.instantiate(cfg.workload).requests()) != first
