@@ -13,11 +13,16 @@ import statistics
 import time
 
 import numpy as np
+from hydra.utils import get_class
 
+from omnisim.app import compose_option, config_options
 from omnisim.core import ExpertLoad, Placement, Topology
 from omnisim.moe import DriftingLoad, MoeRuntime, RebalanceConfig, ZipfLoad
-from omnisim.policies.placement import POLICIES, StaticPlacement
+from omnisim.policies.placement import StaticPlacement
 from omnisim.policies.placement.layout import contiguous_layout
+
+# Every conf/placement policy, built with its constructor's default settings (as these figures always were).
+POLICIES = {name: get_class(compose_option("placement", name)["_target_"]) for name in config_options("placement")}
 
 TOPOLOGIES = {"EP32": Topology(32, 9, 4, 8), "EP144": Topology(144, 2, 18, 8), "EP288": Topology(288, 1, 36, 8)}
 

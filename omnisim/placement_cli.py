@@ -2,14 +2,18 @@
 
     omnisim-placement --load load.npy --ranks 288 --slots 288 --policy omni_placement --out phy2log.npy
     omnisim-placement --load sglang.csv --ranks 32 --slots 288 --nodes 4 --groups 8 --policy deepseek_eplb
+    omnisim-placement --load load.npy --ranks 32 --slots 288 --policy migration_aware --set stall_fraction=1.0
+
+--policy NAME is conf/placement/NAME.yaml, with the values that file gives (as ``omnisim placement=NAME`` runs it);
+--set KEY=VALUE overrides one of them (a dotted key reaches a nested node, e.g. inner.min_gain=0.05).
 
 --slots is the total number of physical expert slots (experts + redundant), split evenly over the ranks; --out
 writes the physical-to-logical map ``[layers, slots]``, rank-major (slot // slots_per_rank = rank). A load file with
 windows ``[windows, layers, experts]`` is summed over its windows. The policy starts from the static contiguous
 layout (or ``--current FILE.npy``). The last line printed is JSON: max_over_mean (per layer, overall = sum over
 layers of the max rank load / sum of the mean, and the same for the starting layout), replicas used (load-bearing
-redundant replicas per layer: distinct (expert, rank) pairs beyond one per expert), moved slots and seconds (the
-policy's compute time).
+redundant replicas per layer: distinct (expert, rank) pairs beyond one per expert), moved slots, seconds (the
+policy's compute time) and config (the policy's resolved settings).
 """
 from __future__ import annotations
 
@@ -20,10 +24,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+import yaml
+from omegaconf import OmegaConf
 
+from omnisim.app import compose_option, config_options, instantiate_node
 from omnisim.core import ExpertLoad, Placement, Topology
 from omnisim.moe.load_matrix import read_load_matrix
-from omnisim.policies.placement import POLICIES
 from omnisim.policies.placement.layout import contiguous_layout, expert_ranks, max_over_mean, step_imbalance
 
 
@@ -34,11 +40,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--slots", type=int, required=True, help="physical expert slots in all (experts + redundant)")
     p.add_argument("--nodes", type=int, default=1, help="nodes the ranks are spread over (hierarchical EPLB)")
     p.add_argument("--groups", type=int, default=1, help="expert groups of the model (DeepSeek: 8)")
-    p.add_argument("--policy", required=True, choices=sorted(POLICIES), help="placement policy")
+    p.add_argument("--policy", required=True, choices=config_options("placement"),
+                   help="placement policy: conf/placement/POLICY.yaml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key of the policy's config (repeatable)")
     p.add_argument("--current", help="starting placement .npy [layers, slots] (default: static contiguous)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="write the physical-to-logical map [layers, slots] here (.npy)")
     return p.parse_args(argv)
+
+
+def policy_config(name: str, settings: list[str], seed: int) -> dict:
+    """conf/placement/<name>.yaml composed, with ``KEY=VALUE`` settings applied (each key must exist) and
+    ``${seed}`` resolved."""
+    node = OmegaConf.create(compose_option("placement", name))
+    for setting in settings:
+        key, sep, value = setting.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set: expected KEY=VALUE, got {setting!r}")
+        if key == "_target_" or OmegaConf.select(node, key, default=KeyError, throw_on_resolution_failure=False) is KeyError:
+            raise ValueError(f"--set {key}: conf/placement/{name}.yaml has no key {key!r}")
+        OmegaConf.update(node, key, yaml.safe_load(value), merge=False)
+    root = OmegaConf.create({"seed": seed, "node": node})
+    return OmegaConf.to_container(root.node, resolve=True)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -61,7 +85,11 @@ def run(args: argparse.Namespace) -> dict:
         start.validate(experts, topology)
     else:
         start = Placement(contiguous_layout(layers, experts, topology))
-    policy = POLICIES[args.policy](seed=args.seed)
+    config = policy_config(args.policy, args.set, args.seed)
+    try:
+        policy = instantiate_node(config, args.seed)
+    except Exception as e:  # hydra wraps the constructor's error; its message names the argument
+        raise ValueError(f"--policy {args.policy}: {e}") from e
     load = ExpertLoad(counts)
     began = time.perf_counter()
     placement = policy.rebalance(load, start, topology)
@@ -80,7 +108,7 @@ def run(args: argparse.Namespace) -> dict:
                           "start_overall": step_imbalance(start.phy2log, counts, topology.num_ranks)},
         "replicas_used": {"total": int(used.sum()), "per_layer": [int(u) for u in used]},
         "moved_slots": int((phy2log != start.phy2log).sum()),
-        "seconds": seconds, "out": str(Path(args.out)) if args.out else None,
+        "seconds": seconds, "out": str(Path(args.out)) if args.out else None, "config": config,
     }
 
 

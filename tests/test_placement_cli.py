@@ -66,3 +66,33 @@ def test_console_script_entry_point(load_file):
                            "--slots", "72", "--policy", "omni_placement_static"], capture_output=True, text=True,
                           check=True)
     assert "max_over_mean" in json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_the_policy_gets_the_yaml_values_and_set_overrides(load_file, capsys, monkeypatch):
+    import omnisim.placement_cli as cli
+
+    built = []
+    real = cli.instantiate_node
+    monkeypatch.setattr(cli, "instantiate_node", lambda node, seed: built.append(real(node, seed)) or built[-1])
+    path, _ = load_file
+    args = ["--load", str(path), "--ranks", "8", "--slots", "72", "--seed", "4", "--policy"]
+    # conf/placement/migration_aware.yaml: stall_fraction 0.05, moves_per_rank_per_step 1 (constructor: 1.0, 0)
+    assert main(args + ["migration_aware"]) == 0
+    policy = built[-1]
+    assert (policy.stall_fraction, policy.moves_per_rank_per_step, policy.seed) == (0.05, 1, 4)
+    assert last_json(capsys)["config"]["stall_fraction"] == 0.05
+    assert main(args + ["migration_aware", "--set", "stall_fraction=0.5", "--set", "swap_rounds=3"]) == 0
+    assert (built[-1].stall_fraction, built[-1].swap_rounds, built[-1].moves_per_rank_per_step) == (0.5, 3, 1)
+    assert last_json(capsys)["config"]["swap_rounds"] == 3
+    assert main(args + ["predictive", "--set", "inner.min_gain=0.1"]) == 0  # a nested node: the inner policy
+    assert built[-1].inner.min_gain == 0.1 and built[-1].inner.stall_fraction == 0.05
+    capsys.readouterr()
+
+
+def test_set_errors_name_the_key(load_file, capsys):
+    path, _ = load_file
+    args = ["--load", str(path), "--ranks", "8", "--slots", "72", "--policy", "migration_aware", "--set"]
+    assert main(args + ["no_such_key=1"]) == 2
+    assert "no key 'no_such_key'" in capsys.readouterr().err
+    assert main(args + ["stall_fraction=-1"]) == 2
+    assert "stall_fraction" in capsys.readouterr().err

@@ -3,7 +3,6 @@ import os
 import signal
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -11,10 +10,10 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from backends.vllm.backend import TINY_MODELS, VllmBackend, model_vocab_size, resolve_model
+from backends.vllm.backend import VllmBackend, model_vocab_size, resolve_model, tiny_model_kind
 from backends.vllm.cluster_run import busy_seconds, launch_tokenizer, proxy_config, sigterm_as_interrupt
 from backends.vllm.launch_plan import EngineSettings, plan_instances
-from omnisim.app import CONF_DIR, build_experiment
+from omnisim.app import CONF_DIR, build_experiment, config_options
 from omnisim.cluster import ClusterSpec, InstanceGroup
 
 
@@ -26,7 +25,7 @@ def cfg(*overrides):
 def test_cpu_tiny_1p1d_composes_for_vllm_with_a_runnable_cpu_shape(tmp_path):
     experiment, backend = build_experiment(cfg("experiment=cpu_tiny_1p1d", "backend=vllm", "seed=3"))
     assert isinstance(backend, VllmBackend)
-    assert experiment.model.name in TINY_MODELS and experiment.hardware.name == "cpu"
+    assert tiny_model_kind(experiment.model.name) == "llama" and experiment.hardware.name == "cpu"
     assert experiment.cluster.disaggregated and experiment.cluster.prefill.count == experiment.cluster.decode.count == 1
     assert type(experiment.proxy).__module__.startswith("omnisim.policies")
     requests = list(experiment.workload.requests())
@@ -129,12 +128,13 @@ def test_sigterm_becomes_an_interrupt_so_cleanup_runs():
     assert signal.getsignal(signal.SIGTERM) is previous
 
 
-def test_backend_yaml_keys_are_the_constructor_arguments():
-    import inspect
+def test_tiny_models_are_the_conf_model_options_named_after_a_kind():
+    from backends.vllm.tiny_models import KINDS
 
-    import yaml
-    keys = set(yaml.safe_load((Path(CONF_DIR) / "backend" / "vllm.yaml").read_text())) - {"_target_"}
-    assert keys == set(inspect.signature(VllmBackend).parameters)
+    tiny = [name for name in config_options("model") if name.startswith("tiny_")]
+    assert sorted(tiny) == sorted(f"tiny_{kind}" for kind in KINDS)
+    assert [tiny_model_kind(name) for name in sorted(tiny)] == sorted(KINDS)
+    assert tiny_model_kind("llama3_8b") is None and tiny_model_kind("tiny_nothing") is None
 
 
 def test_nixl_without_its_library_fails_before_launching(tmp_path, monkeypatch):
@@ -150,21 +150,51 @@ def test_nixl_without_its_library_fails_before_launching(tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists()
 
 
-def test_placement_policy_reaches_vllm_eplb_through_the_plugin_env(tmp_path):
+def test_placement_config_reaches_vllm_eplb_through_the_plugin_env(tmp_path, monkeypatch):
+    """placement=migration_aware backend=vllm: every yaml value (stall_fraction 0.05, moves_per_rank_per_step 1, not
+    the constructor's 1.0 and 0) and every command-line override reaches the policy the plugin installs in vLLM."""
+    import backends.vllm.eplb as eplb
     from backends.vllm.backend import placement_env
-    from backends.vllm.eplb import POLICY_ENV
-    from omnisim.policies.placement import POLICIES
 
-    name, cls = next(iter(POLICIES.items()))
-    assert placement_env(cls(), {"num_redundant_experts": 2}) == {POLICY_ENV: name}
-    assert placement_env(cls(), None) == {}  # EPLB off: vLLM never calls a policy
-    assert placement_env(None, {}) == {}
-    with pytest.raises(ValueError, match="placement"):
-        placement_env(object(), {})
-    backend = VllmBackend(device="cuda", eplb={"num_redundant_experts": 2}, base_port=9000)
-    settings = backend.settings("m", tmp_path, 2, placement_env(cls(), backend.engine["eplb"]))
-    cluster = ClusterSpec(prefill=InstanceGroup(tp=2, ep=2), decode=InstanceGroup(tp=2, ep=2))
-    assert all(x.env[POLICY_ENV] == name for x in plan_instances(cluster, settings))
+    experiment, backend = build_experiment(cfg(
+        "model=tiny_qwen3_moe", "cluster.prefill.tp=2", "cluster.prefill.ep=2", "cluster.decode.tp=2",
+        "cluster.decode.ep=2", "placement=migration_aware", "placement.swap_rounds=7", "seed=5", "backend=vllm",
+        "backend.device=cuda", "backend.eplb={num_redundant_experts: 2}", "backend.base_port=9000",
+        f"backend.model_path={tmp_path}"))
+    _, launches = backend.plan(experiment, tmp_path)
+    values = {x.env[eplb.POLICY_ENV] for x in launches}
+    assert len(launches) == 2 and len(values) == 1
+    installed = []
+    monkeypatch.setattr(eplb, "install", installed.append)
+    monkeypatch.setenv(eplb.POLICY_ENV, values.pop())
+    eplb.plugin()  # what vLLM's general-plugin hook runs in each of its processes
+    (policy,) = installed
+    assert type(policy) is type(experiment.placement)
+    for key in ("stall_fraction", "moves_per_rank_per_step", "swap_rounds", "seed", "expert_bytes", "step_s"):
+        assert getattr(policy, key) == getattr(experiment.placement, key)
+    assert (policy.stall_fraction, policy.moves_per_rank_per_step, policy.swap_rounds, policy.seed) == (0.05, 1, 7, 5)
+    # EPLB off, or no placement: vLLM never calls a policy, and nothing is passed.
+    assert placement_env(experiment, None) == {}
+    plain, _ = build_experiment(cfg("backend=vllm"))
+    assert placement_env(plain, {"num_redundant_experts": 2}) == {}
+    with pytest.raises(ValueError, match="placement_config"):  # a policy without its config node cannot travel
+        placement_env(replace(experiment, options={}), {"num_redundant_experts": 2})
+
+
+def test_the_plugin_also_takes_a_conf_placement_option_name(monkeypatch):
+    import backends.vllm.eplb as eplb
+
+    installed = []
+    monkeypatch.setattr(eplb, "install", installed.append)
+    monkeypatch.setenv(eplb.POLICY_ENV, "predictive")
+    eplb.plugin()
+    assert installed[0].inner.stall_fraction == 0.05  # conf/placement/predictive.yaml's inner migration_aware
+    monkeypatch.setenv(eplb.POLICY_ENV, "no_such_policy")
+    with pytest.raises(ValueError, match="no_such_policy.*known"):
+        eplb.plugin()
+    monkeypatch.delenv(eplb.POLICY_ENV)
+    eplb.plugin()
+    assert len(installed) == 1
 
 
 def test_picked_ports_leave_room_for_every_data_parallel_rank(tmp_path):

@@ -14,13 +14,18 @@ from typing import Mapping, Sequence
 from backends.vllm.cluster_run import ReplaySettings, run_on_servers
 from backends.vllm.launch_plan import EngineSettings, plan_instances
 from backends.vllm.server_group import free_port_block
-from backends.vllm.tiny_models import ensure_tiny_model
+from backends.vllm.tiny_models import KINDS, ensure_tiny_model
 from omnisim.experiment import Experiment, RunResult
 
 log = logging.getLogger(__name__)
 
-# conf/model names of the models tiny_models builds on demand.
-TINY_MODELS = {"tiny_llama": "llama", "tiny_qwen3_moe": "qwen3_moe"}
+TINY_PREFIX = "tiny_"  # conf/model/tiny_<kind>.yaml describes the model tiny_models builds for <kind>
+
+
+def tiny_model_kind(model_name: str) -> str | None:
+    """The backends.vllm.tiny_models kind that conf/model option ``model_name`` describes (tiny_<kind>), else None."""
+    kind = model_name[len(TINY_PREFIX):] if model_name.startswith(TINY_PREFIX) else None
+    return kind if kind in KINDS else None
 
 
 def model_vocab_size(model: str, default: int = 32000) -> int:
@@ -36,30 +41,32 @@ def model_vocab_size(model: str, default: int = 32000) -> int:
 
 def resolve_model(model_path: str | None, experiment: Experiment, cache_dir: Path) -> str:
     """The model to serve: the backend's model_path, else the experiment's options["model_path"], else a tiny model
-    built into ``cache_dir`` when the experiment's model is one of TINY_MODELS."""
+    built into ``cache_dir`` when the experiment's model is a tiny_<kind> of backends.vllm.tiny_models."""
     path = model_path or experiment.options.get("model_path")
     if path:  # absolute when local: the servers run in their own working directories
         return str(Path(path).resolve()) if Path(path).exists() else str(path)
     name = getattr(experiment.model, "name", "")
-    if name in TINY_MODELS:
-        return str(ensure_tiny_model(cache_dir, TINY_MODELS[name]).resolve())
+    kind = tiny_model_kind(name)
+    if kind is not None:
+        return str(ensure_tiny_model(cache_dir, kind).resolve())
     raise ValueError(f"backend.model_path: no model to serve for model={name!r}; give backend.model_path=DIR "
-                     f"(tiny models are built on demand for {sorted(TINY_MODELS)})")
+                     f"(tiny models are built on demand for {[TINY_PREFIX + k for k in KINDS]})")
 
 
-def placement_env(placement, eplb: Mapping | None) -> dict[str, str]:
-    """With EPLB on, the environment that makes vLLM's EPLB run the experiment's placement policy (through the
-    backends.vllm.eplb plugin, which builds the policy with its default settings)."""
-    if placement is None or eplb is None:
+def placement_env(experiment: Experiment, eplb: Mapping | None) -> dict[str, str]:
+    """With EPLB on, the environment that makes vLLM's EPLB run the experiment's placement policy: its resolved
+    conf/placement node as JSON (``options["placement_config"]``, set by omnisim.app.build_experiment), which the
+    backends.vllm.eplb plugin instantiates in every vLLM process, so every configured value reaches it."""
+    if experiment.placement is None or eplb is None:
         return {}
     from backends.vllm.eplb import POLICY_ENV
-    from omnisim.policies.placement import POLICIES
 
-    names = [name for name, cls in POLICIES.items() if type(placement) is cls]
-    if not names:
-        raise ValueError(f"placement: {type(placement).__name__} is not one of omnisim.policies.placement.POLICIES "
-                         f"({sorted(POLICIES)}), the ones vLLM's EPLB plugin can load")
-    return {POLICY_ENV: names[0]}
+    node = experiment.options.get("placement_config")
+    if node is None:
+        raise ValueError(f"placement: {type(experiment.placement).__name__} has no config node "
+                         "(experiment.options['placement_config']) for vLLM's EPLB plugin to rebuild it from; build "
+                         "the experiment with omnisim.app.build_experiment")
+    return {POLICY_ENV: json.dumps(node, sort_keys=True)}
 
 
 def check_installed(connector: str) -> None:
@@ -128,7 +135,7 @@ class VllmBackend:
         model = resolve_model(self.model_path, experiment, self.model_cache_dir)
         groups = [g for _, g in experiment.cluster.groups()]
         settings = self.settings(model, work_dir, sum(g.count for g in groups),
-                                 placement_env(experiment.placement, self.engine["eplb"]),
+                                 placement_env(experiment, self.engine["eplb"]),
                                  port_stride=max(g.dp for g in groups))
         return settings, plan_instances(experiment.cluster, settings)
 

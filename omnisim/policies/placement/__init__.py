@@ -6,14 +6,8 @@ from omnisim.policies.placement.omni_placement_static import OmniPlacementStatic
 from omnisim.policies.placement.predictive import PredictivePlacement
 from omnisim.policies.placement.static import StaticPlacement
 
-POLICIES = {
-    "static": StaticPlacement,
-    "deepseek_eplb": DeepSeekEplb,
-    "omni_placement_static": OmniPlacementStatic,
-    "omni_placement": OmniPlacement,
-    "migration_aware": MigrationAwarePlacement,
-    "predictive": PredictivePlacement,
-}
+# The configured policies are conf/placement/*.yaml (omnisim.app.config_options("placement")), each built from its
+# node by omnisim.app.instantiate_node: the simulator, omnisim-placement and vLLM's EPLB plugin all do that.
 
-__all__ = ["POLICIES", "DeepSeekEplb", "MigrationAwarePlacement", "OmniPlacement", "OmniPlacementStatic",
-           "PredictivePlacement", "StaticPlacement"]
+__all__ = ["DeepSeekEplb", "MigrationAwarePlacement", "OmniPlacement", "OmniPlacementStatic", "PredictivePlacement",
+           "StaticPlacement"]
