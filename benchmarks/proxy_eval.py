@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from omnisim.app import config_options
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "proxy_eval_results.csv"
 
@@ -48,12 +50,28 @@ SETUPS = {
     "proxy_eval_azure_2p1d": Setup("azure", "2P1D", {"light": 25e3, "near": 55e3, "over": 75e3}, 600.0),
     "proxy_eval_azure_2p2d": Setup("azure", "2P2D", {"light": 25e3, "near": 55e3, "over": 75e3}, 600.0),
 }
-# by_phase (kv_aware prefill, least_load decode) is left out: kv_aware's decode choice here (no prefill queued and
-# nothing cached on decode instances) is least_load's, so it repeats kv_aware's numbers.
+# Every conf/proxy option but by_phase (kv_aware prefill, least_load decode): kv_aware's decode choice here (no prefill
+# queued and nothing cached on decode instances) is least_load's, so it repeats kv_aware's numbers.
 # "name:key=value" sets an argument of the policy (proxy.key=value): the PD decider's threshold trades TTFT for TPOT.
-POLICIES = ["random", "round_robin", "least_load", "least_requests", "power_of_two", "prefix_aware", "kv_aware",
-            "omni_proxy", "omni_proxy_pd", "predictive", "predictive_pd", "predictive_pd:threshold_tokens=256",
-            "pd_decider"]
+LEFT_OUT = {"by_phase"}
+VARIANTS = ["predictive_pd:threshold_tokens=256"]
+
+
+POLICIES = [p for p in config_options("proxy") if p not in LEFT_OUT] + VARIANTS
+
+
+def check_policies(policies: list[str]) -> None:
+    """Each policy is a conf/proxy option, optionally with ``:key=value`` settings."""
+    known = config_options("proxy")
+    for policy in policies:
+        name, *settings = policy.split(":")
+        if name not in known:
+            raise ValueError(f"--policies: {name!r} is not a conf/proxy option; known: {known}")
+        bad = [s for s in settings if "=" not in s]
+        if bad:
+            raise ValueError(f"--policies: {policy!r}: expected NAME:key=value, got {bad[0]!r}")
+
+
 LEVELS = ["light", "near", "over"]
 METRICS = ["ttft_p50", "ttft_p90", "ttft_p99", "tpot_p50", "tpot_p90", "e2e_p50", "e2e_p90", "goodput_qpm", "qpm",
            "slo_attainment", "prefix_hit_rate"]
@@ -255,11 +273,11 @@ def decision_speed(repeats: int = 20000) -> pd.DataFrame:
                                                  inflight_prompt_tokens=40000 if i else 0, recent_batches=batches)
                                    for i in range(8)) + (InstanceState("d0", Role.DECODE),), index)
     rows = []
-    for path in sorted((ROOT / "conf" / "proxy").glob("*.yaml")):
-        policy = _build([f"proxy={path.stem}", "name=speed"])[0].proxy  # as the app builds it (default config)
+    for name in config_options("proxy"):
+        policy = _build([f"proxy={name}", "name=speed"])[0].proxy  # as the app builds it (default config)
         single = timeit.timeit(lambda: policy.schedule(Phase.PREFILL, [Waiting(request, 1.0)], one), number=repeats)
         queued = timeit.timeit(lambda: policy.schedule(Phase.PREFILL, held, busy), number=max(1, repeats // 100))
-        rows.append({"policy": path.stem, "one_request_us": 1e6 * single / repeats,
+        rows.append({"policy": name, "one_request_us": 1e6 * single / repeats,
                      "held_2000_us": 1e6 * queued / max(1, repeats // 100)})
     return pd.DataFrame(rows)
 
@@ -268,7 +286,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--setups", nargs="+", default=list(SETUPS), choices=list(SETUPS))
     ap.add_argument("--levels", nargs="+", default=LEVELS, choices=LEVELS)
-    ap.add_argument("--policies", nargs="+", default=POLICIES)
+    ap.add_argument("--policies", nargs="+", default=POLICIES,
+                    help="conf/proxy options, NAME or NAME:key=value (default: all but by_phase, and a variant)")
     ap.add_argument("--replicates", type=int, default=3)
     ap.add_argument("--max-requests", type=int, default=0, help="override the overlays' 2,000 requests per run")
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
@@ -288,9 +307,7 @@ def main(argv=None) -> None:
     if args.quick:
         args.setups, args.levels = ["proxy_eval_mooncake_7p1d"], ["near"]
         args.policies, args.replicates, args.max_requests = ["round_robin", "omni_proxy", "predictive"], 1, 300
-    unknown = [p for p in args.policies if not (ROOT / "conf" / "proxy" / f"{p.split(':')[0]}.yaml").exists()]
-    if unknown:
-        raise ValueError(f"--policies: no conf/proxy/{unknown[0]}.yaml")
+    check_policies(args.policies)
     if args.replicates < 1:
         raise ValueError(f"--replicates must be >= 1, got {args.replicates}")
     t0 = time.perf_counter()
