@@ -1,16 +1,80 @@
-"""Every notebook in notebooks/ executes top to bottom (nbclient), as a user would run it."""
+"""Every notebook in notebooks/ executes top to bottom (nbclient), as a user would run it, and computes what its text
+says: a probe cell appended to each one reports the values the notebook computed, checked below."""
+import json
 from pathlib import Path
 
 import nbformat
 import pytest
 from nbclient import NotebookClient
 
+from omnisim.app import config_options
+from omnisim.core import PROTOCOL_VERSION
+
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
+MARK = "OMNISIM_PROBE "
+
+# Per notebook: a cell run after the notebook's own, printing what it computed as JSON.
+PROBES = {
+    "quickstart.ipynb": """
+print(%r + json.dumps({"summary": {k: summary[k] for k in ("requests", "completed", "protocol_version")},
+                        "records": len(records), "latency_rows": len(lat), "rows": rows}))
+""",
+    "placement.ipynb": """
+print(%r + json.dumps({
+    "imbalance": {f"{name}|{ep}": float(v) for (name, ep), v in table["max/mean"].items()},
+    "moved": {f"{name}|{ep}": int(v) for (name, ep), v in table["moved slots"].items()},
+    "runtime_gb_moved": {name: float(r["GB moved"]) for name, r in results.items()},
+    "sim": {name: {k: float(v) for k, v in row.items()} for name, row in sim.T.to_dict().items()}}))
+""",
+    "proxy_policies.ipynb": """
+print(%r + json.dumps({"runs": len(runs), "policies": sorted(set(runs.policy)), "setups": sorted(set(runs.setup)),
+                        "table_rows": len(table), "levels": sorted(set(runs.level))}))
+""",
+}
+
+
+def run_notebook(path: Path) -> dict:
+    nb = nbformat.read(path, as_version=4)
+    nb.cells.append(nbformat.v4.new_code_cell("import json\n" + PROBES[path.name] % MARK))
+    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
+    assert not errors, errors[0].get("evalue")
+    text = "".join(o.get("text", "") for o in nb.cells[-1].outputs if o.output_type == "stream")
+    (line,) = [x for x in text.splitlines() if x.startswith(MARK)]
+    return json.loads(line[len(MARK):])
+
+
+def test_every_notebook_has_a_probe():
+    assert {p.name for p in NOTEBOOKS} == set(PROBES)
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
-def test_notebook_runs(path, tmp_path):
-    nb = nbformat.read(path, as_version=4)
-    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
-    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
-    assert not errors
+def test_notebook_runs_and_computes_what_it_says(path):
+    probe = run_notebook(path)
+    if path.name == "quickstart.ipynb":
+        # 300 requests on 2P1D, all served, one record and one latency row each; both clusters compared
+        assert probe["summary"] == {"requests": 300, "completed": 300, "protocol_version": PROTOCOL_VERSION}
+        assert probe["records"] == probe["latency_rows"] == 300
+        assert set(probe["rows"]) == {"colocated4", "2p1d"}
+        assert all(r["goodput_qpm"] > 0 and r["ttft_p90_ms"] > 0 and r["tpot_p90_ms"] > 0
+                   for r in probe["rows"].values())
+    elif path.name == "placement.ipynb":
+        imbalance, moved = probe["imbalance"], probe["moved"]
+        eps = {key.split("|")[1] for key in imbalance}
+        assert {key.split("|")[0] for key in imbalance} == set(config_options("placement"))  # every policy
+        assert eps == {"EP32", "EP144", "EP288"}
+        for ep in eps:  # static keeps the contiguous layout; every rebalancer balances the skewed load better
+            assert moved[f"static|{ep}"] == 0
+            for name in set(config_options("placement")) - {"static"}:
+                assert imbalance[f"{name}|{ep}"] < imbalance[f"static|{ep}"], (name, ep)
+        assert probe["runtime_gb_moved"]["static"] == 0
+        assert all(gb > 0 for name, gb in probe["runtime_gb_moved"].items() if name != "static")
+        sim = probe["sim"]
+        assert set(sim) == {"static", "deepseek_eplb", "omni_placement", "predictive"}
+        assert sim["static"]["TPOT vs static %"] == 0
+        for name in set(sim) - {"static"}:  # balancing lowers the simulated decode imbalance
+            assert sim[name]["decode imbalance"] < sim["static"]["decode imbalance"], name
+    else:
+        assert probe["runs"] > 0 and probe["table_rows"] > 0
+        assert {p.split(":")[0] for p in probe["policies"]} <= set(config_options("proxy"))
+        assert set(probe["levels"]) <= {"light", "near", "over"}
