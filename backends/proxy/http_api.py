@@ -30,8 +30,8 @@ _json_decode = msgspec.json.Decoder().decode
 class HttpApi:
     def __init__(self, config: ProxyConfig, upstreams: dict[str, UpstreamState], metrics: ProxyMetrics,
                  dispatcher: Dispatcher, parser: RequestParser, pd: PDProtocol, session: aiohttp.ClientSession,
-                 in_flight: set[str], clock: Callable[[], float]) -> None:
-        """``in_flight``: ids of the requests being served (the parser keeps new ids unique among them).
+                 serving_ids: set[str], clock: Callable[[], float]) -> None:
+        """``serving_ids``: ids of the requests being served (the parser keeps new ids unique among them).
         ``clock``: the event loop's time."""
         self.config = config
         self.upstreams = upstreams
@@ -40,9 +40,13 @@ class HttpApi:
         self.parser = parser
         self.pd = pd
         self.session = session
-        self.in_flight = in_flight
+        self.serving_ids = serving_ids
         self.clock = clock
-        self.inflight = 0  # client requests being served (max_inflight)
+
+    @property
+    def inflight(self) -> int:
+        """Client requests being served (``max_inflight``)."""
+        return len(self.serving_ids)
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.config.max_body_bytes)
@@ -130,8 +134,7 @@ class HttpApi:
                                endpoint, True)
         if self.dispatcher.queued() >= c.max_queued:
             return self._error(503, f"proxy queue full (max_queued={c.max_queued})", "overload", endpoint, True)
-        self.inflight += 1
-        self.in_flight.add(req.id)
+        self.serving_ids.add(req.id)
         try:
             error = "no attempt made"
             for attempt in range(c.max_attempts):
@@ -153,5 +156,4 @@ class HttpApi:
             self.metrics.errors.labels("client_disconnected").inc()
             raise
         finally:
-            self.inflight -= 1
-            self.in_flight.discard(req.id)
+            self.serving_ids.discard(req.id)

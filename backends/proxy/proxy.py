@@ -48,8 +48,8 @@ class Proxy:
         self.prefix_source = prefix_source(config, exact_tokens=self.tokenizer is not None)
         self.dispatcher = Dispatcher(policy, self.upstreams, self.prefix_source, self.metrics, self.now_s,
                                      config.schedule_interval_s, config.queue_timeout_s)
-        self.in_flight: set[str] = set()  # ids of the requests being served
-        self.parser = RequestParser(config, self.prefix_source, self.tokenizer, self.now_s, self.in_flight)
+        self.serving_ids: set[str] = set()  # the requests being served (unique ids)
+        self.parser = RequestParser(config, self.prefix_source, self.tokenizer, self.now_s, self.serving_ids)
         self.api: HttpApi | None = None
         self._t0 = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -98,7 +98,7 @@ class Proxy:
         pd = PDProtocol(session, self.dispatcher, self.prefix_source, self.metrics, c.pd_mode, c.health_failures,
                         loop.time)
         self.api = HttpApi(c, self.upstreams, self.metrics, self.dispatcher, self.parser, pd, session,
-                           self.in_flight, loop.time)
+                           self.serving_ids, loop.time)
         self._runner = web.AppRunner(self.api.app(), handler_cancellation=True, access_log=None)
         await self._runner.setup()
         await web.TCPSite(self._runner, c.host, c.port, backlog=1024).start()

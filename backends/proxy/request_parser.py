@@ -25,15 +25,15 @@ class RequestParser:
     X-Prompt-Tokens where given; else an estimate from the prompt (backends/common/tokens.py). Prefix hashes: the
     client's X-Prefix-Hashes where the prefix source takes them, else block hashes of the prompt's tokens where the
     source wants them (never for a prompt the tokenizer cannot reproduce). Request ids: the client's X-Request-Id,
-    made unique among ``in_flight``."""
+    made unique among ``serving_ids`` (the requests being served)."""
 
     def __init__(self, config: ProxyConfig, prefix: PrefixSource, tokenizer: PromptTokenizer | None,
-                 now_s: Callable[[], float], in_flight: Container[str]) -> None:
+                 now_s: Callable[[], float], serving_ids: Container[str]) -> None:
         self.config = config
         self.prefix = prefix
         self.tokenizer = tokenizer
         self.now_s = now_s
-        self.in_flight = in_flight
+        self.serving_ids = serving_ids
         self._ids = itertools.count()
 
     def parse(self, headers: Mapping[str, str], body: object, endpoint: str) -> Request:
@@ -76,6 +76,9 @@ class RequestParser:
                 raise ValueError("cache_salt: expected a string")
             hashes = block_hashes(tokens if tokens is not None else prompt_tokens(body), block, salt)
         rid = h.get("X-Request-Id") or ""
-        if not rid or rid in self.in_flight:
-            rid = f"{rid or 'req'}-{next(self._ids)}"
+        if not rid or rid in self.serving_ids:
+            base = rid or "req"
+            rid = f"{base}-{next(self._ids)}"
+            while rid in self.serving_ids:  # a client's own id may look like one of ours
+                rid = f"{base}-{next(self._ids)}"
         return Request(rid, self.now_s(), max(1, n_prompt), max_tokens, hashes, block if hashes else 0)
