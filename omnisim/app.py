@@ -22,12 +22,21 @@ log = logging.getLogger("omnisim")
 
 def _build(cfg: DictConfig, key: str):
     node = cfg.get(key)
-    if node is None:
-        return None
+    return None if node is None else build_node(node, key)
+
+
+def build_node(node, path: str):
+    """Instantiate one resolved config node found at ``path`` (e.g. ``workload``). A value of the wrong kind is a
+    ValueError naming its full key (omnisim.config_check), before any constructor runs; a constructor's error is
+    re-raised as a ValueError naming the group."""
+    from omnisim.config_check import check_node
+
+    plain = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+    check_node(plain, path)
     try:
-        return instantiate(node, _convert_="all")
+        return instantiate(OmegaConf.create(plain) if isinstance(plain, dict) else node, _convert_="all")
     except Exception as e:  # name the config group: hydra's own message names the target and argument
-        raise ValueError(f"config group '{key}': {e}") from e
+        raise ValueError(f"config group '{path}': {e}") from e
 
 
 def build_experiment(cfg: DictConfig) -> tuple:
@@ -106,8 +115,12 @@ def instantiate_node(node, seed: int):
     """Instantiate one config node (a conf/<group>/<option>.yaml, its defaults list applied) with ``${seed}``
     resolved: for command-line tools and processes that take a single group's node rather than the whole app
     config."""
+    from omnisim.config_check import check_node
+
     root = OmegaConf.create({"seed": seed, "node": compose_node(node)})
-    return instantiate(root.node, _convert_="all")
+    plain = OmegaConf.to_container(root.node, resolve=True)
+    check_node(plain, "")
+    return instantiate(OmegaConf.create(plain), _convert_="all")
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
