@@ -42,7 +42,14 @@ class ProxyConfig:
     or a hub name where the hub is reachable): prompts are then tokenized exactly as vLLM does, so prompt lengths
     are exact, and with prefix_source "kv_events" the engines' block hashes are mapped to the proxy's own through
     the token ids in their events, so prefix matches against vLLM are exact (backends/common/engine_block_map.py).
-    Without it, "kv_events" matches the events' hashes as they are: exact against the emulator only."""
+    Without it, "kv_events" matches the events' hashes as they are: exact against the emulator only.
+
+    Timeouts (seconds; README "Failure behaviour"): ``connect_timeout_s`` to open a connection to an engine;
+    ``first_token_timeout_s`` from sending a request to an engine until its first byte of answer (a prefill's
+    whole answer; a stream's first chunk); ``stream_idle_timeout_s`` between two chunks of a stream;
+    ``read_timeout_s`` for the whole answer of a non-streamed request; ``client_read_timeout_s`` for a client to
+    send its request's body once its headers came (408 beyond). An attempt that times out is retried on another
+    engine if the client got nothing yet, else its stream ends with an SSE error event."""
 
     upstreams: tuple[Upstream, ...]
     host: str = "127.0.0.1"
@@ -59,6 +66,9 @@ class ProxyConfig:
     queue_timeout_s: float = 60.0
     connect_timeout_s: float = 2.0
     read_timeout_s: float = 600.0
+    first_token_timeout_s: float = 120.0
+    stream_idle_timeout_s: float = 60.0
+    client_read_timeout_s: float = 30.0
     max_attempts: int = 2
     schedule_interval_s: float = 0.005
     health_interval_s: float = 1.0
@@ -97,9 +107,11 @@ class ProxyConfig:
                      "default_max_tokens", "history_blocks"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        for name in ("queue_timeout_s", "connect_timeout_s", "read_timeout_s", "schedule_interval_s",
-                     "health_interval_s", "health_timeout_s"):
-            if not getattr(self, name) > 0:
+        for name in ("queue_timeout_s", "connect_timeout_s", "read_timeout_s", "first_token_timeout_s",
+                     "stream_idle_timeout_s", "client_read_timeout_s", "schedule_interval_s", "health_interval_s",
+                     "health_timeout_s"):
+            if isinstance(getattr(self, name), bool) or not getattr(self, name) > 0 \
+                    or getattr(self, name) == float("inf"):
                 raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
         if self.max_inflight < 0 or self.metrics_interval_s < 0 or self.retry_after_s < 0:
             raise ValueError("max_inflight, metrics_interval_s and retry_after_s must be >= 0")

@@ -12,6 +12,7 @@ serving; in the simulator the same answer stops the run with PolicyError).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Callable
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 class _Pending:
     waiting: Waiting
     future: asyncio.Future
+    exclude: frozenset = frozenset()  # instances this request failed on (a retry goes elsewhere)
 
 
 class Dispatcher:
@@ -62,16 +64,22 @@ class Dispatcher:
     def view(self) -> ClusterView:
         return ClusterView(self.now_s(), tuple(u.snapshot() for u in self.upstreams.values()), self.prefix.lookup)
 
-    # -- a request's way through the queues ----------------------------------------------------------------------
-    async def assign(self, phase: Phase, request: Request, source: str | None) -> Reservation:
-        """Queue ``request`` for ``phase`` and wait until the policy assigns it; its reservation there.
-        ``source``: in the DECODE phase, the prefill instance that holds its KV. Raises Reject (503) when no
-        healthy instance serves the phase, the request is held too long, or the policy failed on it."""
+    def serving(self, phase: Phase, exclude: frozenset = frozenset()) -> bool:
+        """Whether a healthy instance outside ``exclude`` serves ``phase`` (== view.candidates(phase))."""
         roles = roles_for(phase)
-        if not any(u.healthy and u.role in roles for u in self.upstreams.values()):  # == view.candidates(phase)
+        return any(u.healthy and u.role in roles and u.id not in exclude for u in self.upstreams.values())
+
+    # -- a request's way through the queues ----------------------------------------------------------------------
+    async def assign(self, phase: Phase, request: Request, source: str | None,
+                     exclude: frozenset = frozenset()) -> Reservation:
+        """Queue ``request`` for ``phase`` and wait until the policy assigns it; its reservation there.
+        ``source``: in the DECODE phase, the prefill instance that holds its KV. ``exclude``: instances it must
+        not go to (it failed there); the policy sees them out of rotation for this request. Raises Reject (503)
+        when no healthy instance serves the phase, the request is held too long, or the policy failed on it."""
+        if not self.serving(phase, exclude):
             raise Reject(503, f"no healthy instance for the {phase.value} phase", "no_instance", True)
         future = self._loop.create_future()
-        self.queues[phase][request.id] = _Pending(Waiting(request, self.now_s(), source), future)
+        self.queues[phase][request.id] = _Pending(Waiting(request, self.now_s(), source), future, exclude)
         self._held.set()
         self.kick()
         try:
@@ -109,19 +117,29 @@ class Dispatcher:
             queue = self.queues[phase]
             if not queue:
                 continue
-            waiting = [p.waiting for p in queue.values()]
-            try:
-                view = self.view()
-                out = self.policy.schedule(phase, waiting, view)
-                chosen = validate_assignments(self.policy_name, phase, waiting, out, view.instances)
-            except Exception as e:  # a broken policy must not take the proxy down
-                self._policy_failed(phase, queue, waiting, e)
-                continue
-            for request_id, instance_id in chosen.items():
-                pending = queue.pop(request_id)
-                if not pending.future.done():  # done: its client left (or it timed out) a moment ago
-                    pending.future.set_result(self._reserve(self.upstreams[instance_id], pending.waiting.request,
-                                                            phase))
+            waiting = [p.waiting for p in queue.values() if not p.exclude]
+            if len(waiting) < len(queue):  # retried requests: each asks with its failed instances out of rotation
+                for p in [p for p in queue.values() if p.exclude]:
+                    self._ask(phase, queue, [p.waiting], p.exclude)
+            if waiting:
+                self._ask(phase, queue, waiting, frozenset())
+
+    def _ask(self, phase: Phase, queue: dict[str, _Pending], waiting: list[Waiting], exclude: frozenset) -> None:
+        try:
+            view = self.view()
+            if exclude:
+                view = dataclasses.replace(view, instances=tuple(
+                    dataclasses.replace(s, healthy=False) if s.id in exclude else s for s in view.instances))
+            out = self.policy.schedule(phase, waiting, view)
+            chosen = validate_assignments(self.policy_name, phase, waiting, out, view.instances)
+        except Exception as e:  # a broken policy must not take the proxy down
+            self._policy_failed(phase, queue, waiting, e)
+            return
+        for request_id, instance_id in chosen.items():
+            pending = queue.pop(request_id)
+            if not pending.future.done():  # done: its client left (or it timed out) a moment ago
+                pending.future.set_result(self._reserve(self.upstreams[instance_id], pending.waiting.request,
+                                                        phase))
 
     def _policy_failed(self, phase: Phase, queue: dict[str, _Pending], offered: list[Waiting],
                        error: Exception) -> None:

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 
 class Retry(Exception):
-    """The upstream failed before the client got anything: try again elsewhere."""
+    """The upstream ``instance`` failed before the client got anything: try again elsewhere."""
+
+    def __init__(self, message: str, instance: str = ""):
+        super().__init__(message)
+        self.instance = instance
 
 
 class Reject(Exception):

@@ -25,6 +25,7 @@ from omnisim.core import Phase
 
 log = logging.getLogger(__name__)
 _json_decode = msgspec.json.Decoder().decode
+_ENDPOINTS = {"/v1/completions": "completions", "/v1/chat/completions": "chat", "/v1/models": "models"}
 
 
 class HttpApi:
@@ -49,13 +50,28 @@ class HttpApi:
         return len(self.serving_ids)
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=self.config.max_body_bytes)
+        app = web.Application(client_max_size=self.config.max_body_bytes, middlewares=[self._answer_everything])
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.prometheus)
         return app
+
+    @web.middleware
+    async def _answer_everything(self, request: web.Request, handler) -> web.StreamResponse:
+        """Every request gets a deliberate JSON answer, counted once: aiohttp's own (unknown path, wrong method)
+        and any bug's (500, logged) included."""
+        try:
+            return await handler(request)
+        except web.HTTPException as e:
+            if e.status < 400:
+                raise
+            return self._error(e.status, e.reason, "http", "other")
+        except Exception:
+            log.exception("unexpected error answering %s %s", request.method, request.path)
+            return self._error(500, "internal proxy error (logged)", "internal",
+                               _ENDPOINTS.get(request.path, "other"))
 
     def _error(self, status: int, message: str, kind: str, endpoint: str, retry_after: bool = False
                ) -> web.Response:
@@ -69,8 +85,9 @@ class HttpApi:
         key = self.config.api_key
         if not key:
             return True
-        given = request.headers.get("Authorization", "")
-        return given.startswith("Bearer ") and hmac.compare_digest(given[7:].encode(), key.encode())
+        given = request.headers.get("Authorization", "")  # undecodable bytes arrive as surrogates
+        return given.startswith("Bearer ") and hmac.compare_digest(given[7:].encode("utf-8", "surrogateescape"),
+                                                                   key.encode())
 
     async def health(self, request: web.Request) -> web.Response:
         states = {u.id: u.healthy for u in self.upstreams.values()}
@@ -118,17 +135,27 @@ class HttpApi:
             return self._error(413, f"body of {request.content_length} bytes exceeds max_body_bytes="
                                     f"{c.max_body_bytes}", "too_large", endpoint)
         try:
-            raw = await request.read()
+            async with asyncio.timeout(c.client_read_timeout_s):
+                raw = await request.read()
         except web.HTTPRequestEntityTooLarge:
             return self._error(413, f"body exceeds max_body_bytes={c.max_body_bytes}", "too_large", endpoint)
+        except TimeoutError:
+            return self._error(408, f"body not received within client_read_timeout_s={c.client_read_timeout_s}",
+                               "client_timeout", endpoint)
+        except (ConnectionError, aiohttp.ClientPayloadError, web.HTTPBadRequest) as e:
+            return self._error(400, f"body: unreadable ({type(e).__name__})", "bad_request", endpoint)
         try:
             body = _json_decode(raw)
         except msgspec.DecodeError as e:
             return self._error(400, f"body: malformed JSON ({e})", "bad_request", endpoint)
+        except RecursionError:
+            return self._error(400, "body: JSON nested too deeply", "bad_request", endpoint)
         try:
             req = self.parser.parse(request.headers, body, endpoint)
         except ValueError as e:
             return self._error(400, str(e), "bad_request", endpoint)
+        except RecursionError:
+            return self._error(400, "body: nested too deeply", "bad_request", endpoint)
         if c.max_inflight and self.inflight >= c.max_inflight:
             return self._error(429, f"more than max_inflight={c.max_inflight} requests in flight", "overload",
                                endpoint, True)
@@ -137,16 +164,24 @@ class HttpApi:
         self.serving_ids.add(req.id)
         try:
             error = "no attempt made"
-            for attempt in range(c.max_attempts):
-                if attempt:
+            tried: set[str] = set()  # instances an attempt failed on: a retry goes elsewhere
+            attempts = 0
+            while attempts < c.max_attempts:
+                if attempts:
+                    exclude = frozenset(tried)
+                    if not (self.dispatcher.serving(Phase.PREFILL, exclude)
+                            and self.dispatcher.serving(Phase.DECODE, exclude)):
+                        break  # nowhere else to go
                     self.metrics.retries.inc()
+                attempts += 1
                 try:
-                    return await self.pd.serve(request, endpoint, body, raw, req, timing)
+                    return await self.pd.serve(request, endpoint, body, raw, req, timing, frozenset(tried))
                 except Retry as e:
                     error = str(e)
-                    log.info("request %s attempt %d failed: %s", req.id, attempt + 1, e)
-            return self._error(502, f"upstream failed after {c.max_attempts} attempt(s): {error}", "upstream",
-                               endpoint)
+                    if e.instance:
+                        tried.add(e.instance)
+                    log.info("request %s attempt %d failed: %s", req.id, attempts, e)
+            return self._error(502, f"upstream failed after {attempts} attempt(s): {error}", "upstream", endpoint)
         except Reject as e:
             return self._error(e.status, str(e), e.kind, endpoint, e.retry_after)
         except UpstreamAnswer as e:
@@ -154,6 +189,7 @@ class HttpApi:
             return web.Response(status=e.status, body=e.body, content_type=e.content_type)
         except asyncio.CancelledError:
             self.metrics.errors.labels("client_disconnected").inc()
+            self.metrics.answered(endpoint, 499)  # nginx's "client closed request"
             raise
         finally:
             self.serving_ids.discard(req.id)

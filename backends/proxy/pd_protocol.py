@@ -7,14 +7,19 @@ DECODE phase is assigned, the decode request carries the ``kv_transfer_params`` 
 MIXED or DECODE instance got the PREFILL phase): the client's request goes there whole. The answer, streamed (SSE)
 or not, is relayed to the client as it comes.
 
-Failures: an upstream that refuses the connection, answers 5xx or drops the connection before the client got any
-byte raises Retry (a refused connection also takes it out of rotation); once bytes have reached the client, a
-failure ends the stream with an SSE ``error`` event (never a silent truncation: no ``[DONE]`` follows). A client
-that disconnects cancels its upstream request.
+Failures: an upstream that refuses the connection, answers 5xx, drops the connection, runs past a timeout
+(``first_token_timeout_s`` to its first byte, ``stream_idle_timeout_s`` between chunks, ``read_timeout_s`` for a
+non-streamed answer) or leaves rotation (failed health checks) while serving the request raises Retry naming the
+instance, if the client got no byte yet (a refused connection also takes it out of rotation); once bytes have
+reached the client, a failure ends the stream with an SSE ``error`` event (never a silent truncation: no ``[DONE]``
+follows). A disaggregated request starts only when both phases have a healthy instance (else 503 at once: no
+prefill is wasted). A client that disconnects cancels its upstream request. Error messages name instances by id,
+never by address.
 """
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Callable
 
 import aiohttp
@@ -22,7 +27,7 @@ import msgspec
 from aiohttp import web
 
 from backends.proxy.dispatcher import Dispatcher
-from backends.proxy.errors import Retry, UpstreamAnswer
+from backends.proxy.errors import Reject, Retry, UpstreamAnswer
 from backends.proxy.prefix_source import PrefixSource
 from backends.proxy.proxy_metrics import ProxyMetrics
 from backends.proxy.request_timing import RequestTiming
@@ -30,6 +35,7 @@ from backends.proxy.reservation import Reservation
 from backends.proxy.upstream_state import UpstreamState
 from omnisim.core import BatchSample, Phase, Request, Role
 
+log = logging.getLogger(__name__)
 _json_decode = msgspec.json.Decoder().decode
 _json_encode = msgspec.json.Encoder().encode
 # Every header the upstream request needs, given up front so aiohttp adds no defaults of its own per request.
@@ -41,9 +47,36 @@ PREFILL_PARAMS = {"do_remote_decode": True, "do_remote_prefill": False, "remote_
 _UPSTREAM_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
 
 
+class _Attempt:
+    """One request's time at one engine, from sending to its last byte: cancelled when the engine leaves rotation
+    (its ``lost`` flag tells that cancellation from the client's own)."""
+
+    __slots__ = ("up", "task", "lost")
+
+    def __init__(self, up: UpstreamState) -> None:
+        self.up = up
+        self.task = asyncio.current_task()
+        self.lost = False
+        up.attempts.add(self)
+
+    def engine_lost(self) -> None:
+        if not self.lost and self.task is not asyncio.current_task():  # not the attempt that found it gone
+            self.lost = True
+            self.task.cancel()
+
+    def close(self) -> None:
+        self.up.attempts.discard(self)
+
+    def recovered(self) -> None:
+        """Called in the CancelledError handler of a lost attempt: the task goes on (it answers the client)."""
+        self.task.uncancel()
+
+
 class PDProtocol:
     def __init__(self, session: aiohttp.ClientSession, dispatcher: Dispatcher, prefix: PrefixSource,
-                 metrics: ProxyMetrics, pd_mode: str, health_failures: int, clock: Callable[[], float]) -> None:
+                 metrics: ProxyMetrics, pd_mode: str, health_failures: int, clock: Callable[[], float],
+                 first_token_timeout_s: float = 120.0, stream_idle_timeout_s: float = 60.0,
+                 read_timeout_s: float = 600.0) -> None:
         """``clock``: the event loop's time (timings, observed step durations)."""
         self.session = session
         self.dispatcher = dispatcher
@@ -52,12 +85,18 @@ class PDProtocol:
         self.kv_transfer_params = pd_mode == "kv_transfer_params"
         self.health_failures = health_failures
         self.clock = clock
+        self.first_token_timeout_s = first_token_timeout_s
+        self.stream_idle_timeout_s = stream_idle_timeout_s
+        self.read_timeout_s = read_timeout_s
 
     async def serve(self, request: web.Request, endpoint: str, body: dict, raw: bytes, req: Request,
-                    timing: RequestTiming) -> web.StreamResponse:
-        """``raw``: the client's body as received; it goes upstream unchanged wherever the body is unchanged."""
+                    timing: RequestTiming, exclude: frozenset = frozenset()) -> web.StreamResponse:
+        """``raw``: the client's body as received; it goes upstream unchanged wherever the body is unchanged.
+        ``exclude``: instances an earlier attempt failed on (this one goes elsewhere)."""
         d = self.dispatcher
-        reservation = await d.assign(Phase.PREFILL, req, None)
+        if not d.serving(Phase.DECODE, exclude):  # before any prefill: it would be wasted
+            raise Reject(503, "no healthy instance for the decode phase", "no_instance", True)
+        reservation = await d.assign(Phase.PREFILL, req, None, exclude)
         up = reservation.up
         timing.predicted_cached_tokens = reservation.cached if req.prefix_hashes else None
         path = PATHS[endpoint]
@@ -69,7 +108,7 @@ class PDProtocol:
         timing.prefill_dispatch = self.clock()
         kv_params = await self._prefill(reservation, path, body, req, timing)
         timing.prefill_end = self.clock()
-        reservation = await d.assign(Phase.DECODE, req, up.id)
+        reservation = await d.assign(Phase.DECODE, req, up.id, exclude)
         timing.decode_instance = reservation.up.id
         timing.decode_dispatch = self.clock()
         if self.kv_transfer_params:
@@ -91,22 +130,35 @@ class PDProtocol:
         if self.kv_transfer_params:
             pbody["kv_transfer_params"] = dict(PREFILL_PARAMS)
         started = self.clock()
+        attempt = _Attempt(up)
+        failure = None
         try:
-            async with self.session.post(up.endpoint(path), data=_json_encode(pbody),
-                                         headers=self._upstream_headers(req)) as resp:
-                data = await resp.read()
-                status = resp.status
-                content_type = resp.content_type
+            async with asyncio.timeout(self.first_token_timeout_s):
+                async with self.session.post(up.endpoint(path), data=_json_encode(pbody),
+                                             headers=self._upstream_headers(req)) as resp:
+                    data = await resp.read()
+                    status = resp.status
+                    content_type = resp.content_type
             if status == 200 and reservation.alone and up.outstanding == 1:
                 up.observed(BatchSample(self.clock() - started, reservation.prompt, 0))
+        except asyncio.CancelledError:
+            if not attempt.lost:
+                raise
+            attempt.recovered()
+            failure = self._lost(up)
+        except TimeoutError:
+            failure = self._timed_out(up, f"no answer within first_token_timeout_s={self.first_token_timeout_s}")
         except _UPSTREAM_ERRORS as e:
             self._failed(up, e)
-            raise Retry(f"prefill on {up.id}: {type(e).__name__}: {e}") from None
+            failure = f"{up.id}: {type(e).__name__}"
         finally:
+            attempt.close()
             self.dispatcher.release(reservation)
+        if failure is not None:
+            raise Retry(f"prefill on {failure}", up.id)
         if status >= 500:
             self.metrics.errors.labels("upstream_5xx").inc()
-            raise Retry(f"prefill on {up.id}: HTTP {status}")
+            raise Retry(f"prefill on {up.id}: HTTP {status}", up.id)
         if status != 200:
             raise UpstreamAnswer(status, data, content_type)
         try:
@@ -120,11 +172,13 @@ class PDProtocol:
             return None
         if not isinstance(params, dict):
             self.metrics.errors.labels("no_kv_transfer_params").inc()
-            raise Retry(f"prefill on {up.id} returned no kv_transfer_params (is its KV connector a producer?)")
+            raise Retry(f"prefill on {up.id} returned no kv_transfer_params (is its KV connector a producer?)",
+                        up.id)
         return params
 
     def _failed(self, up: UpstreamState, error: BaseException) -> None:
         self.metrics.errors.labels("upstream").inc()
+        log.info("upstream %s (%s) failed: %s: %s", up.id, up.url, type(error).__name__, error)
         # Only a refused or unreachable connection proves the engine is gone. A dropped connection can be a pooled
         # keep-alive socket the engine closed as we reused it (seen with vLLM's uvicorn under load): the request is
         # retried, and the health checks decide about the engine.
@@ -132,69 +186,107 @@ class PDProtocol:
             up.connection_failed(self.health_failures)  # back after its next passing health check
             self.prefix.engine_lost(up.id)  # a restarted engine starts with an empty cache
 
+    def _lost(self, up: UpstreamState) -> str:
+        self.metrics.errors.labels("engine_lost").inc()
+        return f"{up.id}: left rotation (failed health checks) while serving the request"
+
+    def _timed_out(self, up: UpstreamState, what: str) -> str:
+        self.metrics.errors.labels("timeout").inc()
+        return f"{up.id}: {what}"
+
     async def _final(self, request: web.Request, endpoint: str, path: str, reservation: Reservation, body: dict,
                      data: bytes, req: Request, timing: RequestTiming) -> web.StreamResponse:
-        """Send ``data`` (``body`` encoded) to the instance that generates the answer and relay the answer."""
+        """Send ``data`` (``body`` encoded) to the instance that generates the answer and relay the answer, streamed
+        (SSE bytes as they come) or whole. Before the client's first byte a failure raises Retry; after it, the
+        client gets an SSE error event and no [DONE]."""
         up = reservation.up
+        stream = bool(body.get("stream"))
+        attempt = _Attempt(up)
+        response: web.StreamResponse | None = None  # the client's stream, once its headers went
+        waiting = "first_token_timeout_s" if stream else "read_timeout_s"
+        failure = None
         try:
-            async with self.session.post(up.endpoint(path), data=data,
-                                         headers=self._upstream_headers(req)) as resp:
-                if resp.status >= 500:
-                    self.metrics.errors.labels("upstream_5xx").inc()
-                    raise Retry(f"{up.id}: HTTP {resp.status}")
-                if resp.status != 200:
-                    raise UpstreamAnswer(resp.status, await resp.read(), resp.content_type)
-                if not body.get("stream"):
-                    data = await resp.read()
-                    elapsed = self.clock() - timing.received
-                    self.metrics.ttft.observe(elapsed)
-                    self.metrics.e2e.observe(elapsed)
-                    self.metrics.answered(endpoint, 200)
-                    return web.Response(body=data, content_type="application/json", headers=timing.headers())
-                return await self._relay(request, endpoint, resp, reservation, timing)
+            async with asyncio.timeout(self.first_token_timeout_s if stream else self.read_timeout_s) as deadline:
+                async with self.session.post(up.endpoint(path), data=data,
+                                             headers=self._upstream_headers(req)) as resp:
+                    if resp.status >= 500:
+                        self.metrics.errors.labels("upstream_5xx").inc()
+                        raise Retry(f"{up.id}: HTTP {resp.status}", up.id)
+                    if resp.status != 200:
+                        raise UpstreamAnswer(resp.status, await resp.read(), resp.content_type)
+                    if not stream:
+                        data = await resp.read()
+                        elapsed = self.clock() - timing.received
+                        self.metrics.ttft.observe(elapsed)
+                        self.metrics.e2e.observe(elapsed)
+                        self.metrics.answered(endpoint, 200)
+                        return web.Response(body=data, content_type="application/json", headers=timing.headers())
+                    chunk = await resp.content.readany()
+                    deadline.reschedule(None)  # the client's pace is not the engine's fault
+                    response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                                           "Cache-Control": "no-cache", **timing.headers()})
+                    waiting = "stream_idle_timeout_s"
+                    try:
+                        await response.prepare(request)
+                    except (ConnectionError, RuntimeError):
+                        return self._client_left(endpoint, resp, response)
+                    self.metrics.ttft.observe(self.clock() - timing.received)
+                    reservation.prompt_done()
+                    arrivals = []
+                    idle = self.stream_idle_timeout_s
+                    while chunk:
+                        arrivals.append(self.clock())
+                        deadline.reschedule(None)
+                        try:
+                            await response.write(chunk)
+                        except (ConnectionError, RuntimeError):  # the client left: drop the upstream request too
+                            return self._client_left(endpoint, resp, response)
+                        deadline.reschedule(self.clock() + idle)
+                        chunk = await resp.content.readany()
+                    deadline.reschedule(None)
+                    decoding = up.outstanding  # this one included: read before its release
+        except asyncio.CancelledError:
+            if not attempt.lost:
+                raise
+            attempt.recovered()
+            failure = self._lost(up)
+        except TimeoutError:
+            limit = getattr(self, waiting)
+            failure = self._timed_out(up, f"no {'first byte' if response is None else 'chunk'} within "
+                                          f"{waiting}={limit}")
         except _UPSTREAM_ERRORS as e:
             self._failed(up, e)
-            raise Retry(f"{up.id}: {type(e).__name__}: {e}") from None
+            failure = f"{up.id}: {type(e).__name__}"
         finally:
+            attempt.close()
             self.dispatcher.release(reservation)
-
-    async def _relay(self, request: web.Request, endpoint: str, resp: aiohttp.ClientResponse,
-                     reservation: Reservation, timing: RequestTiming) -> web.StreamResponse:
-        """Stream SSE bytes as they come. Before the first byte an upstream failure propagates (the caller
-        retries); after it, the client gets an SSE error event and no [DONE]."""
-        chunk = await resp.content.readany()  # failures here propagate: nothing was sent yet
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-                                               **timing.headers()})
-        await response.prepare(request)
-        self.metrics.ttft.observe(self.clock() - timing.received)
-        reservation.prompt_done()
-        up = reservation.up
-        arrivals = []
-        while chunk:
-            arrivals.append(self.clock())
-            try:
-                await response.write(chunk)
-            except (ConnectionError, RuntimeError):  # the client left: drop the upstream request too
-                resp.close()
-                self.metrics.errors.labels("client_disconnected").inc()
-                return response
-            try:
-                chunk = await resp.content.readany()
-            except _UPSTREAM_ERRORS as e:
-                self._failed(up, e)
-                self.metrics.errors.labels("midstream").inc()
-                self.metrics.answered(endpoint, 502)
-                err = {"error": {"message": f"upstream {up.id} failed mid-stream: {type(e).__name__}: {e}",
-                                 "type": "upstream_error", "code": 502}}
-                try:
-                    await response.write(b"\n\ndata: " + _json_encode(err) + b"\n\n")
-                except (ConnectionError, RuntimeError):
-                    pass  # the client is gone too
-                return response
+        if failure is not None:
+            if response is None:
+                raise Retry(failure, up.id)
+            return await self._midstream_error(endpoint, response, failure)
         await response.write_eof()
         self.metrics.e2e.observe(self.clock() - timing.received)
         self.metrics.answered(endpoint, 200)
         if len(arrivals) >= 4:  # one chunk per decode step: the median gap is the step time
             gaps = sorted(b - a for a, b in zip(arrivals, arrivals[1:]))
-            up.observed(BatchSample(gaps[len(gaps) // 2], 0, up.outstanding))
+            up.observed(BatchSample(gaps[len(gaps) // 2], 0, decoding))
+        return response
+
+    def _client_left(self, endpoint: str, resp: aiohttp.ClientResponse, response: web.StreamResponse
+                     ) -> web.StreamResponse:
+        resp.close()
+        self.metrics.errors.labels("client_disconnected").inc()
+        self.metrics.answered(endpoint, 499)
+        return response
+
+    async def _midstream_error(self, endpoint: str, response: web.StreamResponse, failure: str
+                               ) -> web.StreamResponse:
+        self.metrics.errors.labels("midstream").inc()
+        self.metrics.answered(endpoint, 502)
+        err = {"error": {"message": f"upstream failed mid-stream: {failure}", "type": "upstream_error",
+                         "code": 502}}
+        try:
+            await response.write(b"\n\ndata: " + _json_encode(err) + b"\n\n")
+        except (ConnectionError, RuntimeError):
+            pass  # the client is gone too
         return response

@@ -93,10 +93,11 @@ class Proxy:
         c = self.config
         self._session = session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=None),
-            timeout=aiohttp.ClientTimeout(total=None, connect=c.connect_timeout_s, sock_read=c.read_timeout_s),
+            # Reads are bounded per request by pd_protocol (first token, stream idle, whole answer).
+            timeout=aiohttp.ClientTimeout(total=None, connect=c.connect_timeout_s, sock_read=None),
             auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar())  # engines' cookies are not ours to keep
         pd = PDProtocol(session, self.dispatcher, self.prefix_source, self.metrics, c.pd_mode, c.health_failures,
-                        loop.time)
+                        loop.time, c.first_token_timeout_s, c.stream_idle_timeout_s, c.read_timeout_s)
         self.api = HttpApi(c, self.upstreams, self.metrics, self.dispatcher, self.parser, pd, session,
                            self.serving_ids, loop.time)
         self._runner = web.AppRunner(self.api.app(), handler_cancellation=True, access_log=None)

@@ -11,11 +11,25 @@ from backends.proxy.prefix_source import PrefixSource
 from omnisim.core import Request
 
 
+_INT64 = 1 << 63
+_MAX_REQUEST_ID = 256
+
+
 def _header_int(headers: Mapping[str, str], name: str) -> int:
     try:
-        return int(headers[name])
+        value = int(headers[name])
     except ValueError:
-        raise ValueError(f"{name}: expected an integer, got {headers[name]!r}") from None
+        raise ValueError(f"{name}: expected an integer, got {headers[name][:40]!r}") from None
+    if not -_INT64 <= value < _INT64:
+        raise ValueError(f"{name}: out of range (64-bit integers)")
+    return value
+
+
+def _request_id(value: str) -> str:
+    """A client's X-Request-Id, checked: it goes upstream in a header (undecodable bytes arrive as surrogates)."""
+    if len(value) > _MAX_REQUEST_ID or not value.isascii() or not value.isprintable():
+        raise ValueError(f"X-Request-Id: expected at most {_MAX_REQUEST_ID} printable ASCII characters")
+    return value
 
 
 class RequestParser:
@@ -56,6 +70,8 @@ class RequestParser:
         else:
             tokens = prompt_tokens(body)
             n_prompt = len(tokens)
+            if tokens and isinstance(tokens[0], int) and (min(tokens) < 0 or max(tokens) >= _INT64):
+                raise ValueError("prompt: token ids must be in 0..2**63-1")
         max_tokens = body.get("max_completion_tokens", body.get("max_tokens", self.config.default_max_tokens))
         if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
             raise ValueError(f"max_tokens: expected a positive integer, got {max_tokens!r}")
@@ -66,6 +82,8 @@ class RequestParser:
                 hashes = tuple(int(x) for x in h["X-Prefix-Hashes"].split(",") if x.strip())
             except ValueError:
                 raise ValueError("X-Prefix-Hashes: expected comma-separated integers") from None
+            if hashes and (min(hashes) < -_INT64 or max(hashes) >= 1 << 64):
+                raise ValueError("X-Prefix-Hashes: out of range (64-bit integers)")
             block = _header_int(h, "X-Hash-Block-Tokens") if "X-Hash-Block-Tokens" in h else 0
             if hashes and block < 1:
                 raise ValueError("X-Hash-Block-Tokens: required (>= 1) with X-Prefix-Hashes")
@@ -75,7 +93,7 @@ class RequestParser:
             if salt is not None and not isinstance(salt, str):
                 raise ValueError("cache_salt: expected a string")
             hashes = block_hashes(tokens if tokens is not None else prompt_tokens(body), block, salt)
-        rid = h.get("X-Request-Id") or ""
+        rid = _request_id(h.get("X-Request-Id") or "")
         if not rid or rid in self.serving_ids:
             base = rid or "req"
             rid = f"{base}-{next(self._ids)}"

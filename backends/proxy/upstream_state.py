@@ -38,6 +38,7 @@ class UpstreamState:
         self.recent_batches: tuple[BatchSample, ...] = ()  # rebuilt only when a sample arrives
         self._endpoints: dict[str, URL] = {}
         self._snapshot: InstanceState | None = None
+        self.attempts: set = set()  # requests being served here (pd_protocol._Attempt): told when it leaves rotation
 
     def endpoint(self, path: str) -> URL:
         """The URL of ``path`` on this engine, parsed once (aiohttp would parse a string on every request)."""
@@ -110,3 +111,6 @@ class UpstreamState:
         if healthy != self.healthy:
             self.healthy = healthy
             self._snapshot = None
+            if not healthy:  # out of rotation: what it serves fails over (or ends with a clean error) now
+                for attempt in list(self.attempts):
+                    attempt.engine_lost()
