@@ -26,6 +26,7 @@ def write(tmp_path: Path, name: str, text: str) -> Path:
     ("2023-11-16 18:15:51.2224670,12,3,9\n", 4, "expected 3 fields, got 4"),
     ("yesterday,12,3\n", 4, "column 'TIMESTAMP'"),
     ("2023-11-16 18:15:40.0000000,12,3\n", 4, "sorted by time"),
+    ("2023-11-16 18:15:51.2224670,1e23,3\n", 4, "more than any model serves"),  # not a 1-token prompt
 ])
 def test_azure_bad_row_names_file_line_and_column(tmp_path, bad_row, line, message):
     path = write(tmp_path, "azure.csv", HEADER + "".join(GOOD) + bad_row + "2023-11-16 18:15:59.0000000,5,5\n")
@@ -83,6 +84,8 @@ def mooncake_line(timestamp=0, input_length=600, output_length=5, hash_ids=(1, 2
     (mooncake_line(6000, hash_ids=(1, "x")), "field 'hash_ids'"),
     (mooncake_line(6000, input_length=1100), "needs 3 blocks of hash_block_tokens=512"),
     (mooncake_line(timestamp=-1), "field 'timestamp'"),
+    (mooncake_line(6000, input_length=10**23, hash_ids=()), "more than any model serves"),
+    (mooncake_line(6000, hash_ids=(1, 10**23)), "does not fit in 64 bits"),
 ])
 def test_mooncake_bad_line_names_file_line_and_field(tmp_path, bad_line, message):
     path = write(tmp_path, "mc.jsonl", mooncake_line() + mooncake_line(3000) + bad_line)
@@ -114,3 +117,18 @@ def test_empirical_lengths_bad_row_and_column(tmp_path):
         EmpiricalLengths(str(path), "p", "o")
     with pytest.raises(ValueError, match=r"lengths\.csv:1: missing column 'q'"):
         EmpiricalLengths(str(path), "p", "q")
+
+
+@pytest.mark.parametrize("make", [
+    lambda path: path.write_bytes((HEADER + GOOD[0]).encode("utf-16")),
+    lambda path: path.write_bytes((HEADER + GOOD[0]).encode() + b"2023-11-16 18:15:50.9951690,\xff\xfe,3\n"),
+])
+def test_a_trace_that_is_not_utf8_names_its_line(tmp_path, make):
+    path = tmp_path / "t.csv"
+    make(path)
+    with pytest.raises(ValueError, match=r"t\.csv:\d+: not UTF-8 text"):
+        AzureTrace(seed=0, path=str(path))
+    jsonl = tmp_path / "mc.jsonl"
+    jsonl.write_bytes(mooncake_line().encode() + b"\x89PNG\r\n\x1a\n\x00\xff\n")
+    with pytest.raises(ValueError, match=r"mc\.jsonl:2: not UTF-8 text"):
+        MooncakeTrace(seed=0, path=str(jsonl))

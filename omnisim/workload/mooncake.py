@@ -10,9 +10,10 @@ import numpy as np
 
 from omnisim.core import Request
 from omnisim.workload.limits import Limits
-from omnisim.workload.trace_file import resolve_trace_path
+from omnisim.workload.trace_file import MAX_TOKENS, resolve_trace_path, undecodable
 from omnisim.workload.trace_replay import TraceReplay
 
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 MOONCAKE_CONV_PATH = "../shared/traces/mooncake_fast25/conversation_trace.jsonl"
 
 
@@ -86,33 +87,39 @@ def load_mooncake_trace(path: Path, hash_block_tokens: int = 512):
     outputs: list[int] = []
     hashes: list[int] = []
     offsets = [0]
-    with open(path) as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{where}: not valid JSON ({error.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            stamp = _number(row, "timestamp", where)
-            if stamps and stamp < stamps[-1]:
-                raise ValueError(f"{where}: field 'timestamp': rows must be sorted by time, {stamp} < {stamps[-1]}")
-            prompt = _count(row, "input_length", where)
-            output = _count(row, "output_length", where)
-            ids = row.get("hash_ids")
-            if not isinstance(ids, list) or not set(map(type, ids)) <= {int}:  # bool is not int here
-                raise ValueError(f"{where}: field 'hash_ids': expected a list of integers, got {ids!r:.80}")
-            if len(ids) != -(-prompt // hash_block_tokens):
-                raise ValueError(f"{where}: field 'hash_ids': {len(ids)} blocks, but input_length {prompt} needs "
-                                 f"{-(-prompt // hash_block_tokens)} blocks of hash_block_tokens={hash_block_tokens}")
-            stamps.append(stamp)
-            prompts.append(prompt)
-            outputs.append(output)
-            hashes.extend(ids)
-            offsets.append(len(hashes))
+    try:
+        with open(path, encoding="utf-8") as handle:
+            lines = handle.readlines()
+    except UnicodeDecodeError as e:
+        raise undecodable(path, e) from None
+    for line_number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{line_number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{where}: not valid JSON ({error.msg})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        stamp = _number(row, "timestamp", where)
+        if stamps and stamp < stamps[-1]:
+            raise ValueError(f"{where}: field 'timestamp': rows must be sorted by time, {stamp} < {stamps[-1]}")
+        prompt = _count(row, "input_length", where)
+        output = _count(row, "output_length", where)
+        ids = row.get("hash_ids")
+        if not isinstance(ids, list) or not set(map(type, ids)) <= {int}:  # bool is not int here
+            raise ValueError(f"{where}: field 'hash_ids': expected a list of integers, got {ids!r:.80}")
+        if ids and not (_INT64_MIN <= min(ids) and max(ids) <= _INT64_MAX):
+            raise ValueError(f"{where}: field 'hash_ids': {max(ids, key=abs)} does not fit in 64 bits")
+        if len(ids) != -(-prompt // hash_block_tokens):
+            raise ValueError(f"{where}: field 'hash_ids': {len(ids)} blocks, but input_length {prompt} needs "
+                             f"{-(-prompt // hash_block_tokens)} blocks of hash_block_tokens={hash_block_tokens}")
+        stamps.append(stamp)
+        prompts.append(prompt)
+        outputs.append(output)
+        hashes.extend(ids)
+        offsets.append(len(hashes))
     if not stamps:
         raise ValueError(f"{path}: empty file (expected JSON lines with timestamp, input_length, output_length, "
                          f"hash_ids)")
@@ -133,4 +140,7 @@ def _count(row: dict, field: str, where: str) -> int:
     if type(value) is not int or value < 0:
         problem = "missing" if field not in row else f"{value!r} is not a non-negative integer"
         raise ValueError(f"{where}: field {field!r}: {problem}")
+    if value > MAX_TOKENS:
+        raise ValueError(f"{where}: field {field!r}: {value} tokens is more than any model serves (at most "
+                         f"{MAX_TOKENS:,})")
     return value

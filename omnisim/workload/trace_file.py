@@ -23,10 +23,28 @@ def resolve_trace_path(path: str | Path, field: str = "workload.path") -> Path:
     raise FileNotFoundError(f"{field}: trace file not found: {path} (tried {', '.join(str(p) for p in tried)})")
 
 
+# No model serves a prompt of a billion tokens: a larger count in a trace is a corrupt value, not a request.
+MAX_TOKENS = 1_000_000_000
+
+
+def undecodable(path: Path, error: UnicodeDecodeError) -> ValueError:
+    """A ValueError naming the first line of ``path`` that is not UTF-8 (a file in another encoding, or binary)."""
+    with open(path, "rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as bad:
+                return ValueError(f"{path}:{line_number}: not UTF-8 text (byte {raw[bad.start]:#04x} at column "
+                                  f"{bad.start + 1}); traces are UTF-8 CSV or JSON lines")
+    return ValueError(f"{path}: not UTF-8 text ({error.reason})")
+
+
 def read_csv_table(path: Path, columns: list[str]) -> pd.DataFrame:
     """All values of ``columns`` as strings (other columns are dropped). Errors name the file and line."""
     try:
-        table = pd.read_csv(path, dtype=str, keep_default_na=False, engine="c")
+        table = pd.read_csv(path, dtype=str, keep_default_na=False, engine="c", encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise undecodable(path, e) from None
     except pd.errors.EmptyDataError:
         raise ValueError(f"{path}: empty file (expected a header with columns {columns})") from None
     except pd.errors.ParserError:
@@ -40,13 +58,19 @@ def read_csv_table(path: Path, columns: list[str]) -> pd.DataFrame:
 
 
 def parse_counts(path: Path, table: pd.DataFrame, column: str) -> np.ndarray:
-    """Column ``column`` as int64 token counts; a non-numeric, negative or fractional value fails with FILE:LINE."""
+    """Column ``column`` as int64 token counts; a non-numeric, negative, fractional or absurdly large (over
+    MAX_TOKENS) value fails with FILE:LINE."""
     values = pd.to_numeric(table[column], errors="coerce").to_numpy(dtype=np.float64)
     with np.errstate(invalid="ignore"):
         bad = ~(np.isfinite(values) & (values >= 0) & (values == np.floor(values)))
     if bad.any():
         row = int(np.argmax(bad))
         raise_at_row(path, row, column, f"{table[column].iloc[row]!r} is not a non-negative integer")
+    huge = values > MAX_TOKENS
+    if huge.any():
+        row = int(np.argmax(huge))
+        raise_at_row(path, row, column, f"{table[column].iloc[row]!r} tokens is more than any model serves "
+                     f"(at most {MAX_TOKENS:,})")
     return values.astype(np.int64)
 
 
