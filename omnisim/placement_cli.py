@@ -58,7 +58,8 @@ def policy_config(name: str, settings: list[str], seed: int) -> dict:
         key, sep, value = setting.partition("=")
         if not sep or not key:
             raise ValueError(f"--set: expected KEY=VALUE, got {setting!r}")
-        if key == "_target_" or OmegaConf.select(node, key, default=KeyError, throw_on_resolution_failure=False) is KeyError:
+        absent = OmegaConf.select(node, key, default=KeyError, throw_on_resolution_failure=False) is KeyError
+        if key == "_target_" or absent:
             raise ValueError(f"--set {key}: conf/placement/{name}.yaml has no key {key!r}")
         OmegaConf.update(node, key, yaml.safe_load(value), merge=False)
     root = OmegaConf.create({"seed": seed, "node": node})

