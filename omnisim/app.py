@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
+import sys
 from pathlib import Path
 
 import hydra
@@ -51,14 +53,20 @@ def build_experiment(cfg: DictConfig) -> tuple:
         name=str(cfg.name), seed=int(cfg.seed), model=_build(cfg, "model"), hardware=_build(cfg, "hardware"),
         cluster=_build(cfg, "cluster"), workload=_build(cfg, "workload"), proxy=_build(cfg, "proxy"),
         slo=_build(cfg, "slo"), cost=_build(cfg, "cost"), placement=_build(cfg, "placement"), options=options)
+    experiment.cluster.check_model(experiment.model)
     return experiment, _build(cfg, "backend")
 
 
 def run_experiment(cfg: DictConfig, out_dir: Path) -> dict:
     from omnisim.metrics import summarize, write_run
 
+    # A failed run must not leave an earlier run's summary behind: a directory with one is a complete run.
+    (out_dir / "summary.json").unlink(missing_ok=True)
     experiment, backend = build_experiment(cfg)
     result = backend.run(experiment, out_dir)
+    if len(result.records) == 0:
+        raise ValueError("the workload produced no requests (check workload.max_requests, workload.duration_s, "
+                         "workload.start_s)")
     summary = summarize(result.records, experiment.slo, result.instances)
     summary.update(result.extra)
     summary["name"] = experiment.name
@@ -128,7 +136,13 @@ def main(cfg: DictConfig) -> float | None:
     from omnisim.metrics import format_summary
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
-    summary = run_experiment(cfg, out_dir)
+    try:
+        summary = run_experiment(cfg, out_dir)
+    except (ValueError, FileNotFoundError) as e:  # a user's error: one line naming the field, no traceback
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"omnisim: error: {e}", file=sys.stderr)
+        sys.exit(2)
     print(format_summary(summary))
     print(f"results: {out_dir}")
     value = summary.get(str(cfg.objective))

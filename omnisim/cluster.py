@@ -102,6 +102,18 @@ class ClusterSpec:
             raise ValueError(f"cluster: prefill and decode block_size differ ({sorted(sizes)}); KV moves block by block")
         return sizes.pop()
 
+    def check_model(self, model) -> None:
+        """As vLLM checks at start-up: each group's tensor parallelism splits the model's attention heads evenly
+        (and its KV heads, or replicates them when tp exceeds them)."""
+        heads, kv_heads = getattr(model, "heads", 0), getattr(model, "kv_heads", 0)
+        for role, g in self.groups():
+            if heads and (g.tp > heads or heads % g.tp):
+                raise ValueError(f"cluster.{role}.tp={g.tp} does not divide the {heads} attention heads of "
+                                 f"{getattr(model, 'name', 'the model')}")
+            if kv_heads and kv_heads % g.tp and g.tp % kv_heads:
+                raise ValueError(f"cluster.{role}.tp={g.tp}: the {kv_heads} KV heads of "
+                                 f"{getattr(model, 'name', 'the model')} can be neither split nor replicated evenly")
+
     def groups(self) -> list[tuple[str, InstanceGroup]]:
         """(role name, group) pairs: instance ids are f"{role}-{index}"."""
         if self.disaggregated:
