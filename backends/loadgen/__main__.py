@@ -4,7 +4,8 @@
         --set max_requests=100 --slo conf/slo/default.yaml --out runs/vllm-1
 
 writes OUT/requests.parquet, plots and OUT/summary.json (omnisim.metrics.write_run), so the summary compares
-side by side with a simulated run of the same workload. ``--set KEY=VALUE`` overrides a key of the workload file.
+side by side with a simulated run of the same workload. Exit status: 0 when at least one request was served,
+1 (one line on stderr; the run is still written) when none was, 2 for bad arguments or no server at --url. ``--set KEY=VALUE`` overrides a key of the workload file.
 The workload and SLO files are conf/ group files (one ``_target_`` each); ``${seed}`` resolves to --seed.
 """
 from __future__ import annotations
@@ -72,6 +73,13 @@ def main(argv=None) -> int:
     summary = summarize(records, slo)
     summary.update(backend="loadgen", url=args.url, seed=args.seed)
     write_run(args.out, records, summary)
+    served = int((records["status"] == "ok").sum()) if len(records) else 0
+    if not served:
+        failed = records[records["status"] != "ok"] if len(records) else records
+        first = f"; first error: {str(failed['error'].iloc[0])[:200]}" if len(failed) else ""
+        print(f"loadgen: nothing was served at {args.url} ({len(records)} request(s) sent{first}); "
+              f"run written to {args.out}", file=sys.stderr)
+        return 1
     print(format_summary(summary))
     print(f"results: {args.out}")
     return 0

@@ -7,7 +7,11 @@
 The YAML holds backends.proxy.ProxyConfig's keys (upstreams: a list of {url, role, id?, kv_events?, ...}), plus
 ``proxy:`` (a policy node in conf/proxy/ format, e.g. ``{_target_: omnisim.policies.LeastLoad, seed: ${seed}}``)
 and ``seed:`` (default 0). ``--policy NAME`` uses conf/proxy/NAME.yaml instead of the ``proxy:`` node. Command-line
-flags override the file. Unknown keys fail, naming the key.
+flags override the file. Unknown keys fail, naming the key. The API key: --api-key, else the environment variable
+OMNISIM_PROXY_API_KEY, else the file's api_key (the environment keeps it out of process listings and files).
+
+Any bad setting (malformed YAML, an unknown key, a negative value, a port in use) ends it with one line on stderr
+and exit status 2.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import argparse
 import asyncio
 import gc
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -24,6 +29,7 @@ from omegaconf import OmegaConf
 from backends.proxy.config import ProxyConfig
 from backends.proxy.proxy import Proxy
 
+API_KEY_ENV = "OMNISIM_PROXY_API_KEY"
 CONF_PROXY = Path(__file__).resolve().parents[2] / "conf" / "proxy"
 GC_YOUNG_THRESHOLD = 20_000  # net new container objects between young collections (CPython default 700)
 
@@ -68,7 +74,11 @@ def load(argv=None) -> tuple[ProxyConfig, object, str]:
         where = str(args.config)
         if not args.config.is_file():
             raise ValueError(f"--config: no such file {args.config}")
-        loaded = OmegaConf.to_container(OmegaConf.load(args.config), resolve=False)
+        try:
+            loaded = OmegaConf.to_container(OmegaConf.load(args.config), resolve=False)
+        except Exception as e:  # yaml's and OmegaConf's parse errors
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"{where}: malformed YAML ({first})") from None
         if not isinstance(loaded, dict):
             raise ValueError(f"{where}: expected a mapping of settings")
         data = loaded
@@ -82,6 +92,8 @@ def load(argv=None) -> tuple[ProxyConfig, object, str]:
             raise ValueError(f"--upstream #{k + 1}: expected ROLE=URL, got {raw!r}")
         data.setdefault("upstreams", [])
         data["upstreams"] = list(data["upstreams"]) + [{"url": url, "role": role}]
+    if args.api_key is None and os.environ.get(API_KEY_ENV):
+        data["api_key"] = os.environ[API_KEY_ENV]
     for key in ("host", "port", "api_key", "pd_mode", "prefix_source", "tokenizer"):
         if getattr(args, key) is not None:
             data[key] = getattr(args, key)
@@ -90,7 +102,14 @@ def load(argv=None) -> tuple[ProxyConfig, object, str]:
         node = policy_node(args.policy)
     elif node is None:
         node = policy_node("round_robin")
-    return config, build_policy(node, int(seed)), args.loop
+    try:
+        policy = build_policy(node, int(seed))
+    except ValueError:
+        raise
+    except Exception as e:  # a policy node Hydra cannot build
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ValueError(f"{where}: proxy policy: {type(e).__name__}: {first}") from None
+    return config, policy, args.loop
 
 
 def event_loop_runner(choice: str):
@@ -108,7 +127,11 @@ def event_loop_runner(choice: str):
 
 async def serve(config: ProxyConfig, policy) -> None:
     proxy = Proxy(config, policy)
-    await proxy.start()
+    try:
+        await proxy.start()
+    except BaseException:
+        await proxy.stop()  # its client session and site, opened before the bind failed
+        raise
     # Everything loaded so far (Hydra, policies, aiohttp) lives as long as the process: keep it out of the
     # garbage collector's full passes, which otherwise stall the event loop for milliseconds (p99 latency).
     gc.collect()
@@ -136,7 +159,11 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"omnisim-proxy: {e}", file=sys.stderr)
         return 2
-    runner(serve(config, policy))
+    try:
+        runner(serve(config, policy))
+    except OSError as e:  # the port is in use, the host is not this machine's
+        print(f"omnisim-proxy: cannot listen on {config.host}:{config.port}: {e.strerror or e}", file=sys.stderr)
+        return 2
     return 0
 
 
