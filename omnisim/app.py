@@ -37,7 +37,13 @@ def build_node(node, path: str):
     check_node(plain, path)
     try:
         return instantiate(OmegaConf.create(plain) if isinstance(plain, dict) else node, _convert_="all")
-    except Exception as e:  # name the config group: hydra's own message names the target and argument
+    except Exception as e:
+        root = e
+        while root.__cause__ is not None:
+            root = root.__cause__
+        if isinstance(root, ValueError):  # the constructor's own message names the field
+            raise ValueError(str(root)) from e
+        # otherwise name the config group: hydra's own message names the target and argument
         raise ValueError(f"config group '{path}': {e}") from e
 
 

@@ -145,8 +145,9 @@ class SimBackend:
     """``backend=sim``: the embedded discrete-event simulator (no servers)."""
 
     def __init__(self, timer_s: float = 0.01, reserve_tokens: int = 256, progress: str | bool = "auto") -> None:
-        if timer_s < 0:
-            raise ValueError(f"backend.timer_s must be >= 0, got {timer_s}")
+        if not (timer_s == 0 or 1e-4 <= timer_s <= 60):
+            # A timer of nanoseconds would re-ask the policy billions of times per simulated second.
+            raise ValueError(f"backend.timer_s must be 0 (no timer) or between 1e-4 and 60 s, got {timer_s}")
         if reserve_tokens < 1:
             raise ValueError(f"backend.reserve_tokens must be >= 1, got {reserve_tokens}")
         self.timer_s = timer_s
