@@ -366,6 +366,18 @@ def test_a_client_that_stalls_after_its_headers_gets_408():
     run(main())
 
 
+def test_a_client_that_stalls_in_its_headers_is_disconnected():
+    async def main():
+        async with cluster(mixed=1) as (fleet, proxy, s):
+            started = time.monotonic()
+            answer = await raw_http(proxy.url, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")
+            assert answer == b"" and 0.4 < time.monotonic() - started < 2  # client_read_timeout_s=0.5
+            assert proxy.metrics.errors.labels("client_header_timeout")._value.get() == 1
+            assert (await post(s, proxy.url, {"prompt": "a", "max_tokens": 1}))[0] == 200  # others unaffected
+
+    run(main())
+
+
 # -- settings ----------------------------------------------------------------------------------------------------
 
 def test_timeouts_are_checked():

@@ -34,6 +34,27 @@ from backends.proxy.upstream_state import UpstreamState
 from omnisim.core import ClusterView, ProxyPolicy
 
 
+class _HeaderDeadline:
+    """The listening socket's protocol factory: aiohttp's connection handler, and a check ``timeout_s`` later that
+    the connection's first request has arrived whole (request line and headers); a client that opened it and sent
+    nothing, or stalled in its headers, is disconnected then (aiohttp itself waits for headers forever). Its body
+    is bounded by HttpApi (client_read_timeout_s, 408)."""
+
+    def __init__(self, server: web.Server, timeout_s: float, metrics: ProxyMetrics) -> None:
+        self.server, self.timeout_s, self.metrics = server, timeout_s, metrics
+
+    def __call__(self):
+        handler = self.server()
+        asyncio.get_running_loop().call_later(self.timeout_s, self._check, handler)
+        return handler
+
+    def _check(self, handler) -> None:
+        transport = handler.transport
+        if transport is not None and getattr(handler, "_request_count", 1) == 0:
+            self.metrics.errors.labels("client_header_timeout").inc()
+            transport.close()
+
+
 class Proxy:
     def __init__(self, config: ProxyConfig, policy: ProxyPolicy) -> None:
         if not callable(getattr(policy, "schedule", None)):
@@ -55,6 +76,7 @@ class Proxy:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._session: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
+        self._server: asyncio.AbstractServer | None = None
         self._tasks: list[asyncio.Task] = []
 
     # -- what callers and tests read ---------------------------------------------------------------------------
@@ -102,8 +124,10 @@ class Proxy:
                            self.serving_ids, loop.time)
         self._runner = web.AppRunner(self.api.app(), handler_cancellation=True, access_log=None)
         await self._runner.setup()
-        await web.TCPSite(self._runner, c.host, c.port, backlog=1024).start()
-        self.port = self._runner.addresses[0][1]
+        self._server = await loop.create_server(
+            _HeaderDeadline(self._runner.server, c.client_read_timeout_s, self.metrics), c.host, c.port,
+            backlog=1024, reuse_address=True)
+        self.port = self._server.sockets[0].getsockname()[1]
         self._tasks.append(self.dispatcher.start(loop))
         poller = EnginePoller(session, self.upstreams, c.health_interval_s, c.health_timeout_s, c.health_failures,
                               c.metrics_interval_s, on_back=self.dispatcher.kick)
@@ -117,9 +141,14 @@ class Proxy:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
         self.dispatcher.reject_all("proxy shutting down", "shutdown")
+        if self._server:
+            self._server.close()  # no new connections; the runner's cleanup ends the open ones
         if self._runner:
             await self._runner.cleanup()
             self._runner = None
+        if self._server:
+            await self._server.wait_closed()
+            self._server = None
         if self._session:
             await self._session.close()
             self._session = None
