@@ -462,3 +462,17 @@ def test_step_fit_matches_the_published_two_stage_fit(points, weight, x_scale):
     assert (line.intercept_s, line.slope_s) == pytest.approx(ridge_reference(points, prior, weight, x_scale),
                                                              rel=1e-9, abs=1e-15)
     assert fit_step_line([], prior, weight, x_scale) == prior
+
+
+# ---- seeds ----------------------------------------------------------------------------------------------------------
+def test_every_policy_keeps_its_seed_and_defaults_to_seed_zero():
+    from omnisim.policies import LeastRequests, RandomChoice
+
+    for cls in (RoundRobin, RandomChoice, LeastLoad, LeastRequests, PowerOfTwo, PrefixAware, KVAware, OmniProxy,
+                Predictive):
+        assert cls(seed=11).seed == 11 and cls().seed == 0, cls.__name__
+    # the random policies' default draws are seed 0's: RandomChoice(), PowerOfTwo() and a sampling KVAware() replay
+    v = view(*(inst(f"p{i}", inflight_prompt_tokens=100 * i) for i in range(5)))
+    q = [wait(f"r{i}") for i in range(40)]
+    for make in (RandomChoice, PowerOfTwo, lambda seed=0: KVAware(temperature=1.0, seed=seed)):
+        assert make().schedule(P, q, v) == make(seed=0).schedule(P, q, v) != make(seed=1).schedule(P, q, v)
