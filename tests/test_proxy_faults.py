@@ -353,6 +353,18 @@ def test_hostile_inputs_are_answered_4xx_and_counted():
     run(main())
 
 
+def test_an_undecodable_api_key_is_refused_401():
+    async def main():
+        async with cluster(mixed=1, api_key="secret") as (fleet, proxy, s):
+            body = b'{"prompt": "a", "max_tokens": 1}'
+            head = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\xfe\r\n"
+                    b"Content-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n")
+            assert (await raw_http(proxy.url, head + body)).startswith(b"HTTP/1.1 401")
+            assert answered(proxy) == {("completions", "401"): 1}
+
+    run(main())
+
+
 def test_a_client_that_stalls_after_its_headers_gets_408():
     async def main():
         async with cluster(mixed=1) as (fleet, proxy, s):

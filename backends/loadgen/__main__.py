@@ -4,8 +4,9 @@
         --set max_requests=100 --slo conf/slo/default.yaml --out runs/vllm-1
 
 writes OUT/requests.parquet, plots and OUT/summary.json (omnisim.metrics.write_run), so the summary compares
-side by side with a simulated run of the same workload. Exit status: 0 when at least one request was served,
-1 (one line on stderr; the run is still written) when none was, 2 for bad arguments or no server at --url. ``--set KEY=VALUE`` overrides a key of the workload file.
+side by side with a simulated run of the same workload. ``--set KEY=VALUE`` overrides a key of the workload file.
+Exit status: 0 when at least one request was served, 1 (one line on stderr; the run is still written) when none
+was, 2 for bad arguments or no server at --url.
 The workload and SLO files are conf/ group files (one ``_target_`` each); ``${seed}`` resolves to --seed.
 """
 from __future__ import annotations

@@ -46,6 +46,10 @@ Request extensions (optional): headers ``X-Prefix-Hashes: 12,34,56`` with ``X-Ha
 request's prefix-block hashes exactly (the load generator sends the workload's); ``X-Prompt-Tokens: 1234`` gives
 the exact prompt length. Without them the proxy estimates from the prompt (see backends/common/tokens.py); with a
 ``tokenizer`` its own count and hashes are exact and win over X-Prompt-Tokens.
+
+Faults (engines frozen, killed, stalling, flapping; PD with one role down; hostile clients) and the timeouts
+(``first_token_timeout_s``, ``stream_idle_timeout_s``, ``read_timeout_s``, ``client_read_timeout_s``): README.md,
+"Failure behaviour (the proxy)"; tests/test_proxy_faults.py.
 """
 from backends.proxy.config import ProxyConfig, Upstream, upstreams_from_urls
 from backends.proxy.proxy import Proxy

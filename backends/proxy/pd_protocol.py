@@ -137,6 +137,7 @@ class PDProtocol:
                 async with self.session.post(up.endpoint(path), data=_json_encode(pbody),
                                              headers=self._upstream_headers(req)) as resp:
                     data = await resp.read()
+                    attempt.close()
                     status = resp.status
                     content_type = resp.content_type
             if status == 200 and reservation.alone and up.outstanding == 1:
@@ -216,6 +217,7 @@ class PDProtocol:
                         raise UpstreamAnswer(resp.status, await resp.read(), resp.content_type)
                     if not stream:
                         data = await resp.read()
+                        attempt.close()
                         elapsed = self.clock() - timing.received
                         self.metrics.ttft.observe(elapsed)
                         self.metrics.e2e.observe(elapsed)
@@ -245,6 +247,7 @@ class PDProtocol:
                         chunk = await resp.content.readany()
                     deadline.reschedule(None)
                     decoding = up.outstanding  # this one included: read before its release
+                    attempt.close()  # answered whole: the engine leaving rotation now changes nothing
         except asyncio.CancelledError:
             if not attempt.lost:
                 raise
