@@ -48,28 +48,60 @@ _UPSTREAM_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
 
 
 class _Attempt:
-    """One request's time at one engine, from sending to its last byte: cancelled when the engine leaves rotation
-    (its ``lost`` flag tells that cancellation from the client's own)."""
+    """One request's time at one engine, from sending to its last byte. Its task is cancelled when the engine
+    leaves rotation (``lost``) or when ``deadline`` (event-loop time) passes (``timed_out``); the flags tell these
+    cancellations from the client's own. The deadline moves by a plain store (``deadline = ...``, infinity while
+    the client is being written to): one timer per attempt, re-armed only when it fires early, so a stream's
+    chunks cost no timer each."""
 
-    __slots__ = ("up", "task", "lost")
+    __slots__ = ("up", "task", "lost", "timed_out", "deadline", "_loop", "_timer", "_recheck_s")
 
-    def __init__(self, up: UpstreamState) -> None:
+    def __init__(self, up: UpstreamState, timeout_s: float) -> None:
         self.up = up
         self.task = asyncio.current_task()
-        self.lost = False
+        self.lost = self.timed_out = False
+        self._loop = loop = asyncio.get_running_loop()
+        self._recheck_s = timeout_s
+        self.deadline = loop.time() + timeout_s
+        self._timer: asyncio.TimerHandle | None = loop.call_at(self.deadline, self._check)
         up.attempts.add(self)
 
+    def _check(self) -> None:
+        self._timer = None
+        now = self._loop.time()
+        if now < self.deadline:  # moved on since: wait for the new one (or recheck while writing to the client)
+            self._timer = self._loop.call_at(min(self.deadline, now + self._recheck_s), self._check)
+        elif not (self.lost or self.timed_out):
+            self.timed_out = True
+            self.task.cancel()
+
+    def rearm(self, timeout_s: float) -> None:
+        """A new, possibly earlier deadline ``timeout_s`` from now (and rechecks at that interval from then on)."""
+        if self._timer is not None:
+            self._timer.cancel()
+        self._recheck_s = timeout_s
+        self.deadline = self._loop.time() + timeout_s
+        self._timer = self._loop.call_at(self.deadline, self._check)
+
     def engine_lost(self) -> None:
-        if not self.lost and self.task is not asyncio.current_task():  # not the attempt that found it gone
+        if not (self.lost or self.timed_out) and self.task is not asyncio.current_task():  # not the one that found it
             self.lost = True
             self.task.cancel()
 
     def close(self) -> None:
+        """The attempt is over (or needs no watching any more): neither timer nor engine loss cancels it now."""
         self.up.attempts.discard(self)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
-    def recovered(self) -> None:
-        """Called in the CancelledError handler of a lost attempt: the task goes on (it answers the client)."""
+    def recovered(self) -> bool:
+        """In a CancelledError handler: True if the cancellation was this attempt's own (the task goes on and
+        answers the client), False if it was the client's (re-raise it)."""
+        if not (self.lost or self.timed_out):
+            return False
         self.task.uncancel()
+        return True
 
 
 class PDProtocol:
@@ -130,25 +162,22 @@ class PDProtocol:
         if self.kv_transfer_params:
             pbody["kv_transfer_params"] = dict(PREFILL_PARAMS)
         started = self.clock()
-        attempt = _Attempt(up)
+        attempt = _Attempt(up, self.first_token_timeout_s)
         failure = None
         try:
-            async with asyncio.timeout(self.first_token_timeout_s):
-                async with self.session.post(up.endpoint(path), data=_json_encode(pbody),
-                                             headers=self._upstream_headers(req)) as resp:
-                    data = await resp.read()
-                    attempt.close()
-                    status = resp.status
-                    content_type = resp.content_type
+            async with self.session.post(up.endpoint(path), data=_json_encode(pbody),
+                                         headers=self._upstream_headers(req)) as resp:
+                data = await resp.read()
+                attempt.close()
+                status = resp.status
+                content_type = resp.content_type
             if status == 200 and reservation.alone and up.outstanding == 1:
                 up.observed(BatchSample(self.clock() - started, reservation.prompt, 0))
         except asyncio.CancelledError:
-            if not attempt.lost:
+            if not attempt.recovered():
                 raise
-            attempt.recovered()
-            failure = self._lost(up)
-        except TimeoutError:
-            failure = self._timed_out(up, f"no answer within first_token_timeout_s={self.first_token_timeout_s}")
+            failure = self._lost(up) if attempt.lost else self._timed_out(
+                up, f"no answer within first_token_timeout_s={self.first_token_timeout_s}")
         except _UPSTREAM_ERRORS as e:
             self._failed(up, e)
             failure = f"{up.id}: {type(e).__name__}"
@@ -202,61 +231,62 @@ class PDProtocol:
         client gets an SSE error event and no [DONE]."""
         up = reservation.up
         stream = bool(body.get("stream"))
-        attempt = _Attempt(up)
-        response: web.StreamResponse | None = None  # the client's stream, once its headers went
         waiting = "first_token_timeout_s" if stream else "read_timeout_s"
+        attempt = _Attempt(up, getattr(self, waiting))
+        response: web.StreamResponse | None = None  # the client's stream, once its headers went
         failure = None
+        inf = float("inf")
         try:
-            async with asyncio.timeout(self.first_token_timeout_s if stream else self.read_timeout_s) as deadline:
-                async with self.session.post(up.endpoint(path), data=data,
-                                             headers=self._upstream_headers(req)) as resp:
-                    if resp.status >= 500:
-                        self.metrics.errors.labels("upstream_5xx").inc()
-                        raise Retry(f"{up.id}: HTTP {resp.status}", up.id)
-                    if resp.status != 200:
-                        raise UpstreamAnswer(resp.status, await resp.read(), resp.content_type)
-                    if not stream:
-                        data = await resp.read()
-                        attempt.close()
-                        elapsed = self.clock() - timing.received
-                        self.metrics.ttft.observe(elapsed)
-                        self.metrics.e2e.observe(elapsed)
-                        self.metrics.answered(endpoint, 200)
-                        return web.Response(body=data, content_type="application/json", headers=timing.headers())
-                    chunk = await resp.content.readany()
-                    deadline.reschedule(None)  # the client's pace is not the engine's fault
-                    response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
-                                                           "Cache-Control": "no-cache", **timing.headers()})
-                    waiting = "stream_idle_timeout_s"
+            async with self.session.post(up.endpoint(path), data=data,
+                                         headers=self._upstream_headers(req)) as resp:
+                if resp.status >= 500:
+                    self.metrics.errors.labels("upstream_5xx").inc()
+                    raise Retry(f"{up.id}: HTTP {resp.status}", up.id)
+                if resp.status != 200:
+                    raise UpstreamAnswer(resp.status, await resp.read(), resp.content_type)
+                if not stream:
+                    data = await resp.read()
+                    attempt.close()
+                    elapsed = self.clock() - timing.received
+                    self.metrics.ttft.observe(elapsed)
+                    self.metrics.e2e.observe(elapsed)
+                    self.metrics.answered(endpoint, 200)
+                    return web.Response(body=data, content_type="application/json", headers=timing.headers())
+                chunk = await resp.content.readany()
+                attempt.deadline = inf  # the client's pace is not the engine's fault
+                response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                                       "Cache-Control": "no-cache", **timing.headers()})
+                waiting = "stream_idle_timeout_s"
+                try:
+                    await response.prepare(request)
+                except (ConnectionError, RuntimeError):
+                    return self._client_left(endpoint, resp, response)
+                self.metrics.ttft.observe(self.clock() - timing.received)
+                reservation.prompt_done()
+                arrivals = []
+                idle = self.stream_idle_timeout_s
+                attempt.rearm(idle)
+                attempt.deadline = inf
+                while chunk:
+                    now = self.clock()
+                    arrivals.append(now)
                     try:
-                        await response.prepare(request)
-                    except (ConnectionError, RuntimeError):
+                        await response.write(chunk)
+                    except (ConnectionError, RuntimeError):  # the client left: drop the upstream request too
                         return self._client_left(endpoint, resp, response)
-                    self.metrics.ttft.observe(self.clock() - timing.received)
-                    reservation.prompt_done()
-                    arrivals = []
-                    idle = self.stream_idle_timeout_s
-                    while chunk:
-                        arrivals.append(self.clock())
-                        deadline.reschedule(None)
-                        try:
-                            await response.write(chunk)
-                        except (ConnectionError, RuntimeError):  # the client left: drop the upstream request too
-                            return self._client_left(endpoint, resp, response)
-                        deadline.reschedule(self.clock() + idle)
-                        chunk = await resp.content.readany()
-                    deadline.reschedule(None)
-                    decoding = up.outstanding  # this one included: read before its release
-                    attempt.close()  # answered whole: the engine leaving rotation now changes nothing
+                    attempt.deadline = self.clock() + idle
+                    chunk = await resp.content.readany()
+                    attempt.deadline = inf
+                decoding = up.outstanding  # this one included: read before its release
+                attempt.close()  # answered whole: the engine leaving rotation now changes nothing
         except asyncio.CancelledError:
-            if not attempt.lost:
+            if not attempt.recovered():
                 raise
-            attempt.recovered()
-            failure = self._lost(up)
-        except TimeoutError:
-            limit = getattr(self, waiting)
-            failure = self._timed_out(up, f"no {'first byte' if response is None else 'chunk'} within "
-                                          f"{waiting}={limit}")
+            if attempt.lost:
+                failure = self._lost(up)
+            else:
+                failure = self._timed_out(up, f"no {'first byte' if response is None else 'chunk'} within "
+                                              f"{waiting}={getattr(self, waiting)}")
         except _UPSTREAM_ERRORS as e:
             self._failed(up, e)
             failure = f"{up.id}: {type(e).__name__}"
