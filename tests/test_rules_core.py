@@ -181,6 +181,10 @@ def test_placement_rank_loads_split_each_expert_over_its_replicas():
     assert p.max_over_mean(idle, topo).tolist() == [1.0, 1.0]
     balanced = ExpertLoad(np.array([[2.0, 1.0, 1.0], [1.0, 1.0, 1.0]]))  # layer 0: 1 + 1 | 1 + 1
     assert p.max_over_mean(balanced, topo) == pytest.approx([1.0, 4 / 3])
+    # per layer: a light layer (mean rank load below one token) and a layer of its own peak
+    light = ExpertLoad(np.array([[0.25, 0.5, 0.75], [4.0, 0.0, 2.0]]))
+    # layer 0: ranks 0.125 + 0.5 | 0.75 + 0.125 -> 0.875 / 0.75; layer 1: 2 + 2 | 0 + 2 -> 4 / 3
+    assert p.max_over_mean(light, topo) == pytest.approx([0.875 / 0.75, 4 / 3])
     missing = Placement(np.array([[0, 1, 0, 1], [0, 1, 2, 0]]))
     with pytest.raises(ValueError, match="no replica of expert 2 in layer 0"):
         missing.rank_loads(load, topo)

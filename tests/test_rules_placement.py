@@ -55,6 +55,7 @@ def test_deepseek_eplb_four_nodes_bookkeeping():
             slots = log2phy[layer, expert]
             real = slots[slots >= 0]
             assert len(real) == logcnt[layer, expert] and (phy2log[layer, real] == expert).all()
+            assert (slots[len(real):] == -1).all()  # padded with -1, the published value
             assert len(set(node_of_slot[real])) == 1  # group-limited: an expert's replicas stay on its group's node
         for group in range(4):
             assert len(set(node_of_slot[phy2log[layer] // 4 == group])) == 1
@@ -82,7 +83,7 @@ def test_deepseek_eplb_modes():
         rebalance_experts(weight, 8, 1, 1, 2, mode="fast")
     with pytest.raises(ValueError, match=r"mode must be one of .*'fast'"):
         DeepSeekEplb(mode="fast")
-    assert DeepSeekEplb(seed=4).seed == 4 and DeepSeekEplb().mode == "auto"
+    assert DeepSeekEplb(seed=4).seed == 4 and DeepSeekEplb().seed == 0 and DeepSeekEplb().mode == "auto"
 
 
 @pytest.mark.parametrize("args, message", [
