@@ -18,6 +18,10 @@ class Phase(enum.Enum):
     PREFILL = "prefill"
     DECODE = "decode"
 
+    # Members are singletons compared by identity: hash them by identity too, in C (Enum's own __hash__ is a
+    # Python call, and these are dict keys on every dispatch).
+    __hash__ = object.__hash__
+
 
 @dataclass(frozen=True, slots=True)
 class Waiting:

@@ -11,6 +11,10 @@ class Role(enum.Enum):
     DECODE = "decode"
     MIXED = "mixed"  # colocated: prefill and decode on the same instance
 
+    # Members are singletons compared by identity: hash them by identity too, in C (Enum's own __hash__ is a
+    # Python call, and these are dict keys on every dispatch).
+    __hash__ = object.__hash__
+
 
 class BatchSample(NamedTuple):
     """One observed engine step (or the mean of a run of decode steps). Immutable; a NamedTuple rather than a

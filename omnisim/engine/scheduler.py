@@ -386,7 +386,7 @@ class Scheduler:
     def _reserve(self, seq: Sequence, ahead: int = 1) -> None:
         """Extend the sequence's KV now if fewer than ``ahead`` reserved tokens remain, else schedule the extension
         for the step at which its context fills the reservation."""
-        held = seq.held_blocks * self.block_size
+        held = (seq.private_blocks + len(seq.held_keys) * seq.unit_blocks) * self.block_size  # seq.held_blocks
         if held >= seq.prompt + seq.output:
             return
         room = held - (seq.prompt + seq.generated + self.steps - seq.join_step)
