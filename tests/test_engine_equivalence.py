@@ -18,6 +18,7 @@ from omnisim.core import Request, Role
 from omnisim.engine import Sequence
 from omnisim.sim.instance import Instance
 from tests.sim_fixtures import AffineCost
+from tests.test_emulator import generate
 
 BLOCK = 16
 
@@ -96,12 +97,8 @@ def _emulate(waves, kv_tokens: int):
         for wave in waves:
             seqs = [engine.make_sequence(f"client-{i}", tokens, max_tokens) for i, (tokens, max_tokens) in
                     enumerate(wave)]
+            await generate(engine, *seqs)
             for s in seqs:
-                engine.add(s)
-            for s in seqs:
-                while not s.done:
-                    await s.changed.wait()
-                    s.changed.clear()
                 assert s.error is None
                 out[s.core.id] = (s.preemptions, s.cached_tokens, s.generated)
         await engine.stop()
