@@ -5,6 +5,9 @@ model times it, the loop sleeps that long (scaled by ``time_scale``: 0.1 runs te
 0 as fast as possible) and ``Scheduler.complete`` applies it; then every request's waiter is woken to stream its new
 tokens. A request whose prompt KV comes from elsewhere (PD decode, ExampleConnector's shared storage) is allocated
 its blocks first, then its KV crosses a ``KVLinkQueue`` (one FIFO per source engine), then it joins the batch.
+A PD prefill here is an ordinary request with ``max_tokens=1`` whose blocks are freed when it ends, as vLLM does with
+ExampleConnector's shared storage (the simulator's prefill instances hold them until the decode side has pulled
+them, as with NIXL).
 """
 from __future__ import annotations
 
