@@ -21,6 +21,7 @@ from backends.emulator import EngineGroup, Fleet, LinearStepTime
 from backends.proxy import Proxy, ProxyConfig, ProxyThread, Upstream
 from backends.proxy.cli import API_KEY_ENV, load
 from omnisim.policies import RoundRobin
+from tests.test_proxy import emulator_processes  # noqa: F401 - the fixture: a fleet in its own process
 
 pytestmark = pytest.mark.timeout(20)
 REPO = Path(__file__).resolve().parents[1]
@@ -122,31 +123,9 @@ class StallingEngine:
 
 # -- freeze: SIGSTOP on an engine process ------------------------------------------------------------------------
 
-@pytest.fixture
-def engine_processes():
-    procs = []
-
-    def start(*args):
-        p = subprocess.Popen([sys.executable, "-m", "backends.emulator", *args], stdout=subprocess.PIPE,
-                             stderr=subprocess.DEVNULL, cwd=REPO, text=True)
-        procs.append(p)
-        line = p.stdout.readline()
-        if not line:
-            raise RuntimeError(f"emulator {args} did not start")
-        return json.loads(line)["upstreams"], p
-
-    yield start
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGCONT)
-            p.kill()
-        p.wait(10)
-        p.stdout.close()
-
-
-def test_a_frozen_engine_fails_its_streams_cleanly_and_its_unanswered_requests_move(engine_processes):
-    a, frozen = engine_processes("--mixed", "1", "--overhead-s", "0.01")
-    b, _ = engine_processes("--mixed", "1", "--overhead-s", "0.01")
+def test_a_frozen_engine_fails_its_streams_cleanly_and_its_unanswered_requests_move(emulator_processes):
+    a, frozen = emulator_processes("--mixed", "1", "--overhead-s", "0.01")
+    b, _ = emulator_processes("--mixed", "1", "--overhead-s", "0.01")
     ups = (Upstream(a[0]["url"], "mixed", "a"), Upstream(b[0]["url"], "mixed", "b"))
     # Long timeouts: what ends these requests is the engine leaving rotation, not a timeout.
     config = ProxyConfig(upstreams=ups, port=0, **{**QUICK, "first_token_timeout_s": 60,

@@ -18,25 +18,10 @@ from omnisim.policies import (ByPhase, KVAware, LeastLoad, OmniProxy, PDDecider,
 from omnisim.policies.load import added_tokens, inflight_tokens, requests
 from omnisim.policies.omni_proxy import prefill_weights
 from omnisim.policies.step_fit import StepLine, fit_step_line
+from tests.test_policies_rules import Cache, inst, view  # the same small views
 
 P, D = Phase.PREFILL, Phase.DECODE
 CONF = Path(__file__).resolve().parents[1] / "conf"
-
-
-class Cache:
-    def __init__(self, cached=None):
-        self.cached = cached or {}
-
-    def cached_tokens(self, request, instance_id):
-        return self.cached.get((request.id, instance_id), 0)
-
-
-def inst(id, role=Role.PREFILL, **kw):
-    return InstanceState(id=id, role=role, **kw)
-
-
-def view(*states, now=100.0, cached=None):
-    return ClusterView(now_s=now, instances=tuple(states), prefix=Cache(cached))
 
 
 def wait(id, prompt=1000, output=100, arrival=0.0):
