@@ -119,7 +119,7 @@ class Scheduler:
 
     def generated(self, seq: Sequence) -> int:
         """Tokens ``seq`` has generated so far (a running sequence's count is derived from the step counter)."""
-        if seq.id in self.running and self.running[seq.id] is seq:
+        if self.running.get(seq.id) is seq:
             return seq.generated + self.steps - seq.join_step
         return seq.generated
 
