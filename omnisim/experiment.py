@@ -26,6 +26,8 @@ class Experiment:
     slo: Any  # omnisim.metrics.SLO
     cost: Callable[..., Any]
     placement: PlacementPolicy | None = None
+    attention: Any = None  # omnisim.attention.OmniAttn on decode instances, or None: full attention
+    engine_policy: Any = None  # omnisim.core.engine_policy.PrefillPolicy of every prefilling instance, or None: FCFS
     options: dict = field(default_factory=dict)
 
 

@@ -1,0 +1,80 @@
+"""OmniAttn as OmniInfer ships it (omni/accelerators/cache): a layer pattern (1 = compressed), and on compressed
+layers a KV of ``sink`` blocks at the start plus a ring buffer of the ``recent`` blocks; the cache is split into
+one block pool per group, compressed layers getting ``int(N * beta)`` blocks and full layers
+``int(N * (1 + (1 - beta) * n_compressed / (n_full + 1)))``, N being the blocks per layer of an uncompressed cache.
+Decode instances only: prefill runs full attention, and prefix caching is off where OmniAttn is on.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# OmniInfer's shipped default for DeepSeek-R1 (61 layers + the MTP layer = 62 entries): 30 compressed layers.
+R1_COMPRESSED_LAYERS = (0, 3, 4, 5, 6, 7, 9, 10, 11, 13, 14, 15, 18, 19, 29, 33, 34, 35, 36, 37, 38, 40, 42, 44, 47,
+                        49, 51, 52, 55, 60)
+
+
+@dataclass(frozen=True)
+class OmniAttn:
+    """``pattern``: one entry per layer (the model's layers, optionally followed by its MTP layer), 1 = compressed.
+    ``sink`` and ``recent``: blocks a compressed layer keeps at the start and at the end of the context.
+    ``beta``: the share of an uncompressed cache's blocks that the compressed layers' pool gets."""
+
+    pattern: tuple[int, ...]
+    sink: int = 1
+    recent: int = 3
+    beta: float = 0.2
+
+    def __post_init__(self) -> None:
+        pattern = tuple(self.pattern)
+        object.__setattr__(self, "pattern", pattern)
+        if not pattern:
+            raise ValueError("attention.pattern: empty; give one entry (0 or 1) per layer")
+        bad = [(i, v) for i, v in enumerate(pattern) if v not in (0, 1) or isinstance(v, bool)]
+        if bad:
+            raise ValueError(f"attention.pattern[{bad[0][0]}]: expected 0 or 1, got {bad[0][1]!r}")
+        if not isinstance(self.sink, int) or self.sink < 0:
+            raise ValueError(f"attention.sink: expected an int >= 0 (blocks), got {self.sink!r}")
+        if not isinstance(self.recent, int) or self.recent < 1:
+            raise ValueError(f"attention.recent: expected an int >= 1 (blocks), got {self.recent!r}")
+        if not 0.0 < self.beta < 1.0:
+            raise ValueError(f"attention.beta: expected a fraction in (0, 1), got {self.beta!r}")
+
+    @classmethod
+    def from_layers(cls, num_layers: int, compressed: tuple[int, ...] | list[int], **kw) -> "OmniAttn":
+        """The pattern with ``compressed`` layer indices set, of ``num_layers`` entries."""
+        bad = [i for i in compressed if not 0 <= i < num_layers]
+        if bad:
+            raise ValueError(f"attention: compressed layer {bad[0]} outside 0..{num_layers - 1}")
+        chosen = set(compressed)
+        return cls(tuple(int(i in chosen) for i in range(num_layers)), **kw)
+
+    @property
+    def compressed(self) -> int:
+        return sum(self.pattern)
+
+    @property
+    def full(self) -> int:
+        return len(self.pattern) - self.compressed
+
+    @property
+    def window_blocks(self) -> int:
+        """Blocks one sequence holds in a compressed layer once its context is past the window."""
+        return self.sink + self.recent
+
+    def window_tokens(self, block_size: int) -> int:
+        return self.window_blocks * block_size
+
+    def pool_blocks(self, uncompressed_blocks: int) -> tuple[int, int]:
+        """(full layers' blocks, compressed layers' blocks) per layer for a cache that would hold
+        ``uncompressed_blocks`` blocks per layer without OmniAttn (OmniInfer's split)."""
+        n = uncompressed_blocks
+        if not self.compressed:
+            return n, 0
+        full = int(n * (1 + (1 - self.beta) * self.compressed / (self.full + 1)))
+        return full, int(n * self.beta)
+
+    def check_model(self, layers: int, where: str = "attention") -> None:
+        """The pattern covers the model's layers (and at most one MTP layer after them)."""
+        if len(self.pattern) not in (layers, layers + 1):
+            raise ValueError(f"{where}.pattern has {len(self.pattern)} entries; the model has {layers} layers "
+                             f"(give {layers}, or {layers + 1} with the MTP layer)")
