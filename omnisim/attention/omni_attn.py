@@ -78,3 +78,27 @@ class OmniAttn:
         if len(self.pattern) not in (layers, layers + 1):
             raise ValueError(f"{where}.pattern has {len(self.pattern)} entries; the model has {layers} layers "
                              f"(give {layers}, or {layers + 1} with the MTP layer)")
+
+    def model_fractions(self, layers: int) -> tuple[float, float]:
+        """(full, compressed) shares of the model's ``layers`` attention layers (the MTP entry, if any, is not one
+        of them: the cost model has no MTP layer)."""
+        c = sum(self.pattern[:layers])
+        return (layers - c) / layers, c / layers
+
+    def attention_context(self, context: int, block_size: int, layers: int) -> float:
+        """Context tokens one decode step of a sequence attends to, averaged over the model's layers: all of it on
+        full layers, at most the sink + recent window on compressed ones (what decode attention reads and
+        computes; what a PD transfer moves for the prompt)."""
+        full, comp = self.model_fractions(layers)
+        w = self.window_tokens(block_size)
+        return full * context + comp * (context if context < w else w)
+
+    def decode_capacity(self, uncompressed_blocks: int) -> tuple[int, int]:
+        """(blocks of the full layers' pool, the most sequences the compressed layers' pool seats) on a decode
+        instance whose cache would hold ``uncompressed_blocks`` blocks per layer without OmniAttn. The full pool
+        bounds context, the compressed pool bounds sequences (each holds ``window_blocks`` there once its context
+        passes the window: counting every sequence at that size is exact for them, conservative for shorter ones)."""
+        full, comp = self.pool_blocks(uncompressed_blocks)
+        if not self.compressed:
+            return full, 1 << 62
+        return full, comp // self.window_blocks
