@@ -45,7 +45,7 @@ def build_model(name: str, where: Path) -> None:
     model.to(torch.bfloat16).save_pretrained(where)
 
 
-def measure(model_dir: Path, work: Path) -> list[dict]:
+def measure(model_dir: Path, work: Path, quick: bool = False) -> list[dict]:
     os.environ.update(VLLM_CPU_KVCACHE_SPACE="1", OMP_NUM_THREADS="1", VLLM_CPU_OMP_THREADS_BIND="nobind",
                       VLLM_HOST_IP="127.0.0.1", HF_HUB_OFFLINE="1", VLLM_NO_USAGE_STATS="1",
                       VLLM_ENABLE_V1_MULTIPROCESSING="0",
@@ -72,16 +72,20 @@ def measure(model_dir: Path, work: Path) -> list[dict]:
             times.append(time.perf_counter() - start)
         return times
 
-    for _ in range(3):  # warm-up: first steps of each shape pay one-off costs
+    repeats = 1 if quick else REPEATS
+    # --quick (a smoke test's size): every other shape, one repeat; the figures are then only indicative
+    prefill_shapes = PREFILL_SHAPES[::2] if quick else PREFILL_SHAPES
+    decode_shapes = DECODE_SHAPES[::2] if quick else DECODE_SHAPES
+    for _ in range(1 if quick else 3):  # warm-up: first steps of each shape pay one-off costs
         run(8, 512, DECODE_STEPS + 2)
     rows = []
-    for batch, prompt in PREFILL_SHAPES:  # step 0 of each run: the whole batch prefilled in one step
-        step = min(run(batch, prompt, 1)[0] for _ in range(REPEATS))
+    for batch, prompt in prefill_shapes:  # step 0 of each run: the whole batch prefilled in one step
+        step = min(run(batch, prompt, 1)[0] for _ in range(repeats))
         tokens = batch * prompt
         rows.append(dict(prefill_tokens=tokens, prefill_attention=batch * prompt * (prompt + 1) / 2,
                          prefill_context=tokens, decode_seqs=0, decode_context=0, step_s=step))
-    for batch, prompt in DECODE_SHAPES:  # steps 2.. of each run: decode only, context prompt + i
-        step = min(statistics.median(run(batch, prompt, DECODE_STEPS + 2)[2:]) for _ in range(REPEATS))
+    for batch, prompt in decode_shapes:  # steps 2.. of each run: decode only, context prompt + i
+        step = min(statistics.median(run(batch, prompt, DECODE_STEPS + 2)[2:]) for _ in range(repeats))
         rows.append(dict(prefill_tokens=0, prefill_attention=0, prefill_context=0, decode_seqs=batch,
                          decode_context=batch * (prompt + (2 + DECODE_STEPS + 1) / 2), step_s=step))
     return rows
@@ -91,6 +95,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny_llama", choices=["tiny_llama", "tiny_qwen3_moe"])
     parser.add_argument("--out", type=Path, default=None, help="CSV to write (default: print only)")
+    parser.add_argument("--quick", action="store_true", help="every other shape, one repeat (a smoke test)")
     args = parser.parse_args()
 
     from hydra.utils import instantiate
@@ -102,7 +107,7 @@ def main() -> None:
         work = Path(tmp)
         build_model(args.model, work / "model")
         started = time.time()
-        rows = measure(work / "model", work)
+        rows = measure(work / "model", work, quick=args.quick)
         print(f"measured {len(rows)} configurations in {time.time() - started:.0f} s", file=sys.stderr)
 
     columns = ["prefill_tokens", "prefill_attention", "prefill_context", "decode_seqs", "decode_context", "step_s"]

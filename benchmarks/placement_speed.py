@@ -37,22 +37,23 @@ def median_ms(fn, repeats: int) -> float:
     return statistics.median(times) * 1000
 
 
-def rebalance_speed(repeats: int) -> None:
+def rebalance_speed(repeats: int, topologies: dict) -> None:
     load = ExpertLoad(ZipfLoad(0.6, 0.2, seed=0).shares(0.0, 58, 256) * 1e6)
     print(f"full rebalance, 58 x 256 -> 288 slots, median of {repeats} (ms; target < 100)")
-    print(f"{'policy':24s}" + "".join(f"{ep:>9s}" for ep in TOPOLOGIES))
+    print(f"{'policy':24s}" + "".join(f"{ep:>9s}" for ep in topologies))
     for name, cls in POLICIES.items():
         row = []
-        for topo in TOPOLOGIES.values():
+        for topo in topologies.values():
             start = Placement(contiguous_layout(58, 256, topo))
             row.append(median_ms(lambda: cls().rebalance(load, start, topo), repeats))
         print(f"{name:24s}" + "".join(f"{ms:9.1f}" for ms in row))
 
 
-def runtime_speed() -> None:
-    print("\nMoeRuntime.step, EP144, 58 x 256 top-8, decode batches of 96..160 tokens, 40 ms steps, 20 min simulated")
+def runtime_speed(steps: int) -> None:
+    print(f"\nMoeRuntime.step, EP144, 58 x 256 top-8, decode batches of 96..160 tokens, 40 ms steps, "
+          f"{steps * 0.04 / 60:.1f} min simulated")
     rng = np.random.default_rng(0)
-    tokens = rng.integers(96, 160, 30_000)
+    tokens = rng.integers(96, 160, steps)
     cases = {
         "static, zipf (no rebalancing)": (ZipfLoad(0.6, 0.2), POLICIES["static"](), RebalanceConfig()),
         "static, drifting": (DriftingLoad(0.6, 0.2), StaticPlacement(), RebalanceConfig()),
@@ -75,9 +76,14 @@ def runtime_speed() -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--topologies", default=",".join(TOPOLOGIES), help=f"some of {','.join(TOPOLOGIES)}")
+    p.add_argument("--steps", type=int, default=30_000, help="MoeRuntime.step calls per case (30,000 = 20 min)")
     args = p.parse_args()
-    rebalance_speed(args.repeats)
-    runtime_speed()
+    unknown = set(args.topologies.split(",")) - set(TOPOLOGIES)
+    if unknown or args.repeats < 1 or args.steps < 1:
+        p.error(f"--topologies from {sorted(TOPOLOGIES)} (not {sorted(unknown)}), --repeats and --steps >= 1")
+    rebalance_speed(args.repeats, {k: TOPOLOGIES[k] for k in args.topologies.split(",")})
+    runtime_speed(args.steps)
 
 
 if __name__ == "__main__":

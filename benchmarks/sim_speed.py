@@ -57,12 +57,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--case", choices=sorted(CASES), required=True)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-requests", type=int, default=0, help="case a: fewer requests (a smoke test's size)")
+    ap.add_argument("--duration-s", type=float, default=3600.0, help="case b: simulated seconds of tiled trace")
     args = ap.parse_args()
+    if args.max_requests < 0 or args.duration_s <= 0:
+        ap.error("--max-requests must be >= 0 and --duration-s > 0")
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("config", overrides=[f"seed={args.seed}", *CASES[args.case]])
+        overrides = [f"seed={args.seed}", *CASES[args.case]]
+        if args.max_requests and args.case == "a":
+            overrides.append(f"workload.max_requests={args.max_requests}")
+        cfg = compose("config", overrides=overrides)
     experiment, _ = build_experiment(cfg)
     if args.case == "b":
-        experiment = experiment.__class__(**{**experiment.__dict__, "workload": Tiled(experiment.workload, 3600.0)})
+        experiment = experiment.__class__(**{**experiment.__dict__, "workload": Tiled(experiment.workload, args.duration_s)})
     wall, cpu = time.perf_counter(), time.process_time()
     result = Simulation(experiment).run()
     cpu = time.process_time() - cpu

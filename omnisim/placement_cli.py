@@ -77,9 +77,14 @@ def run(args: argparse.Namespace) -> dict:
         raise ValueError(f"--slots {args.slots} is not divisible by --ranks {args.ranks}")
     if args.slots < experts:
         raise ValueError(f"--slots {args.slots} cannot hold the {experts} experts of {args.load}")
+    if args.out and not Path(args.out).resolve().parent.is_dir():  # say so before computing, not after
+        raise ValueError(f"--out {args.out}: directory {Path(args.out).resolve().parent} does not exist")
     topology = Topology(args.ranks, args.slots // args.ranks, args.nodes, args.groups)
     if args.current:
-        start = Placement(np.load(args.current, allow_pickle=False))
+        try:
+            start = Placement(np.load(args.current, allow_pickle=False))
+        except (OSError, ValueError) as e:  # missing, not .npy, pickled objects, or not an integer map
+            raise ValueError(f"--current {args.current}: not a placement .npy [layers, slots] ({e})") from e
         if start.phy2log.shape != (layers, args.slots):
             raise ValueError(f"--current {args.current} has shape {start.phy2log.shape}, "
                              f"expected {(layers, args.slots)}")
@@ -98,7 +103,10 @@ def run(args: argparse.Namespace) -> dict:
     placement.validate(experts, topology)
     phy2log = placement.phy2log
     if args.out:
-        np.save(args.out, phy2log)
+        try:
+            np.save(args.out, phy2log)
+        except OSError as e:
+            raise ValueError(f"--out {args.out}: cannot write ({e.strerror})") from e
     ratio = max_over_mean(phy2log, counts, topology.num_ranks)
     used = (expert_ranks(phy2log, experts, topology) > 0).sum(axis=(1, 2)) - experts
     return {

@@ -60,6 +60,18 @@ def test_cli_errors_name_the_problem(load_file, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_bad_output_and_starting_files_name_the_flag_and_write_nothing(load_file, tmp_path, capsys):
+    path, _ = load_file
+    base = ["--load", str(path), "--ranks", "8", "--slots", "72", "--policy", "static"]
+    assert main([*base, "--out", str(tmp_path / "no" / "such" / "dir" / "p.npy")]) == 2
+    assert "--out" in capsys.readouterr().err and not (tmp_path / "no").exists()
+    (tmp_path / "pickled.npy").write_bytes(b"\x93NUMPY garbage")
+    for current in (tmp_path / "pickled.npy", tmp_path / "missing.npy"):
+        assert main([*base, "--current", str(current)]) == 2
+        err = capsys.readouterr().err
+        assert f"--current {current}" in err and "Traceback" not in err
+
+
 def test_console_script_entry_point(load_file):
     path, _ = load_file
     done = subprocess.run([sys.executable, "-m", "omnisim.placement_cli", "--load", str(path), "--ranks", "8",

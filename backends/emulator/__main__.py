@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import signal
 import sys
 
@@ -12,19 +13,48 @@ from backends.emulator.fleet import EngineGroup, Fleet
 from backends.emulator.linear_step_time import LinearStepTime
 
 
+def _seconds(text: str) -> float:
+    """A finite number >= 0 (argparse names the flag when this raises)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
+def _integer(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = low - 1
+    if value < low:
+        raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
+    return value
+
+
+def _count(text: str) -> int:
+    return _integer(text, 0)
+
+
+def _positive(text: str) -> int:
+    return _integer(text, 1)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m backends.emulator", description=__doc__)
-    p.add_argument("--prefill", type=int, default=0)
-    p.add_argument("--decode", type=int, default=0)
-    p.add_argument("--mixed", type=int, default=0)
-    p.add_argument("--time-scale", type=float, default=1.0, help="wall seconds per emulated second (0 = no sleep)")
-    p.add_argument("--overhead-s", type=float, default=0.005, help="LinearStepTime: fixed cost of a step")
-    p.add_argument("--prefill-token-s", type=float, default=5e-5)
-    p.add_argument("--decode-seq-s", type=float, default=2e-4)
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--kv-capacity-tokens", type=int, default=1 << 20)
+    p.add_argument("--prefill", type=_count, default=0)
+    p.add_argument("--decode", type=_count, default=0)
+    p.add_argument("--mixed", type=_count, default=0)
+    p.add_argument("--time-scale", type=_seconds, default=1.0, help="wall seconds per emulated second (0 = no sleep)")
+    p.add_argument("--overhead-s", type=_seconds, default=0.005, help="LinearStepTime: fixed cost of a step")
+    p.add_argument("--prefill-token-s", type=_seconds, default=5e-5)
+    p.add_argument("--decode-seq-s", type=_seconds, default=2e-4)
+    p.add_argument("--max-num-seqs", type=_positive, default=256)
+    p.add_argument("--max-num-batched-tokens", type=_positive, default=8192)
+    p.add_argument("--block-size", type=_positive, default=16)
+    p.add_argument("--kv-capacity-tokens", type=_positive, default=1 << 20)
     p.add_argument("--kv-events", action="store_true", help="publish KV events over ZMQ")
     p.add_argument("--shared-storage", action="store_true", help="PD by shared storage instead of kv_transfer_params")
     args = p.parse_args(argv)
@@ -51,7 +81,12 @@ async def serve(args: argparse.Namespace) -> None:
 
 
 def main(argv=None) -> int:
-    asyncio.run(serve(parse_args(argv)))
+    args = parse_args(argv)
+    try:
+        asyncio.run(serve(args))
+    except (ValueError, OSError) as e:  # a setting the engines refuse, no free port: one line, no traceback
+        print(f"python -m backends.emulator: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
