@@ -369,6 +369,26 @@ def test_a_client_that_stalls_in_its_headers_is_disconnected():
     run(main())
 
 
+def test_a_kept_alive_connection_that_stalls_in_its_next_headers_is_closed():
+    async def main():
+        async with cluster(mixed=1) as (fleet, proxy, s):
+            host, port = proxy.url.split("//")[1].split(":")
+            reader, writer = await asyncio.open_connection(host, int(port))
+            try:
+                writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")  # one whole request, kept alive
+                await writer.drain()
+                assert (await asyncio.wait_for(reader.read(65536), 5)).startswith(b"HTTP/1.1 200")
+                writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # the next one stalls in its headers
+                await writer.drain()
+                started = time.monotonic()
+                assert await asyncio.wait_for(reader.read(65536), 5) == b""  # closed, not left open for 75 s
+                assert time.monotonic() - started < 2  # client_read_timeout_s=0.5
+            finally:
+                writer.close()
+
+    run(main())
+
+
 # -- settings ----------------------------------------------------------------------------------------------------
 
 def test_timeouts_are_checked():

@@ -122,7 +122,10 @@ class Proxy:
                         loop.time, c.first_token_timeout_s, c.stream_idle_timeout_s, c.read_timeout_s)
         self.api = HttpApi(c, self.upstreams, self.metrics, self.dispatcher, self.parser, pd, session,
                            self.serving_ids, loop.time)
-        self._runner = web.AppRunner(self.api.app(), handler_cancellation=True, access_log=None)
+        # keepalive_timeout: an idle kept-alive connection, or one stalled in its next request's headers, is closed
+        # after client_read_timeout_s too (aiohttp's default is 75 s)
+        self._runner = web.AppRunner(self.api.app(), handler_cancellation=True, access_log=None,
+                                     keepalive_timeout=c.client_read_timeout_s)
         await self._runner.setup()
         self._server = await loop.create_server(
             _HeaderDeadline(self._runner.server, c.client_read_timeout_s, self.metrics), c.host, c.port,
