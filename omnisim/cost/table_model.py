@@ -17,6 +17,8 @@ PREFILL_FEATURES = ("intercept", "prefill_tokens", "prefill_attention", "prefill
 DECODE_FEATURES = ("intercept", "decode_seqs", "decode_context", "imbalance")
 OPTIONAL_FEATURE = {"prefill_attention": "prefill_attention", "prefill_context": "prefill_context",
                     "moe_imbalance": "imbalance"}
+# What a table file records about its measurement, as '# key: value' comment lines before the header row.
+PROVENANCE = ("engine", "model", "hardware", "parallel", "date", "command")
 
 
 class TableModel:
@@ -27,16 +29,22 @@ class TableModel:
     Two regimes, as DistServe models them: steps with prefill tokens, and decode-only steps. Each is
     step_s = intercept + sum(coefficient * feature) over that regime's features, fitted by least squares on relative
     error with every coefficient kept >= 0 (a negative one is dropped and the rest refitted), so predictions grow
-    with every argument. Optional columns absent from the data leave their feature out. ``model``, ``hardware`` and
-    ``parallel`` are accepted so the app can build any cost model the same way; a table describes the one setup it
-    was measured on, so they only label it. A relative ``path`` is looked up in the current directory, then in the
-    omnisim checkout (so conf/cost/tables/... works from anywhere).
+    with every argument. Optional columns absent from the data leave their feature out.
+
+    A table describes the one setup it was measured on, recorded in '# key: value' lines before the header
+    (``PROVENANCE``: engine and version, model, hardware, parallel as ``tp=1 dp=1 ep=1``, date, command). The app
+    passes the experiment's ``model``, ``hardware`` and ``parallel``: a table measured for another model, hardware or
+    parallelism (or one that does not say) is refused, rather than timing one setup with another's measurements.
+    A relative ``path`` is looked up in the current directory, then in the omnisim checkout (so conf/cost/tables/...
+    works from anywhere).
     """
 
     def __init__(self, path: str | Path, model: Any = None, hardware: Any = None, parallel: Any = None) -> None:
         self.path = _resolve(Path(path))
         self.labels = (model, hardware, parallel)
-        self._fit(_read_csv(self.path), source=str(self.path))
+        cols, self.measured_on = _read_csv(self.path)
+        _check_setup(self.path, self.measured_on, model, hardware, parallel)
+        self._fit(cols, source=str(self.path))
 
     @classmethod
     def from_measurements(cls, rows: Iterable[Mapping[str, float]] | Any, source: str = "measurements"
@@ -57,6 +65,7 @@ class TableModel:
         table = cls.__new__(cls)
         table.path = None
         table.labels = (None, None, None)
+        table.measured_on = {}
         table._fit(_to_arrays(columns, data), source=source)
         return table
 
@@ -177,11 +186,39 @@ def _resolve(path: Path) -> Path:
     return CHECKOUT / path
 
 
-def _read_csv(path: Path) -> dict[str, np.ndarray]:
+def _check_setup(path: Path, measured_on: dict[str, str], model: Any, hardware: Any, parallel: Any) -> None:
+    """The experiment's model, hardware and parallelism are those the table was measured on."""
+    wanted = {}
+    if model is not None:
+        wanted["model"] = getattr(model, "name", str(model))
+    if hardware is not None:
+        wanted["hardware"] = getattr(hardware, "name", str(hardware))
+    if parallel is not None:
+        wanted["parallel"] = f"tp={parallel.tp} dp={parallel.dp} ep={parallel.ep}"
+    for key, want in wanted.items():
+        got = measured_on.get(key)
+        if got is None:
+            raise ValueError(f"cost.path: {path} does not record the {key} it was measured on (a '# {key}: ...' "
+                             f"line before the header); the experiment runs {key} {want}")
+        if " ".join(got.split()) != want:
+            raise ValueError(f"cost.path: {path} was measured on {key} {got}, the experiment runs {key} {want}: "
+                             f"measure a table for it (benchmarks/cost_calibration.py) or use cost=roofline")
+
+
+def _read_csv(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """(columns, provenance): the measured rows, and the '# key: value' lines of ``PROVENANCE`` keys."""
     if not path.is_file():
         raise ValueError(f"cost.path: {path} does not exist (looked in the current directory, then in {CHECKOUT})")
+    measured_on: dict[str, str] = {}
     with path.open(newline="") as f:
-        lines = [(n, line) for n, line in enumerate(f, start=1) if line.strip() and not line.lstrip().startswith("#")]
+        raw = list(enumerate(f, start=1))
+    for n, line in raw:
+        key, sep, value = line.lstrip().lstrip("#").partition(":")
+        if line.lstrip().startswith("#") and sep and key.strip() in PROVENANCE:
+            if key.strip() in measured_on:
+                raise ValueError(f"{path}:{n}: '{key.strip()}' given twice")
+            measured_on[key.strip()] = value.strip()
+    lines = [(n, line) for n, line in raw if line.strip() and not line.lstrip().startswith("#")]
     if not lines:
         raise ValueError(f"{path}: empty file (expected a header row and measured rows)")
     parsed = list(csv.reader(line for _, line in lines))
@@ -194,7 +231,7 @@ def _read_csv(path: Path) -> dict[str, np.ndarray]:
         data.append(_parse_row([v.strip() for v in values], columns, f"{path}:{line_no}"))
     if not data:
         raise ValueError(f"{path}: no measured rows after the header")
-    return _to_arrays(columns, data)
+    return _to_arrays(columns, data), measured_on
 
 
 def _to_arrays(columns: list[str], data: list[list[float]]) -> dict[str, np.ndarray]:
