@@ -5,7 +5,7 @@
     omnisim-attn-search experiment=omniinfer_r1_7p1d attention=omni_attn --harness-model DIR --save-table t.csv ...
 
 Positional KEY=VALUE arguments are Hydra overrides, composed as ``omnisim`` composes them. The decode group of the
-composed cluster (or the colocated group) and the cost model give each pattern's steady-state decode tokens/s at
+composed (disaggregated) cluster and the cost model give each pattern's steady-state decode tokens/s at
 ``--context`` tokens per sequence (default: the workload's mean prompt + half its mean output). The window
 (sink, recent, beta) and the number of pattern entries come from ``attention=`` (OmniInfer's R1 file has 62: 61
 layers + the MTP layer), or OmniAttn's defaults with one entry per model layer when none is given.
@@ -145,7 +145,10 @@ def _search_space(cfg, context: int | None) -> dict:
 
     experiment, _ = build_experiment(cfg)
     model, hardware, cluster = experiment.model, experiment.hardware, experiment.cluster
-    role, group = ("decode", cluster.decode) if cluster.disaggregated else ("mixed", cluster.mixed)
+    if not cluster.disaggregated:  # OmniInfer runs OmniAttn on decode instances only (prefill stays full)
+        raise ValueError(f"cluster {cluster.name or '(colocated)'}: OmniAttn runs on the decode instances of a "
+                         "disaggregated (prefill + decode) cluster; pick a PD cluster")
+    role, group = "decode", cluster.decode
     attention = experiment.attention
     if attention is not None:
         attention.check_model(model.layers)
