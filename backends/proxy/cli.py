@@ -64,6 +64,8 @@ def load(argv=None) -> tuple[ProxyConfig, object, str]:
     p.add_argument("--tokenizer", metavar="PATH", help="the model's tokenizer: exact prompt tokens, and exact "
                                                        "prefix matches against vLLM's KV events")
     p.add_argument("--seed", type=int)
+    p.add_argument("--record-trace", metavar="FILE", help="write the traffic served as a Mooncake-style trace "
+                   "(a new file) that `omnisim workload=mooncake workload.path=FILE` replays")
     p.add_argument("--loop", choices=("auto", "asyncio", "uvloop"), default="auto",
                    help="event loop: uvloop when installed (auto), else asyncio's")
     args = p.parse_args(argv)
@@ -94,7 +96,7 @@ def load(argv=None) -> tuple[ProxyConfig, object, str]:
         data["upstreams"] = list(data["upstreams"]) + [{"url": url, "role": role}]
     if args.api_key is None and os.environ.get(API_KEY_ENV):
         data["api_key"] = os.environ[API_KEY_ENV]
-    for key in ("host", "port", "api_key", "pd_mode", "prefix_source", "tokenizer"):
+    for key in ("host", "port", "api_key", "pd_mode", "prefix_source", "tokenizer", "record_trace"):
         if getattr(args, key) is not None:
             data[key] = getattr(args, key)
     config = ProxyConfig.from_dict(data, where)
@@ -163,6 +165,9 @@ def main(argv=None) -> int:
         runner(serve(config, policy))
     except OSError as e:  # the port is in use, the host is not this machine's
         print(f"omnisim-proxy: cannot listen on {config.host}:{config.port}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    except ValueError as e:  # e.g. --record-trace names a file that exists
+        print(f"omnisim-proxy: {e}", file=sys.stderr)
         return 2
     return 0
 

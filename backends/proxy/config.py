@@ -43,6 +43,9 @@ class ProxyConfig:
     are exact, and with prefix_source "kv_events" the engines' block hashes are mapped to the proxy's own through
     the token ids in their events, so prefix matches against vLLM are exact (backends/common/engine_block_map.py).
     Without it, "kv_events" matches the events' hashes as they are: exact against the emulator only.
+    ``record_trace``: a new file to which the proxy writes the traffic it serves as a Mooncake-style trace that
+    ``workload=mooncake`` replays (backends/proxy/trace_recorder.py); its hash ids name blocks of
+    ``prefix_block_tokens`` tokens.
 
     Timeouts (seconds; README "Failure behaviour"): ``connect_timeout_s`` to open a connection to an engine;
     ``first_token_timeout_s`` from sending a request to an engine until its first byte of answer (a prefill's
@@ -77,6 +80,7 @@ class ProxyConfig:
     metrics_interval_s: float = 1.0
     default_max_tokens: int = 256
     retry_after_s: int = 1
+    record_trace: str | None = None
 
     def __post_init__(self) -> None:
         ups = tuple(u if isinstance(u, Upstream) else Upstream(**u) for u in self.upstreams)
@@ -103,6 +107,8 @@ class ProxyConfig:
             raise ValueError("prefix_source: kv_events needs upstreams with a kv_events endpoint")
         if self.tokenizer is not None and (not isinstance(self.tokenizer, str) or not self.tokenizer.strip()):
             raise ValueError(f"tokenizer: expected a tokenizer directory or name, got {self.tokenizer!r}")
+        if self.record_trace is not None and (not isinstance(self.record_trace, str) or not self.record_trace.strip()):
+            raise ValueError(f"record_trace: expected a file path, got {self.record_trace!r}")
         for name in ("max_body_bytes", "max_queued", "max_attempts", "health_failures", "prefix_block_tokens",
                      "default_max_tokens", "history_blocks"):
             if getattr(self, name) < 1:

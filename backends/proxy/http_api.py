@@ -20,6 +20,7 @@ from backends.proxy.pd_protocol import PDProtocol
 from backends.proxy.proxy_metrics import ProxyMetrics
 from backends.proxy.request_parser import RequestParser
 from backends.proxy.request_timing import RequestTiming
+from backends.proxy.trace_recorder import TraceRecorder
 from backends.proxy.upstream_state import UpstreamState
 from omnisim.core import Phase
 
@@ -43,6 +44,7 @@ class HttpApi:
         self.session = session
         self.serving_ids = serving_ids
         self.clock = clock
+        self.recorder: TraceRecorder | None = None  # ProxyConfig.record_trace
 
     @property
     def inflight(self) -> int:
@@ -162,6 +164,7 @@ class HttpApi:
         if self.dispatcher.queued() >= c.max_queued:
             return self._error(503, f"proxy queue full (max_queued={c.max_queued})", "overload", endpoint, True)
         self.serving_ids.add(req.id)
+        ticket = self.recorder.arrived(req) if self.recorder is not None else None
         try:
             error = "no attempt made"
             tried: set[str] = set()  # instances an attempt failed on: a retry goes elsewhere
@@ -193,3 +196,5 @@ class HttpApi:
             raise
         finally:
             self.serving_ids.discard(req.id)
+            if ticket is not None:
+                self.recorder.ended(ticket, timing.output_tokens)

@@ -32,6 +32,7 @@ from backends.proxy.prefix_source import PrefixSource
 from backends.proxy.proxy_metrics import ProxyMetrics
 from backends.proxy.request_timing import RequestTiming
 from backends.proxy.reservation import Reservation
+from backends.proxy.trace_recorder import StreamTokenCounter, completion_tokens
 from backends.proxy.upstream_state import UpstreamState
 from omnisim.core import BatchSample, Phase, Request, Role
 
@@ -120,6 +121,7 @@ class PDProtocol:
         self.first_token_timeout_s = first_token_timeout_s
         self.stream_idle_timeout_s = stream_idle_timeout_s
         self.read_timeout_s = read_timeout_s
+        self.count_output = False  # set while the proxy records a trace: count each answer's generated tokens
 
     async def serve(self, request: web.Request, endpoint: str, body: dict, raw: bytes, req: Request,
                     timing: RequestTiming, exclude: frozenset = frozenset()) -> web.StreamResponse:
@@ -247,6 +249,8 @@ class PDProtocol:
                 if not stream:
                     data = await resp.read()
                     attempt.close()
+                    if self.count_output:
+                        timing.output_tokens = completion_tokens(data)
                     elapsed = self.clock() - timing.received
                     self.metrics.ttft.observe(elapsed)
                     self.metrics.e2e.observe(elapsed)
@@ -264,12 +268,15 @@ class PDProtocol:
                 self.metrics.ttft.observe(self.clock() - timing.received)
                 reservation.prompt_done()
                 arrivals = []
+                counter = StreamTokenCounter() if self.count_output else None
                 idle = self.stream_idle_timeout_s
                 attempt.rearm(idle)
                 attempt.deadline = inf
                 while chunk:
                     now = self.clock()
                     arrivals.append(now)
+                    if counter is not None:
+                        counter.feed(chunk)
                     try:
                         await response.write(chunk)
                     except (ConnectionError, RuntimeError):  # the client left: drop the upstream request too
@@ -298,6 +305,8 @@ class PDProtocol:
                 raise Retry(failure, up.id)
             return await self._midstream_error(endpoint, response, failure)
         await response.write_eof()
+        if counter is not None:
+            timing.output_tokens = counter.result()
         self.metrics.e2e.observe(self.clock() - timing.received)
         self.metrics.answered(endpoint, 200)
         if len(arrivals) >= 4:  # one chunk per decode step: the median gap is the step time

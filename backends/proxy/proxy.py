@@ -30,6 +30,7 @@ from backends.proxy.pd_protocol import PDProtocol
 from backends.proxy.prefix_source import prefix_source
 from backends.proxy.proxy_metrics import ProxyMetrics
 from backends.proxy.request_parser import RequestParser
+from backends.proxy.trace_recorder import TraceRecorder
 from backends.proxy.upstream_state import UpstreamState
 from omnisim.core import ClusterView, ProxyPolicy
 
@@ -113,6 +114,8 @@ class Proxy:
         self._loop = loop = asyncio.get_running_loop()
         self._t0 = loop.time()
         c = self.config
+        if c.record_trace:
+            TraceRecorder.check_new(c.record_trace)  # before binding anything
         self._session = session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=None),
             # Reads are bounded per request by pd_protocol (first token, stream idle, whole answer).
@@ -131,6 +134,9 @@ class Proxy:
             _HeaderDeadline(self._runner.server, c.client_read_timeout_s, self.metrics), c.host, c.port,
             backlog=1024, reuse_address=True)
         self.port = self._server.sockets[0].getsockname()[1]
+        if c.record_trace:  # once listening: a failed start leaves no empty trace behind (no await until served)
+            self.api.recorder = TraceRecorder(c.record_trace, c.prefix_block_tokens, loop.time)
+            pd.count_output = True
         self._tasks.append(self.dispatcher.start(loop))
         poller = EnginePoller(session, self.upstreams, c.health_interval_s, c.health_timeout_s, c.health_failures,
                               c.metrics_interval_s, on_back=self.dispatcher.kick)
@@ -155,3 +161,6 @@ class Proxy:
         if self._session:
             await self._session.close()
             self._session = None
+        if self.api is not None and self.api.recorder is not None:
+            self.api.recorder.close()
+            self.api.recorder = None

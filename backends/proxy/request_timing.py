@@ -16,6 +16,7 @@ class RequestTiming:
     decode_dispatch: float | None = None
     prefill_cached_tokens: int | None = None
     predicted_cached_tokens: int | None = None
+    output_tokens: int | None = None  # generated tokens of a completed answer (counted while recording a trace)
 
     def headers(self) -> dict[str, str]:
         h = {"x-omnisim-prefill-instance": self.prefill_instance, "x-omnisim-decode-instance": self.decode_instance}
