@@ -87,13 +87,19 @@ class _TokenLink:
         self._transfer_s = transfer_s
 
     def transfer_s(self, tokens: float) -> float:
-        return float(self._transfer_s(int(tokens)))
+        # a prompt's token count; with OmniAttn a fraction of it (compressed layers move their window only)
+        return float(self._transfer_s(tokens))
 
 
 class EmulatedEngine:
     def __init__(self, step_time_model: Any, *, max_num_seqs: int = 256, max_num_batched_tokens: int = 8192,
                  block_size: int = 16, kv_capacity_tokens: int = 1 << 20, enable_prefix_caching: bool = True,
-                 time_scale: float = 1.0, moe_imbalance: float = 1.0, engine_policy=None):
+                 time_scale: float = 1.0, moe_imbalance: float = 1.0, engine_policy=None, attention=None,
+                 layers: int = 0):
+        """``attention``: an ``omnisim.attention.OmniAttn`` on this (decode) engine of a ``layers``-layer model, as
+        the simulator applies it: the KV pool is the full layers' one, seats are capped by the compressed layers'
+        pool, prefix caching is off, decode steps are timed at the per-layer-averaged attention context and a
+        pulled prompt moves only the compressed layers' windows."""
         if time_scale < 0:
             raise ValueError(f"time_scale must be >= 0, got {time_scale}")
         if max_num_seqs < 1 or max_num_batched_tokens < 1 or block_size < 1:
@@ -107,12 +113,17 @@ class EmulatedEngine:
         self.time_scale = time_scale
         self.moe_imbalance = moe_imbalance
         self.kv_capacity_tokens = kv_capacity_tokens
-        self.pool = BlockManager(kv_capacity_tokens // block_size, block_size)
+        self.pools = pools = None if attention is None else attention.decode_pools(
+            kv_capacity_tokens // block_size, block_size, layers, where="engine")
+        self.pool = BlockManager(kv_capacity_tokens // block_size if pools is None else pools.full_blocks, block_size)
+        if pools is not None:  # what the proxy is told: the context the full layers' pool holds
+            self.kv_capacity_tokens = pools.full_blocks * block_size
         # vLLM grows a decoding request's KV block by block: reserve one block ahead, not the simulator's 256 tokens
         self.sched = Scheduler("emulated", self.pool, self, max_num_seqs=max_num_seqs,
                                max_num_batched_tokens=max_num_batched_tokens,
                                enable_prefix_caching=enable_prefix_caching, reserve_tokens=block_size,
-                               max_run_steps=1, policy=engine_policy)
+                               max_run_steps=1, policy=engine_policy, attention=pools)
+        self.max_num_seqs = self.sched.max_seqs
         self.stats = EngineStats()
         self._seqs: dict[str, EngineSequence] = {}  # core id -> request, while the engine holds it
         self._links: dict[EngineSequence, KVLinkQueue] = {}  # remote requests -> the link their KV comes over
@@ -221,7 +232,8 @@ class EmulatedEngine:
             self.sched.kv_arrived(core)
             return
         now = self.now()
-        delay = link.send(now, core.prompt) - now
+        tokens = core.prompt if self.pools is None else self.pools.attention_context(core.prompt)
+        delay = link.send(now, tokens) - now
         task = asyncio.get_running_loop().create_task(self._transfer(seq, delay))
         self._transfers.add(task)
         task.add_done_callback(self._transfers.discard)
@@ -263,7 +275,7 @@ class EmulatedEngine:
                 idle = False
                 self._deadline = loop.time()
             step_s = float(self.model.step_time(plan.prefill_tokens, plan.prefill_attention, plan.prefill_context,
-                                                plan.decode_seqs, plan.decode_context, self.moe_imbalance))
+                                                plan.decode_seqs, plan.attention_context, self.moe_imbalance))
             self.stats.steps += 1
             self.stats.busy_s += step_s
             # Steps of a busy period end at exact multiples of the model's times: a late wake-up (timer

@@ -96,9 +96,69 @@ class OmniAttn:
     def decode_capacity(self, uncompressed_blocks: int) -> tuple[int, int]:
         """(blocks of the full layers' pool, the most sequences the compressed layers' pool seats) on a decode
         instance whose cache would hold ``uncompressed_blocks`` blocks per layer without OmniAttn. The full pool
-        bounds context, the compressed pool bounds sequences (each holds ``window_blocks`` there once its context
-        passes the window: counting every sequence at that size is exact for them, conservative for shorter ones)."""
+        bounds context, the compressed pool bounds sequences: OmniInfer's OmniAttentionManager gives every request
+        its ``window_blocks`` there at admission, whatever its length, so seats are exact, not an estimate."""
         full, comp = self.pool_blocks(uncompressed_blocks)
         if not self.compressed:
             return full, 1 << 62
         return full, comp // self.window_blocks
+
+    def decode_pools(self, uncompressed_blocks: int, block_size: int, layers: int,
+                     where: str = "cluster.decode") -> "DecodePools":
+        """What a decode instance's engine needs (omnisim.engine.Scheduler's ``attention``): its two pools and the
+        per-layer shares of the model's ``layers`` that decode attention reads in full or in the window.
+        ValueError when the compressed pool seats no sequence (the instance could never admit one)."""
+        full, seats = self.decode_capacity(uncompressed_blocks)
+        comp = self.pool_blocks(uncompressed_blocks)[1]
+        if seats < 1:
+            raise ValueError(f"{where}: with attention=omni_attn the compressed layers' pool ({comp} blocks = "
+                             f"{self.beta} x {uncompressed_blocks}) seats no sequence of {self.window_blocks} blocks "
+                             f"(attention.sink + attention.recent); raise the KV capacity or attention.beta")
+        f_full, f_comp = self.model_fractions(layers)
+        return DecodePools(full, seats, comp, self.window_blocks, self.window_tokens(block_size),
+                           f_full, f_comp)
+
+    def omniinfer_config(self) -> dict:
+        """OmniInfer's ``omni_attn_config`` (--additional-config, with ``enable_omni_attn: true``): its checks want
+        ints for sink and recent, a float for beta and a list of 0/1 for pattern."""
+        return {"sink": int(self.sink), "recent": int(self.recent), "beta": float(self.beta),
+                "pattern": [int(v) for v in self.pattern]}
+
+    def check_deployment(self, cluster, layers: int) -> None:
+        """OmniAttn as OmniInfer runs it: on the decode instances of a disaggregated cluster, with a pattern that
+        fits the model. OmniInfer's attention metadata refuses prefills on an OmniAttn instance ("Only support PD
+        disaggregation and only enabled in D now"), so a colocated cluster is refused rather than modelled."""
+        if not cluster.disaggregated:
+            raise ValueError("attention=omni_attn: OmniAttn runs on the decode instances of a disaggregated "
+                             "(prefill + decode) cluster; OmniInfer refuses prefills on an OmniAttn instance, so a "
+                             "colocated (mixed) cluster cannot use it: pick a PD cluster or attention=null")
+        self.check_model(layers)
+
+
+@dataclass(frozen=True)
+class DecodePools:
+    """One decode instance's OmniAttn, as its engine scheduler uses it (``OmniAttn.decode_pools``).
+
+    ``full_blocks``: the block manager's size (one block = ``block_size`` tokens of every full layer);
+    ``seats``: sequences the compressed pool holds (``window_blocks`` each, of ``compressed_blocks``);
+    ``window_tokens``: the sink + recent tokens a compressed layer reads; ``full_frac`` / ``comp_frac``: the shares
+    of the model's layers that are full / compressed."""
+
+    full_blocks: int
+    seats: int
+    compressed_blocks: int
+    window_blocks: int
+    window_tokens: int
+    full_frac: float
+    comp_frac: float
+
+    @property
+    def seat_usage(self) -> float:
+        """The compressed pool's usage per sequence holding KV there."""
+        return self.window_blocks / self.compressed_blocks if self.compressed_blocks else 0.0
+
+    def attention_context(self, context: int) -> float:
+        """Per-layer-averaged context one decode step of a ``context``-token sequence reads (OmniAttn's
+        ``attention_context``); also the tokens whose KV a PD transfer moves for a prompt of ``context`` tokens."""
+        w = self.window_tokens
+        return self.full_frac * context + self.comp_frac * (context if context < w else w)

@@ -21,6 +21,11 @@ The rules (each pinned by tests/test_engine_scheduler.py):
   next step boundary; its first token comes at the end of that step.
 - A decode-only batch that does not change runs as many steps as it can in one plan: up to the next step at which
   a request finishes or needs more KV (or ``max_run_steps``).
+- OmniAttn (``attention``, a decode instance's ``omnisim.attention.DecodePools``): the block manager is the full
+  layers' pool, seats are capped by the compressed layers' pool, prefix caching is off (OmniInfer's hybrid KV
+  manager has none), and decode attention reads ``full_frac * context + comp_frac * min(context, window)`` per
+  sequence. A sequence's context reaching the window is a step event too, so each run's attention context stays
+  affine in the step index.
 """
 from __future__ import annotations
 
@@ -33,7 +38,10 @@ from omnisim.core.prefix_index import reusable_units
 from omnisim.engine.block_manager import BlockManager
 from omnisim.engine.sequence import Sequence
 
-_FINISH, _EXTEND = 0, 1
+# Heap event kinds, in the order they apply at one step: a context reaching OmniAttn's window first, so that when a
+# finish or an extension (and a preemption it causes) removes a sequence, "context < window" says whether it is
+# still counted among those whose compressed layers grow.
+_WINDOW, _FINISH, _EXTEND = 0, 1, 2
 
 
 class EngineEvents(Protocol):
@@ -53,13 +61,17 @@ class StepPlan:
     """The next step (or run of ``steps`` decode steps): prefill ``chunks`` as (sequence, tokens), plus one token
     for each of the ``decode_seqs`` running sequences, whose contexts sum to ``decode_context`` at the start.
     ``prefill_*``: the chunks' token count, attention work (sum over tokens of their context) and final contexts,
-    the inputs of ``StepTimeModel.step_time``."""
+    the inputs of ``StepTimeModel.step_time``. ``attention_context``: the context decode attention reads at the
+    first step (``decode_context``; with OmniAttn its per-layer average, compressed layers capped at the window),
+    growing by ``attention_growth`` per step of the run (``decode_seqs``; with OmniAttn less): what the driver passes
+    to ``step_time`` as ``decode_context``."""
 
     __slots__ = ("chunks", "steps", "decode_seqs", "decode_context", "prefill_tokens", "prefill_attention",
-                 "prefill_context")
+                 "prefill_context", "attention_context", "attention_growth")
 
     def __init__(self, chunks: list, steps: int, decode_seqs: int, decode_context: int, prefill_tokens: int = 0,
-                 prefill_attention: float = 0.0, prefill_context: int = 0) -> None:
+                 prefill_attention: float = 0.0, prefill_context: int = 0, attention_context: float | None = None,
+                 attention_growth: float | None = None) -> None:
         self.chunks = chunks
         self.steps = steps
         self.decode_seqs = decode_seqs
@@ -67,19 +79,23 @@ class StepPlan:
         self.prefill_tokens = prefill_tokens
         self.prefill_attention = prefill_attention
         self.prefill_context = prefill_context
+        self.attention_context = decode_context if attention_context is None else attention_context
+        self.attention_growth = decode_seqs if attention_growth is None else attention_growth
 
 
 class Scheduler:
     def __init__(self, name: str, block_manager: BlockManager, events: EngineEvents, *, max_num_seqs: int,
                  max_num_batched_tokens: int, enable_prefix_caching: bool = True, reserve_tokens: int = 256,
-                 max_run_steps: int = 0, policy: PrefillPolicy | None = None) -> None:
+                 max_run_steps: int = 0, policy: PrefillPolicy | None = None, attention=None) -> None:
         self.name = name
         self.bm = block_manager
         self.events = events
         self.block_size = B = block_manager.block_size
-        self.max_seqs = max_num_seqs
+        # OmniAttn (omnisim.attention.DecodePools): the compressed pool seats, the hybrid KV manager never caches
+        self.attention = attention
+        self.max_seqs = max_num_seqs if attention is None else min(max_num_seqs, attention.seats)
         self.max_tokens = max_num_batched_tokens
-        self.caching = enable_prefix_caching
+        self.caching = enable_prefix_caching and attention is None
         self.reserve_blocks = max(1, -(-reserve_tokens // B))
         self.max_run_steps = max_run_steps  # 0: unbounded runs of decode steps; 1: one plan per step
         self.policy = policy
@@ -94,6 +110,9 @@ class Scheduler:
         self._order = 0
         self.steps = 0  # decode steps executed so far; a running sequence's progress is derived from it
         self.ctx_sum = 0  # total context tokens of the running sequences
+        self.win_sum = 0  # OmniAttn: sum over the running sequences of min(context, window)
+        self.below = 0  # OmniAttn: running sequences whose context is still below the window
+        self.seat_usage = attention.seat_usage if attention is not None else 0.0
         self.pending_prefill = 0  # uncached prompt tokens assigned here and not yet computed
         self.remote_tokens = 0  # prompt tokens of PD requests assigned here, not yet decoding
         self.dirty = True  # something a policy sees (InstanceState) changed since the driver last looked
@@ -115,7 +134,12 @@ class Scheduler:
 
     def kv_usage(self) -> float:
         bm = self.bm
-        return (bm.num_blocks - bm.free - bm.lru_blocks) / bm.num_blocks
+        usage = (bm.num_blocks - bm.free - bm.lru_blocks) / bm.num_blocks
+        if self.seat_usage:  # OmniAttn: the fuller of its two pools, as OmniInfer reports it
+            seats = self.seat_usage * (len(self.running) + len(self.prefilling) + self.transferring + len(self.ready))
+            if seats > usage:
+                return seats
+        return usage
 
     def generated(self, seq: Sequence) -> int:
         """Tokens ``seq`` has generated so far (a running sequence's count is derived from the step counter)."""
@@ -190,6 +214,8 @@ class Scheduler:
             del self.running[seq.id]
             seq.generated += self.steps - seq.join_step
             self.ctx_sum -= seq.prompt + seq.generated
+            if self.attention is not None:
+                self._leave_window(seq.prompt + seq.generated)
             seq.epoch += 1  # drops its pending heap events
             self._free(seq)
         elif seq in self.remote:
@@ -223,7 +249,10 @@ class Scheduler:
                 pt += c
                 pa += c * (before + (c + 1) / 2)
                 pc += before + c
-            plan = StepPlan(chunks, 1, n, self.ctx_sum, pt, pa, pc)
+            if self.attention is None:
+                plan = StepPlan(chunks, 1, n, self.ctx_sum, pt, pa, pc)
+            else:
+                plan = StepPlan(chunks, 1, n, self.ctx_sum, pt, pa, pc, *self._attention_now())
         elif n:
             heap = self.heap
             while heap[0][3] != heap[0][4].epoch:
@@ -233,7 +262,10 @@ class Scheduler:
                 raise AssertionError(f"{self.name}: event at step {heap[0][0]} is behind step {self.steps}")
             if self.max_run_steps and k > self.max_run_steps:
                 k = self.max_run_steps
-            plan = StepPlan((), k, n, self.ctx_sum)
+            if self.attention is None:
+                plan = StepPlan((), k, n, self.ctx_sum)
+            else:
+                plan = StepPlan((), k, n, self.ctx_sum, 0, 0.0, 0, *self._attention_now())
         else:
             return None
         if self.trace is not None:
@@ -323,6 +355,8 @@ class Scheduler:
         if n:
             self.steps += steps
             self.ctx_sum += n * steps
+            if self.below:  # no context crossed the window inside the run: it ends at the first crossing
+                self.win_sum += self.below * steps
             self.decode_tokens_done += n * steps
             self._pop_events(now)
         chunks = plan.chunks
@@ -339,6 +373,8 @@ class Scheduler:
             self.prefill_tokens_done += pt
         bm = self.bm
         usage = (bm.num_blocks - bm.free - bm.lru_blocks) / bm.num_blocks
+        if self.seat_usage:
+            usage = self.kv_usage()
         if usage > self.peak_kv_usage:
             self.peak_kv_usage = usage
         self.dirty = True
@@ -376,9 +412,19 @@ class Scheduler:
         seq.local = True
         seq.join_step = self.steps
         self.running[seq.id] = seq
-        self.ctx_sum += seq.prompt + seq.generated
+        ctx = seq.prompt + seq.generated
+        self.ctx_sum += ctx
         self._order += 1
         heapq.heappush(self.heap, (self.steps + seq.output - seq.generated, _FINISH, self._order, seq.epoch, seq))
+        if self.attention is not None:  # before _reserve: a preemption there removes it again
+            w = self.attention.window_tokens
+            if ctx < w:
+                self.win_sum += ctx
+                self.below += 1
+                self._order += 1
+                heapq.heappush(self.heap, (self.steps + w - ctx, _WINDOW, self._order, seq.epoch, seq))
+            else:
+                self.win_sum += w
         # Reserve decode KV now rather than when the prompt's last block fills a few steps later: one event less
         # per request, and the same slack (reserve_tokens) as every later reservation.
         self._reserve(seq, ahead=self.reserve_blocks * self.block_size)
@@ -407,9 +453,29 @@ class Scheduler:
                 seq.epoch += 1  # drops its pending reservation event
                 seq.generated = seq.output
                 self.ctx_sum -= seq.prompt + seq.output
+                if self.attention is not None:
+                    self._leave_window(seq.prompt + seq.output)
                 self._finish(seq, now)
-            else:
+            elif kind == _EXTEND:
                 self._extend(seq)
+            else:  # its context reached the window: compressed layers read no more of it from now on
+                self.below -= 1
+
+    def _attention_now(self) -> tuple[float, float]:
+        """OmniAttn: (attention context of the running batch now, its growth per decode step until the next
+        window crossing)."""
+        a = self.attention
+        return (a.full_frac * self.ctx_sum + a.comp_frac * self.win_sum,
+                a.full_frac * len(self.running) + a.comp_frac * self.below)
+
+    def _leave_window(self, context: int) -> None:
+        """OmniAttn: a running sequence of ``context`` tokens leaves the batch."""
+        w = self.attention.window_tokens
+        if context < w:
+            self.win_sum -= context
+            self.below -= 1
+        else:
+            self.win_sum -= w
 
     def _extend(self, seq: Sequence) -> None:
         """The sequence filled its KV reservation: reserve more, preempting the newest sequences if KV is short."""
@@ -428,6 +494,8 @@ class Scheduler:
         del self.running[seq.id]
         seq.generated += self.steps - seq.join_step
         self.ctx_sum -= seq.prompt + seq.generated
+        if self.attention is not None:
+            self._leave_window(seq.prompt + seq.generated)
         self._free(seq)
         seq.epoch += 1
         seq.preemptions += 1

@@ -23,7 +23,12 @@ if TYPE_CHECKING:
 class Instance:
     def __init__(self, env: simpy.Environment, instance_id: str, role: Role, group: InstanceGroup, cost,
                  num_blocks: int, kv_bytes_per_token: float, link, driver: "ProxyDriver", moe=None,
-                 reserve_tokens: int = 256, kv_listener=None, max_run_steps: int = 0, engine_policy=None) -> None:
+                 reserve_tokens: int = 256, kv_listener=None, max_run_steps: int = 0, engine_policy=None,
+                 attention=None, layers: int = 0) -> None:
+        """``num_blocks``: the KV blocks an uncompressed cache holds. ``attention``: an ``omnisim.attention.OmniAttn``
+        on this (decode) instance, for a model of ``layers`` layers: the block manager then holds the full layers'
+        pool, seats are capped by the compressed layers' pool, and KV transfers move compressed layers' windows
+        only."""
         self.env = env
         self.id = instance_id
         self.role = role
@@ -33,12 +38,14 @@ class Instance:
         self.egress = KVLinkQueue(link)  # KV this instance sends, one transfer after another
         self.kv_bytes_per_token = kv_bytes_per_token
         self.block_size = group.block_size
-        self.max_seqs = group.max_num_seqs
-        self.bm = BlockManager(num_blocks, group.block_size, kv_listener)
+        self.pools = pools = None if attention is None else attention.decode_pools(
+            num_blocks, group.block_size, layers, where=f"cluster.{role.value}")
+        self.bm = BlockManager(num_blocks if pools is None else pools.full_blocks, group.block_size, kv_listener)
         self.sched = Scheduler(instance_id, self.bm, self, max_num_seqs=group.max_num_seqs,
                                max_num_batched_tokens=group.max_num_batched_tokens,
                                enable_prefix_caching=group.enable_prefix_caching, reserve_tokens=reserve_tokens,
-                               max_run_steps=max_run_steps, policy=engine_policy)
+                               max_run_steps=max_run_steps, policy=engine_policy, attention=pools)
+        self.max_seqs = self.sched.max_seqs
         # the step (or run of decode steps) in flight
         self.pending = None
         self.busy = False
@@ -47,6 +54,7 @@ class Instance:
         # statistics
         self.busy_s = 0.0
         self.n_steps = 0
+        self.kv_bytes_moved = 0.0  # KV pulled into this instance
         self.recent: deque[BatchSample] = deque(maxlen=8)
         self._state: InstanceState | None = None
         self._timeout = env.timeout
@@ -58,12 +66,13 @@ class Instance:
         sched = self.sched
         if s is None or sched.dirty:
             sched.dirty = False
-            bm = self.bm
+            bm, pools = self.bm, self.pools
             s = self._state = InstanceState(  # positional, in field order: this runs once per step and dispatch
                 self.id, self.role, True, len(sched.running) + len(sched.prefilling),
                 len(sched.waiting) + len(sched.remote) + sched.transferring + len(sched.ready),
                 sched.pending_prefill, sched.ctx_sum + sched.remote_tokens,
-                (bm.num_blocks - bm.free - bm.lru_blocks) / bm.num_blocks, bm.num_blocks * self.block_size,
+                (bm.num_blocks - bm.free - bm.lru_blocks) / bm.num_blocks if pools is None else sched.kv_usage(),
+                bm.num_blocks * self.block_size,
                 self.max_seqs, tuple(self.recent))
         return s
 
@@ -85,7 +94,10 @@ class Instance:
     # -- what the scheduler asks of its driver (EngineEvents) ------------------------------------------------------
     def pull_kv(self, seq: Sequence) -> None:
         now = self.env.now
-        end = seq.source.egress.send(now, seq.prompt * self.kv_bytes_per_token)
+        # OmniAttn: a compressed layer pulls only its sink and recent blocks of the prompt
+        tokens = seq.prompt if self.pools is None else self.pools.attention_context(seq.prompt)
+        self.kv_bytes_moved += tokens * self.kv_bytes_per_token
+        end = seq.source.egress.send(now, tokens * self.kv_bytes_per_token)
         self.env.timeout(end - now).callbacks.append(lambda _e, s=seq: self._kv_arrived(s))
 
     def prefilled(self, seq: Sequence) -> None:
@@ -141,7 +153,8 @@ class Instance:
         if plan is None:
             self.busy = False
             return
-        n, ctx0, k = plan.decode_seqs, plan.decode_context, plan.steps
+        # decode attention reads attention_context (the batch's context; with OmniAttn less), affine over the run
+        n, ctx0, k = plan.decode_seqs, plan.attention_context, plan.steps
         if plan.chunks:
             pt = plan.prefill_tokens
             imb, stall = self.moe.step(now, pt + n) if self.moe is not None else (1.0, 0.0)
@@ -154,7 +167,8 @@ class Instance:
             else:
                 imb, stall = 1.0, 0.0
             a = cost(0, 0.0, 0, n, ctx0, imb) + stall / k
-            b = (cost(0, 0.0, 0, n, ctx0 + (k - 1) * n, imb) + stall / k - a) / (k - 1) if k > 1 else 0.0
+            b = (cost(0, 0.0, 0, n, ctx0 + (k - 1) * plan.attention_growth, imb) + stall / k - a) / (k - 1) \
+                if k > 1 else 0.0
             self.run = DecodeRun(now, a, b, k)
             t = k * a + b * k * (k - 1) / 2
         self.busy = True
@@ -189,4 +203,6 @@ class Instance:
         return {"instance_id": self.id, "role": self.role.value, "busy_s": self.busy_s, "duration_s": duration_s,
                 "steps": self.n_steps, "prefill_tokens": s.prefill_tokens_done,
                 "decode_tokens": s.decode_tokens_done, "preemptions": s.n_preemptions,
-                "peak_kv_usage": s.peak_kv_usage, "kv_blocks": self.bm.num_blocks}
+                "peak_kv_usage": s.peak_kv_usage, "kv_blocks": self.bm.num_blocks, "max_num_seqs": self.max_seqs,
+                "kv_bytes_in": self.kv_bytes_moved,
+                "mean_decode_batch": s.decode_tokens_done / s.steps if s.steps else 0.0}
