@@ -5,6 +5,8 @@
 
 writes OUT/requests.parquet, plots and OUT/summary.json (omnisim.metrics.write_run), so the summary compares
 side by side with a simulated run of the same workload. ``--set KEY=VALUE`` overrides a key of the workload file.
+A closed-loop workload (conf/workload/closed_loop.yaml) runs as its closed loop; ``--max-concurrency N`` caps any
+workload at N requests in flight (with ``--ignore-arrivals``: a closed loop over its requests).
 Exit status: 0 when at least one request was served, 1 (one line on stderr; the run is still written) when none
 was, 2 for bad arguments or no server at --url.
 The workload and SLO files are conf/ group files (one ``_target_`` each); ``${seed}`` resolves to --seed.
@@ -25,11 +27,12 @@ _ABSENT = object()
 
 
 def _instantiate(path: Path, seed: int, overrides: list[str], what: str):
-    from omnisim.app import instantiate_node
+    from omnisim.app import compose_node, instantiate_node
 
     if not path.is_file():
         raise ValueError(f"--{what}: no such file {path}")
-    node = OmegaConf.load(path)
+    # Composed first, so --set reaches keys its defaults list brings in (a closed loop's inner.rate, lengths...).
+    node = OmegaConf.create(compose_node(OmegaConf.load(path)))
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep:
@@ -38,6 +41,20 @@ def _instantiate(path: Path, seed: int, overrides: list[str], what: str):
             raise ValueError(f"--set: {path} has no key {key!r}")
         OmegaConf.update(node, key, yaml.safe_load(value), merge=False)
     return instantiate_node(node, seed)
+
+
+def _capped(workload, max_concurrency: int | None, ignore_arrivals: bool):
+    """The workload's requests, all of them, sent by ``max_concurrency`` clients."""
+    from omnisim.workload import ClosedLoopWorkload
+
+    if max_concurrency is None:
+        raise ValueError("--ignore-arrivals: needs --max-concurrency")
+    if isinstance(workload, ClosedLoopWorkload):
+        raise ValueError("--max-concurrency: the workload is a closed loop already (--set concurrency=N)")
+    if max_concurrency < 1:
+        raise ValueError(f"--max-concurrency: must be >= 1, got {max_concurrency}")
+    count = sum(1 for _ in workload.requests())
+    return ClosedLoopWorkload(workload, max_concurrency, keep_arrivals=not ignore_arrivals, max_requests=count)
 
 
 def main(argv=None) -> int:
@@ -57,17 +74,25 @@ def main(argv=None) -> int:
     p.add_argument("--vocab-size", type=int, default=32000)
     p.add_argument("--time-scale", type=float, default=1.0, help="wall seconds per workload second")
     p.add_argument("--timeout-s", type=float, default=600.0, help="per request")
+    p.add_argument("--max-concurrency", type=int, metavar="N",
+                   help="at most N requests in flight: N clients, each sending when its last request has ended, no "
+                        "earlier than the request's arrival time (vLLM's --request-rate with --max-concurrency)")
+    p.add_argument("--ignore-arrivals", action="store_true",
+                   help="with --max-concurrency: send as soon as a client is free (a closed loop, as vLLM's "
+                        "--max-concurrency with --request-rate inf)")
     args = p.parse_args(argv)
     from omnisim.metrics import SLO, format_summary, summarize, write_run
 
     try:
         workload = _instantiate(args.workload, args.seed, args.set, "workload")
+        if args.max_concurrency is not None or args.ignore_arrivals:
+            workload = _capped(workload, args.max_concurrency, args.ignore_arrivals)
         slo = _instantiate(args.slo, args.seed, [], "slo") if args.slo else SLO()
         gen = LoadGenerator(args.url, endpoint=args.endpoint, model=args.model, api_key=args.api_key,
                             stream=not args.no_stream, prompt_format=args.prompt_format,
                             vocab_size=args.vocab_size, seed=args.seed, time_scale=args.time_scale,
                             request_timeout_s=args.timeout_s)
-        records = gen.replay(workload.requests())  # ValueError: no --model and none served at --url
+        records = gen.replay(workload)  # ValueError: no --model and none served at --url
     except ValueError as e:
         print(f"loadgen: {e}", file=sys.stderr)
         return 2

@@ -1,9 +1,11 @@
-"""Open-loop replay of an omnisim workload against an OpenAI-compatible endpoint.
+"""Replay of an omnisim workload against an OpenAI-compatible endpoint: open loop, or a closed loop of clients.
 
-Each request is sent at its recorded ``arrival_s`` (times ``time_scale``) whether or not earlier ones finished,
-streams its answer, and becomes one row in omnisim.metrics' record schema, whatever happens to it: "ok", "dropped"
-(the server refused it with 429 or 503) or "error" (anything else, including a stream that ended without [DONE]
-or with an error event, and a timeout). Times are seconds since the replay's start divided by ``time_scale``, so
+Open loop: each request is sent at its recorded ``arrival_s`` (times ``time_scale``) whether or not earlier ones
+finished. Closed loop (``omnisim.workload.ClosedLoopWorkload``): each of N clients sends its next request when its
+last one has ended, as the simulator does for the same workload. Each request streams its answer and becomes one
+row in omnisim.metrics' record schema, whatever happens to it: "ok", "dropped" (the server refused it with 429 or
+503) or "error" (anything else, including a stream that ended without [DONE] or with an error event, and a
+timeout). Times are seconds since the replay's start divided by ``time_scale``, so
 they are comparable with a simulation of the same workload.
 
 What a client cannot observe stays NaN (prefill_start_s, kv_transfer_end_s); prefill_dispatch_s, prefill_end_s and
@@ -23,6 +25,7 @@ import aiohttp
 from backends.loadgen.prompt_synthesizer import PromptSynthesizer
 from omnisim.core import Request
 from omnisim.metrics import RECORD_COLUMNS, records_frame
+from omnisim.workload import ClientPool, ClosedLoopWorkload, Workload
 
 NAN = math.nan
 ENDPOINTS = ("completions", "chat")
@@ -52,18 +55,23 @@ class LoadGenerator:
         self.ignore_eos = ignore_eos
         self.send_prefix_hashes = send_prefix_hashes
 
-    def replay(self, requests: Iterable[Request]):
+    def replay(self, requests: Iterable[Request] | Workload):
         """Synchronous replay: a records DataFrame (omnisim.metrics schema), one row per request."""
         return records_frame(asyncio.run(self.run(requests)))
 
-    async def run(self, requests: Iterable[Request]) -> list[tuple]:
-        """Replay ``requests`` (arrival order); rows in RECORD_COLUMNS order, in the order requests were sent."""
+    async def run(self, requests: Iterable[Request] | Workload) -> list[tuple]:
+        """Replay ``requests`` (arrival order) or a workload's requests; rows in RECORD_COLUMNS order, in the order
+        requests were sent. A ``ClosedLoopWorkload`` runs as its closed loop, and its rows carry the client."""
         timeout = aiohttp.ClientTimeout(total=self.request_timeout_s)
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as session:
             if self.model is None:
                 self.model = await self._served_model(session)
             loop = asyncio.get_running_loop()
             t0 = loop.time()
+            if isinstance(requests, ClosedLoopWorkload):
+                return await self._closed_loop(session, requests.clients(), t0)
+            if isinstance(requests, Workload):
+                requests = requests.requests()
             tasks = []
             for req in requests:
                 delay = t0 + req.arrival_s * self.time_scale - loop.time()
@@ -71,6 +79,36 @@ class LoadGenerator:
                     await asyncio.sleep(delay)
                 tasks.append(asyncio.create_task(self._send(session, req, t0)))
             return list(await asyncio.gather(*tasks))
+
+    async def _closed_loop(self, session: aiohttp.ClientSession, pool: ClientPool, t0: float) -> list[tuple]:
+        """Each client sends its next request when its last one has ended (+ think time), the same ClientPool the
+        simulator drives, on the wall clock (workload seconds = wall seconds since t0 / time_scale)."""
+        loop = asyncio.get_running_loop()
+        scale = self.time_scale
+        ended = asyncio.Event()
+        tasks = []
+
+        async def client(number: int, req: Request) -> tuple:
+            try:
+                row = await self._send(session, req, t0)
+            finally:  # every end frees the client, or the loop would wait for it forever
+                pool.finished(req.id, (loop.time() - t0) / scale)
+                ended.set()
+            return (*row, number)
+
+        while True:
+            for number, req in pool.take((loop.time() - t0) / scale):
+                tasks.append(asyncio.create_task(client(number, req)))
+            due = pool.due()
+            if due is None and pool.in_flight == 0:
+                break
+            ended.clear()  # no await since take(): every end so far is in the pool already
+            wait = None if due is None else max(0.0, t0 + due * scale - loop.time())
+            try:
+                await asyncio.wait_for(ended.wait(), wait)
+            except asyncio.TimeoutError:
+                pass
+        return list(await asyncio.gather(*tasks))
 
     async def _served_model(self, session: aiohttp.ClientSession) -> str:
         try:

@@ -161,7 +161,7 @@ def run_on_servers(experiment: Experiment, out_dir: Path, launches: Sequence[Ins
                 before = _scrape_all(servers_http)
                 with ProxyThread(config, experiment.proxy) as proxy:
                     started = time.monotonic()
-                    records = load_generator(proxy.url).replay(experiment.workload.requests())
+                    records = load_generator(proxy.url).replay(experiment.workload)  # open or closed loop
                     replay_wall_s = time.monotonic() - started
                 dead = servers.dead()
                 if dead:

@@ -29,17 +29,25 @@ RECORD_COLUMNS = MappingProxyType({
     "error": "string",
 })
 
+# Columns a run may add after RECORD_COLUMNS, in this order: client is the closed-loop client (0..concurrency-1)
+# that sent the request (omnisim.workload.ClosedLoopWorkload). Open-loop runs have none of them.
+OPTIONAL_RECORD_COLUMNS = MappingProxyType({
+    "client": "int64",
+})
+
 STATUSES = ("ok", "dropped", "error")
 
 
 def records_frame(rows: list[tuple]) -> pd.DataFrame:
-    """Turn plain tuples in RECORD_COLUMNS order into a validated records DataFrame (column-wise, so it is fast)."""
-    width = len(RECORD_COLUMNS)
+    """Turn plain tuples in RECORD_COLUMNS order into a validated records DataFrame (column-wise, so it is fast).
+    Rows may carry the first k OPTIONAL_RECORD_COLUMNS after those, the same k in every row."""
+    dtypes = {**RECORD_COLUMNS, **OPTIONAL_RECORD_COLUMNS}
+    width = len(rows[0]) if rows and len(RECORD_COLUMNS) <= len(rows[0]) <= len(dtypes) else len(RECORD_COLUMNS)
     if set(map(len, rows)) - {width}:
         i, row = next((i, row) for i, row in enumerate(rows) if len(row) != width)
         raise ValueError(f"records row {i} has {len(row)} values, expected {width} (RECORD_COLUMNS order)")
     columns = list(zip(*rows)) if rows else [()] * width
-    data = {name: _column(name, dtype, values) for (name, dtype), values in zip(RECORD_COLUMNS.items(), columns)}
+    data = {name: _column(name, dtypes[name], values) for name, values in zip(list(dtypes)[:width], columns)}
     frame = pd.DataFrame(data)
     validate_records(frame)
     return frame
@@ -71,12 +79,15 @@ def validate_records(df: pd.DataFrame) -> None:
     missing = [c for c in expected if c not in df.columns]
     if missing:
         raise ValueError(f"records are missing column(s): {', '.join(missing)}")
-    extra = [str(c) for c in df.columns if c not in RECORD_COLUMNS]
+    extra = [str(c) for c in df.columns if c not in RECORD_COLUMNS and c not in OPTIONAL_RECORD_COLUMNS]
     if extra:
         raise ValueError(f"records have unexpected column(s): {', '.join(extra)}")
+    expected += [c for c in OPTIONAL_RECORD_COLUMNS if c in df.columns]
     if list(df.columns) != expected:
         raise ValueError(f"records columns are out of order: expected {expected}, got {list(df.columns)}")
-    for name, dtype in RECORD_COLUMNS.items():
+    for name, dtype in {**RECORD_COLUMNS, **OPTIONAL_RECORD_COLUMNS}.items():
+        if name not in df.columns:
+            continue
         if str(df[name].dtype) != dtype:
             raise ValueError(f"records column {name!r} has dtype {df[name].dtype}, expected {dtype}")
         if dtype == "string" and df[name].isna().any():
@@ -90,7 +101,9 @@ def validate_records(df: pd.DataFrame) -> None:
     if duplicated.any():
         row = int(np.flatnonzero(duplicated)[0])
         raise ValueError(f"records column 'request_id', row {row}: duplicate id {df['request_id'].iloc[row]!r}")
-    for name in ("prompt_tokens", "output_tokens", "cached_tokens", "preemptions"):
+    for name in ("prompt_tokens", "output_tokens", "cached_tokens", "preemptions", "client"):
+        if name not in df.columns:
+            continue
         negative = df[name].to_numpy() < 0
         if negative.any():
             row = int(np.flatnonzero(negative)[0])

@@ -10,8 +10,10 @@ import simpy
 from omnisim.core import PrefixIndex, Role
 from omnisim.experiment import Experiment, RunResult
 from omnisim.metrics import records_frame
+from omnisim.sim.closed_loop import ClosedLoopArrivals
 from omnisim.sim.instance import Instance
 from omnisim.sim.proxy_driver import ProxyDriver
+from omnisim.workload.closed_loop import ClosedLoopWorkload
 
 _ROLES = {"prefill": Role.PREFILL, "decode": Role.DECODE, "mixed": Role.MIXED}
 
@@ -36,6 +38,8 @@ class Simulation:
                                   on_record=self._record)
         self.instances: list[Instance] = []
         moe_factory = moe_factory or self._moe_factory()
+        if experiment.attention is not None:  # OmniAttn: decode instances of a PD cluster, a pattern fitting the model
+            experiment.attention.check_deployment(cluster, model.layers)
         for role, group in groups:
             experts = getattr(model, "num_experts", 0)
             if experts and experts % group.ep and not (moe_factory and group.ep > 1):
@@ -47,19 +51,30 @@ class Simulation:
                 raise ValueError(
                     f"cluster.{role}: the KV cache holds {capacity} tokens, less than one max_model_len="
                     f"{group.max_model_len} sequence (raise gpu_memory_utilization or tp/dp, or lower max_model_len)")
+            # The engine policy orders prefills on prefill and mixed instances; decode instances get prompt KV from
+            # prefill (they only recompute preempted requests) and OmniInfer refuses TFAS on a kv_consumer.
+            engine_policy = experiment.engine_policy if role != "decode" else None
             for i in range(group.count):
                 iid = f"{role}-{i}"
                 inst = Instance(env, iid, _ROLES[role], group, cost, capacity // group.block_size,
                                 model.kv_bytes_per_token, cluster.kv_link, self.driver,
                                 moe=moe_factory(role, group, i) if moe_factory else None,
                                 reserve_tokens=reserve_tokens, max_run_steps=max_run_steps,
-                                kv_listener=lambda events, iid=iid: self.prefix.apply(iid, events))
+                                kv_listener=lambda events, iid=iid: self.prefix.apply(iid, events),
+                                engine_policy=engine_policy,
+                                attention=experiment.attention if role == "decode" else None,
+                                layers=getattr(model, "layers", 0))
                 self.instances.append(inst)
                 self.driver.add(inst)
-        self._requests = iter(experiment.workload.requests())
+        self._bar = None
         self._next = None
         self._arrived = 0
-        self._bar = None
+        if isinstance(experiment.workload, ClosedLoopWorkload):  # clients send when their last request has ended
+            self._closed = ClosedLoopArrivals(env, self.driver, experiment.workload, self._record)
+            self.driver.on_record = self._closed.record
+        else:
+            self._closed = None
+            self._requests = iter(experiment.workload.requests())
 
     def _moe_factory(self):
         """Expert placement per EP group, when the experiment models it: a MoE model, a placement policy and an
@@ -120,7 +135,10 @@ class Simulation:
 
             self._bar = tqdm(unit="req", desc="simulating", file=sys.stderr, mininterval=0.5)
         try:
-            self._arrive()
+            if self._closed is None:
+                self._arrive()
+            else:
+                self._closed.start()
             self.env.run()
         finally:
             if self._bar is not None:
@@ -129,13 +147,15 @@ class Simulation:
         stuck = self.driver.unfinished()
         if stuck:  # cannot happen unless an engine invariant broke: say so rather than lose requests
             raise RuntimeError(f"simulation ended with {len(stuck)} unfinished requests, e.g. {stuck[0].id}")
-        if len(self.rows) != self._arrived:
-            raise RuntimeError(f"{self._arrived} requests arrived but {len(self.rows)} were recorded")
+        arrived = self._arrived if self._closed is None else self._closed.sent
+        if len(self.rows) != arrived:
+            raise RuntimeError(f"{arrived} requests arrived but {len(self.rows)} were recorded")
         duration = self.env.now
         records = records_frame(self.rows)
         instances = pd.DataFrame([i.stats(duration) for i in self.instances])
         extra = {"simulated_s": duration, "max_proxy_queue": self.driver.max_queue,
-                 "engine_preemptions": int(instances["preemptions"].sum())}
+                 "engine_preemptions": int(instances["preemptions"].sum()),
+                 "kv_bytes_moved": float(instances["kv_bytes_in"].sum())}
         tables, moe_extra = self._moe_results()
         extra.update(moe_extra)
         return RunResult(records=records, instances=instances, extra=extra, tables=tables)

@@ -1,6 +1,8 @@
 """Request sources: synthetic arrivals with sampled lengths, and replays of public traces (Azure LLM 2023,
-Mooncake, ShareGPT lengths). Every one has ``requests() -> Iterator[Request]``."""
+Mooncake, ShareGPT lengths), and closed loops of clients over any of them. Every one has
+``requests() -> Iterator[Request]``."""
 from omnisim.workload.azure import AZURE_CONV_PATH, AzureTrace, load_azure_trace
+from omnisim.workload.closed_loop import ClientPool, ClosedLoopWorkload
 from omnisim.workload.lengths import (
     EmpiricalLengths, Fixed, IndependentLengths, LengthDistribution, LengthSpec, Lognormal, Uniform, sharegpt_lengths,
 )
@@ -18,7 +20,8 @@ from omnisim.workload.trace_replay import TraceReplay
 from omnisim.workload.workload import Workload
 
 __all__ = [
-    "AZURE_CONV_PATH", "MOONCAKE_CONV_PATH", "REPO_ROOT", "SHAREGPT_PATH", "AzureTrace", "EmpiricalLengths", "Fixed",
+    "AZURE_CONV_PATH", "MOONCAKE_CONV_PATH", "REPO_ROOT", "SHAREGPT_PATH", "AzureTrace", "ClientPool",
+    "ClosedLoopWorkload", "EmpiricalLengths", "Fixed",
     "GammaWorkload", "IndependentLengths", "LengthDistribution", "LengthSpec", "Limits", "Lognormal", "MooncakeTrace",
     "PoissonWorkload", "PrefixSpec", "RateSteps", "RequestList", "ShareGPTWorkload", "SyntheticWorkload",
     "TraceReplay", "Uniform", "Workload", "chain_hash", "load_azure_trace", "load_mooncake_trace",
