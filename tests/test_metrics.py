@@ -410,3 +410,15 @@ def test_queue_length_is_the_exact_peak_within_each_bin():
     leave = np.array([1.0, 2.0, 3.0, NAN])
     peaks = _peak_occupancy(enter, leave, np.array([0.0, 1.0, 2.0, 3.0, 4.0]))
     assert peaks.tolist() == [2.0, 1.0, 0.0, 0.0]
+
+
+def test_offered_rate_and_steady_throughput_leave_out_warm_up_and_drain():
+    frame = records_frame([row(f"r{i}", float(i), 100, 11, first=i + 0.5, finish=i + 1.5) for i in range(20)])
+    s = summarize(frame, SLO())
+    assert s["offered_rate_per_s"] == pytest.approx(1.0)
+    assert s["steady_window_s"] == pytest.approx([1.9, 17.1])  # 10th .. 90th percentile of arrivals
+    # finishing inside the window: arrivals 1..15; tokens inside: 14 whole requests + 0.6 s of two others
+    assert s["steady_qpm"] == pytest.approx(15 / 15.2 * 60)
+    assert s["steady_output_tokens_per_s"] == pytest.approx((14 * 11 + 2 * 6.6) / 15.2)
+    few = summarize(records_frame([row("a", 0.0, 10, 2, first=0.1, finish=0.2)]), SLO())
+    assert few["offered_rate_per_s"] is None and few["steady_qpm"] is None

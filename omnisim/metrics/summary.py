@@ -36,6 +36,10 @@ def summarize(records: pd.DataFrame, slo: SLO, instances: pd.DataFrame | None = 
     - A completed request meets the SLO when TTFT <= slo.ttft_s and TPOT <= slo.tpot_s (a request without a first
       token time cannot be shown to meet it and does not). slo_attainment = meeting / completed; goodput_qpm =
       meeting / duration_s * 60.
+    - offered_rate_per_s = (requests - 1) / (last arrival - first arrival), the load offered (any status).
+    - steady_window_s: [the 10th, the 90th] percentile of arrival times, leaving out warm-up and drain;
+      steady_qpm = completed requests finishing inside it per minute; steady_output_tokens_per_s = generated tokens
+      inside it per second (each completed request's tokens spread evenly over first token .. finish).
     - prefix_hit_rate = sum(cached_tokens) / sum(prompt_tokens) over completed requests.
     - prefill_instances / decode_instances: requests per instance id (any status, "" left out).
     - With ``instances`` (instance_id, role, busy_s, duration_s): utilisation = mean busy_s / duration_s per role.
@@ -82,6 +86,8 @@ def summarize(records: pd.DataFrame, slo: SLO, instances: pd.DataFrame | None = 
         "ttft_attainment": int(np.count_nonzero(meets_ttft)) / completed if completed else None,
         "tpot_attainment": int(np.count_nonzero(meets_tpot)) / completed if completed else None,
         "goodput_qpm": _per_minute(good, completed, duration),
+        **_steady(records["arrival_s"].to_numpy(dtype=float), col["finish_s"], latency["ttft_s"].to_numpy() +
+                  col["arrival_s"], out),
         "prefix_hit_rate": int(col["cached_tokens"].sum()) / prompt_sum if prompt_sum else None,
         "preemptions": int(col["preemptions"].sum()),
         "prefill_instances": _counts(records["prefill_instance"]),
@@ -92,6 +98,25 @@ def summarize(records: pd.DataFrame, slo: SLO, instances: pd.DataFrame | None = 
         summary["utilisation"] = {
             str(role): _float(value) for role, value in fraction.groupby(instances["role"].astype(str)).mean().items()}
     return summary
+
+
+def _steady(arrivals: np.ndarray, finish: np.ndarray, first: np.ndarray, tokens: np.ndarray) -> dict:
+    """Offered rate, and throughput between the 10th and 90th percentile of arrivals (see summarize)."""
+    span = float(arrivals.max() - arrivals.min()) if arrivals.size else 0.0
+    out: dict = {"offered_rate_per_s": (arrivals.size - 1) / span if span > 0 else None,
+                 "steady_window_s": None, "steady_qpm": None, "steady_output_tokens_per_s": None}
+    if arrivals.size < 10:
+        return out
+    lo, hi = (float(x) for x in np.percentile(arrivals, [10, 90]))
+    if not hi > lo:
+        return out
+    inside = (finish >= lo) & (finish <= hi)
+    length = finish - first
+    overlap = np.clip(np.minimum(finish, hi) - np.maximum(first, lo), 0.0, None)
+    share = np.where(length > 0, overlap / np.where(length > 0, length, 1.0), inside.astype(float))
+    out.update(steady_window_s=[lo, hi], steady_qpm=float(inside.sum()) / (hi - lo) * 60.0,
+               steady_output_tokens_per_s=float(np.nansum(share * tokens)) / (hi - lo))
+    return out
 
 
 def _stats(values: np.ndarray) -> dict:
