@@ -17,7 +17,8 @@ MARK = "OMNISIM_PROBE "
 PROBES = {
     "quickstart.ipynb": """
 print(%r + json.dumps({"summary": {k: summary[k] for k in ("requests", "completed", "protocol_version")},
-                        "records": len(records), "latency_rows": len(lat), "rows": rows}))
+                        "records": len(records), "latency_rows": len(lat), "rows": rows,
+                        "sweep": runs[["choice.proxy", "workload.rate", "complete", "ttft_s.p90"]].to_dict("records")}))
 """,
     "placement.ipynb": """
 print(%r + json.dumps({
@@ -58,6 +59,10 @@ def test_notebook_runs_and_computes_what_it_says(path):
         assert set(probe["rows"]) == {"colocated4", "2p1d"}
         assert all(r["goodput_qpm"] > 0 and r["ttft_p90_ms"] > 0 and r["tpot_p90_ms"] > 0
                    for r in probe["rows"].values())
+        # the sweep, loaded back with omnisim.results: one complete row per run, with its choice and override
+        assert sorted((r["choice.proxy"], r["workload.rate"]) for r in probe["sweep"]) == [
+            ("least_load", 4), ("least_load", 8), ("round_robin", 4), ("round_robin", 8)]
+        assert all(r["complete"] and r["ttft_s.p90"] > 0 for r in probe["sweep"])
     elif path.name == "placement.ipynb":
         imbalance, moved = probe["imbalance"], probe["moved"]
         eps = {key.split("|")[1] for key in imbalance}
