@@ -131,3 +131,12 @@ def test_chat_streaming_and_not_through_the_proxy(servers):
     after = scrape_counters(decode.url).minus(before)
     assert after.requests_finished == 2
     assert after.prompt_tokens_external >= 2 * 32  # both chat prompts' KV came from prefill
+
+
+def test_the_grafana_dashboards_engine_panels_query_what_vllm_exposes(servers):
+    from backends.grafana import missing, panel_queries
+
+    queries = panel_queries()
+    for launch in servers["launches"].values():  # after the traffic of the tests above
+        with urllib.request.urlopen(launch.url + "/metrics", timeout=30) as r:
+            assert missing(r.read().decode(), queries, "vllm:") == [], launch.role

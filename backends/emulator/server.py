@@ -169,8 +169,9 @@ class EmulatorServer:
         now = (s.prompt_tokens, s.generation_tokens, s.prefix_queries, s.prefix_hits, s.preemptions)
         for counter, new, old in zip((self._c_prompt, self._c_gen, self._c_queries, self._c_hits, self._c_preempt),
                                      now, self._last_stats):
+            child = counter.labels(*lv)  # exposed from the start, at 0, as vLLM exposes its counters
             if new > old:
-                counter.labels(*lv).inc(new - old)
+                child.inc(new - old)
         self._last_stats = now
         return web.Response(body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
