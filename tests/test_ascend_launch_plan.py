@@ -173,3 +173,57 @@ def test_model_path_is_required(tmp_path):
     with pytest.raises(ValueError, match="backend.model_path"):
         backend.run(experiment, tmp_path)
 
+
+
+def _omni_attn_config() -> dict:
+    from omnisim.attention import OmniAttn
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        c = compose("config", overrides=["experiment=omniinfer_r1_7p1d", "attention=omni_attn"])
+    experiment, _ = build_experiment(c)
+    assert isinstance(experiment.attention, OmniAttn)
+    return experiment.attention.omniinfer_config()
+
+
+def test_omni_attn_config_on_both_roles_merged_with_eplb_and_prefix_caching_off_on_decode(tmp_path):
+    omni = _omni_attn_config()
+    eplb = {"dynamic_eplb": True, "num_redundant_experts": 32}
+    s = AscendSettings(model="/data/r1", work_dir=tmp_path, nodes=NODES, eplb=eplb, omni_attn=omni,
+                       additional_config={"graph_model_compile_config": {"level": 1}})
+    launches = plan_instances(r1_7p1d(), s)
+    assert omni == {"sink": 1, "recent": 3, "beta": 0.2, "pattern": omni["pattern"]} and len(omni["pattern"]) == 62
+    for x in launches:
+        extra = json.loads(flag(x.argv, "--additional-config"))
+        want = {"graph_model_compile_config": {"level": 1}, "enable_omni_attn": True, "omni_attn_config": omni}
+        if x.role == "decode":
+            want["eplb_config"] = eplb
+            assert "--no-enable-prefix-caching" in x.argv and "--enable-prefix-caching" not in x.argv
+        else:  # the prefill side keeps one KV pool and its prefix cache; it sends compressed layers' windows only
+            assert "--enable-prefix-caching" in x.argv
+        assert extra == want, x.id
+        assert isinstance(extra["omni_attn_config"]["beta"], float)
+        assert isinstance(extra["omni_attn_config"]["sink"], int)
+
+
+def test_omni_attn_is_given_through_attention_not_additional_config_and_needs_a_pd_cluster(tmp_path):
+    with pytest.raises(ValueError, match="additional_config: give OmniAttn through attention=omni_attn"):
+        AscendSettings(model="m", work_dir=tmp_path, additional_config={"enable_omni_attn": True})
+    with pytest.raises(ValueError, match="omni_attn: expected OmniInfer's omni_attn_config keys"):
+        AscendSettings(model="m", work_dir=tmp_path, omni_attn={"sink": 1})
+    mixed = ClusterSpec(mixed=InstanceGroup(tp=2, block_size=128))
+    with pytest.raises(ValueError, match="attention=omni_attn: .*colocated"):
+        plan_instances(mixed, AscendSettings(model="m", work_dir=tmp_path, omni_attn=_omni_attn_config()))
+    assert plan_instances(mixed, AscendSettings(model="m", work_dir=tmp_path))  # without OmniAttn it plans
+
+
+def test_backend_run_writes_omni_attn_into_every_nodes_script(tmp_path):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        c = compose("config", overrides=["experiment=omniinfer_r1_7p1d", "backend=ascend", "attention=omni_attn",
+                                         "backend.model_path=/data/r1", f"backend.nodes=[{','.join(NODES)}]"])
+    experiment, backend = build_experiment(c)
+    with pytest.raises(ValueError, match="start_servers=false"):
+        backend.run(experiment, tmp_path)
+    scripts = {p.name: p.read_text() for p in (tmp_path / "launch").glob("node-*.sh")}
+    assert len(scripts) == 11 and all('"enable_omni_attn": true' in t for t in scripts.values())
+    assert "--no-enable-prefix-caching" in scripts[f"node-{NODES[7]}.sh"]  # decode's first node
+    assert "--no-enable-prefix-caching" not in scripts[f"node-{NODES[0]}.sh"]  # a prefill node

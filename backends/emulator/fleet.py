@@ -21,6 +21,8 @@ class EngineGroup:
     block_size: int = 16
     kv_capacity_tokens: int = 1 << 20
     enable_prefix_caching: bool = True
+    attention: Any = None  # omnisim.attention.OmniAttn on these (decode) engines, of a ``layers``-layer model
+    layers: int = 0
 
     def __post_init__(self) -> None:
         if self.role not in ("prefill", "decode", "mixed"):
@@ -48,7 +50,7 @@ class Fleet:
                                         max_num_batched_tokens=g.max_num_batched_tokens, block_size=g.block_size,
                                         kv_capacity_tokens=g.kv_capacity_tokens,
                                         enable_prefix_caching=g.enable_prefix_caching, time_scale=time_scale,
-                                        moe_imbalance=moe_imbalance)
+                                        moe_imbalance=moe_imbalance, attention=g.attention, layers=g.layers)
                 kv_role = None
                 if store is not None:
                     kv_role = {"prefill": "producer", "decode": "consumer"}.get(g.role)

@@ -131,7 +131,7 @@ class OmniAttn:
         if not cluster.disaggregated:
             raise ValueError("attention=omni_attn: OmniAttn runs on the decode instances of a disaggregated "
                              "(prefill + decode) cluster; OmniInfer refuses prefills on an OmniAttn instance, so a "
-                             "colocated (mixed) cluster cannot use it: pick a PD cluster or attention=null")
+                             "colocated (mixed) cluster cannot use it: pick a PD cluster, or run without attention=")
         self.check_model(layers)
 
 
