@@ -150,10 +150,11 @@ def test_bad_settings_name_the_field(kwargs, field):
         ClosedLoopWorkload(**args)
 
 
-def test_a_run_with_no_bound_fails_naming_both_fields_through_the_config():
-    node = option("closed_loop", 0, max_requests=None, duration_s=None, **{"inner.max_requests": 100})
-    with pytest.raises(ValueError, match=r"workload\.max_requests or workload\.duration_s"):
-        build_node(node, "workload")
+def test_the_config_needs_a_bound_and_duration_alone_is_one():
+    with pytest.raises(ValueError, match=r"^a closed-loop workload needs workload\.max_requests or workload\.duration"):
+        build_experiment(app_config("workload.max_requests=null"))
+    records, _ = simulate("workload.max_requests=null", "workload.duration_s=4")  # the inner stream: no count
+    assert len(records) > 16 and (records["arrival_s"] < 4.0).all()
 
 
 # -- the simulator ------------------------------------------------------------------------------------------------
