@@ -114,7 +114,7 @@ class EmulatedEngine:
         self.moe_imbalance = moe_imbalance
         self.kv_capacity_tokens = kv_capacity_tokens
         self.pools = pools = None if attention is None else attention.decode_pools(
-            kv_capacity_tokens // block_size, block_size, layers, where="engine")
+            kv_capacity_tokens // block_size, block_size, layers, where="cluster.decode")
         self.pool = BlockManager(kv_capacity_tokens // block_size if pools is None else pools.full_blocks, block_size)
         if pools is not None:  # what the proxy is told: the context the full layers' pool holds
             self.kv_capacity_tokens = pools.full_blocks * block_size
