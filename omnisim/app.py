@@ -48,13 +48,16 @@ def build_node(node, path: str):
 
 
 def build_experiment(cfg: DictConfig) -> tuple:
-    """Instantiate every group of a composed config: (experiment, backend). ``options["placement_config"]`` is the
-    resolved placement node (plain values), for backends that rebuild the policy in another process (vLLM's EPLB)."""
+    """Instantiate every group of a composed config: (experiment, backend). ``options["placement_config"]`` and
+    ``options["engine_policy_config"]`` are the resolved placement and engine_policy nodes (plain values), for
+    backends that rebuild the policy in another process (vLLM's EPLB plugin, its scheduler class)."""
     from omnisim.experiment import Experiment
 
     options = {k: _build(cfg, k) for k in ("expert_load", "rebalance") if cfg.get(k) is not None}
     if cfg.get("placement") is not None:
         options["placement_config"] = OmegaConf.to_container(cfg.placement, resolve=True)
+    if cfg.get("engine_policy") is not None:
+        options["engine_policy_config"] = OmegaConf.to_container(cfg.engine_policy, resolve=True)
     experiment = Experiment(
         name=str(cfg.name), seed=int(cfg.seed), model=_build(cfg, "model"), hardware=_build(cfg, "hardware"),
         cluster=_build(cfg, "cluster"), workload=_build(cfg, "workload"), proxy=_build(cfg, "proxy"),

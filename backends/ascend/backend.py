@@ -15,7 +15,7 @@ from typing import Mapping, Sequence
 
 from backends.ascend.launch_plan import AscendSettings, node_scripts, plan_instances
 from backends.ascend.preflight import check_ascend
-from backends.vllm.backend import model_vocab_size
+from backends.vllm.backend import engine_policy_node, model_vocab_size
 from backends.vllm.cluster_run import ReplaySettings, run_on_servers
 from omnisim.experiment import Experiment, RunResult
 
@@ -57,10 +57,8 @@ class AscendBackend:
             raise ValueError("backend.model_path: backend=ascend needs the model's directory on every node "
                              "(e.g. backend.model_path=/data/DeepSeek-R1-w8a8)")
         out_dir = Path(out_dir).resolve()
-        settings = AscendSettings(model=str(model), work_dir=out_dir / "ascend", **self.settings_args)
-        if experiment.attention is not None:  # OmniAttn: its additional-config on both roles, caching off on decode
-            experiment.attention.check_deployment(experiment.cluster, experiment.model.layers)
-            settings = dataclasses.replace(settings, omni_attn=experiment.attention.omniinfer_config())
+        settings = AscendSettings(model=str(model), work_dir=out_dir / "ascend",
+                                  engine_policy=engine_policy_node(experiment), **self.settings_args)
         launches = plan_instances(experiment.cluster, settings)
         scripts = write_node_scripts(launches, out_dir / "launch")
         used_nodes = sorted({x.node for x in launches})

@@ -21,8 +21,7 @@ class EngineGroup:
     block_size: int = 16
     kv_capacity_tokens: int = 1 << 20
     enable_prefix_caching: bool = True
-    attention: Any = None  # omnisim.attention.OmniAttn on these (decode) engines, of a ``layers``-layer model
-    layers: int = 0
+    engine_policy: Any = None  # omnisim.core.PrefillPolicy deciding admission order and step budget; None: FCFS
 
     def __post_init__(self) -> None:
         if self.role not in ("prefill", "decode", "mixed"):
@@ -50,7 +49,7 @@ class Fleet:
                                         max_num_batched_tokens=g.max_num_batched_tokens, block_size=g.block_size,
                                         kv_capacity_tokens=g.kv_capacity_tokens,
                                         enable_prefix_caching=g.enable_prefix_caching, time_scale=time_scale,
-                                        moe_imbalance=moe_imbalance, attention=g.attention, layers=g.layers)
+                                        moe_imbalance=moe_imbalance, engine_policy=g.engine_policy)
                 kv_role = None
                 if store is not None:
                     kv_role = {"prefill": "producer", "decode": "consumer"}.get(g.role)

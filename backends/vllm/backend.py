@@ -20,8 +20,6 @@ from omnisim.experiment import Experiment, RunResult
 log = logging.getLogger(__name__)
 
 TINY_PREFIX = "tiny_"  # conf/model/tiny_<kind>.yaml describes the model tiny_models builds for <kind>
-OMNI_ATTN_UNSUPPORTED = ("attention=omni_attn: upstream vLLM has no OmniAttn (it is OmniInfer's, on Ascend); use "
-                         "backend=ascend, backend=sim or backend=emulator, or run without attention=")
 
 
 def tiny_model_kind(model_name: str) -> str | None:
@@ -71,6 +69,20 @@ def placement_env(experiment: Experiment, eplb: Mapping | None) -> dict[str, str
     return {POLICY_ENV: json.dumps(node, sort_keys=True)}
 
 
+def engine_policy_node(experiment: Experiment) -> dict | None:
+    """The experiment's resolved conf/engine_policy node (``options["engine_policy_config"]``, set by
+    omnisim.app.build_experiment), which backends.vllm.tfas_scheduler rebuilds inside every prefill and mixed vLLM
+    engine; None without an engine policy."""
+    if experiment.engine_policy is None:
+        return None
+    node = experiment.options.get("engine_policy_config")
+    if node is None:
+        raise ValueError(f"engine_policy: {type(experiment.engine_policy).__name__} has no config node "
+                         "(experiment.options['engine_policy_config']) for vLLM's scheduler class to rebuild it "
+                         "from; build the experiment with omnisim.app.build_experiment")
+    return node
+
+
 def check_installed(connector: str) -> None:
     """Fail before launching anything when vLLM (or the connector's transfer library) cannot be imported here."""
     if importlib.util.find_spec("vllm") is None:
@@ -116,7 +128,7 @@ class VllmBackend:
         EngineSettings(model="check", work_dir=Path("."), **self.engine)
 
     def settings(self, model: str, work_dir: Path, n_instances: int, env: Mapping[str, str] | None = None,
-                 port_stride: int = 1) -> EngineSettings:
+                 port_stride: int = 1, engine_policy: Mapping | None = None) -> EngineSettings:
         """``port_stride``: the cluster's largest dp (vLLM offsets KV-event and NIXL ports by the DP rank, so
         instance k's ports start at base + k * port_stride, as in launch_plan)."""
         host = self.engine["host"]
@@ -130,7 +142,8 @@ class VllmBackend:
                     extra[key] = free_port_block(n_instances * port_stride, host, start=after)
                     after = extra[key] + n_instances * port_stride
         engine = {**self.engine, "env": {**self.engine["env"], **(env or {})}}
-        return EngineSettings(model=model, work_dir=work_dir, base_port=base_port, **extra, **engine)
+        return EngineSettings(model=model, work_dir=work_dir, base_port=base_port, engine_policy=engine_policy, **extra,
+                              **engine)
 
     def plan(self, experiment: Experiment, work_dir: Path) -> tuple[EngineSettings, tuple]:
         """The engine settings and one launch per instance for ``experiment`` (builds a tiny model if needed)."""
@@ -138,12 +151,10 @@ class VllmBackend:
         groups = [g for _, g in experiment.cluster.groups()]
         settings = self.settings(model, work_dir, sum(g.count for g in groups),
                                  placement_env(experiment, self.engine["eplb"]),
-                                 port_stride=max(g.dp for g in groups))
+                                 port_stride=max(g.dp for g in groups), engine_policy=engine_policy_node(experiment))
         return settings, plan_instances(experiment.cluster, settings)
 
     def run(self, experiment: Experiment, out_dir: Path) -> RunResult:
-        if experiment.attention is not None:  # before anything starts
-            raise ValueError(OMNI_ATTN_UNSUPPORTED)
         if self.start_servers:
             check_installed(self.engine["connector"])
         # Short scratch path: vLLM puts ZMQ IPC sockets under TMPDIR and socket paths are limited to ~107 bytes.

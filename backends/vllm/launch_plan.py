@@ -25,6 +25,12 @@ PD_MODE = {"ExampleConnector": "shared_storage", "NixlConnector": "kv_transfer_p
 # (CPU_ATTN: [MultipleOf(32)])").
 CPU_BLOCK_MULTIPLE = 32
 _ROLE_KV = {"prefill": "kv_producer", "decode": "kv_consumer"}
+# An engine policy (conf/engine_policy, e.g. TFAS) runs inside vLLM as its scheduler class, rebuilt in the engine
+# process from the resolved config node in ENGINE_POLICY_ENV; ENGINE_POLICY_LOG_ENV names a file for its decisions.
+SCHEDULER_CLS = "backends.vllm.tfas_scheduler.TFASScheduler"
+ENGINE_POLICY_ENV = "OMNISIM_ENGINE_POLICY"
+ENGINE_POLICY_LOG_ENV = "OMNISIM_ENGINE_POLICY_LOG"
+ENGINE_POLICY_ROLES = ("prefill", "mixed")  # decode (kv_consumer) instances prefill nothing of their own
 
 
 @dataclass(frozen=True)
@@ -38,6 +44,8 @@ class EngineSettings:
     ``eplb``: vLLM ``--eplb-config`` keys (window_size, step_interval, num_redundant_experts, ...); enables
     ``--enable-eplb`` on MoE instance groups with ep > 1. CUDA only (vLLM refuses EPLB on CPU).
     ``cuda_devices``: device ids to hand out, in order, tp*dp per instance (None = 0, 1, 2, ...).
+    ``engine_policy``: the resolved conf/engine_policy node; prefill and mixed instances then run it as their
+    scheduler (``--scheduler-cls`` SCHEDULER_CLS, the node as JSON in ENGINE_POLICY_ENV).
     """
 
     model: str
@@ -60,8 +68,10 @@ class EngineSettings:
     extra_args: tuple[str, ...] = ()
     env: Mapping[str, str] = field(default_factory=dict)
     python: str = sys.executable
+    engine_policy: Mapping[str, object] | None = None
 
     def __post_init__(self) -> None:
+        check_engine_policy_settings(self.engine_policy, self.extra_args)
         if self.device not in DEVICES:
             raise ValueError(f"device: expected one of {DEVICES}, got {self.device!r}")
         if self.connector not in CONNECTORS:
@@ -133,6 +143,24 @@ def _check_group(where: str, group: InstanceGroup, settings: EngineSettings) -> 
     if group.ep > 1 and group.ep != group.tp * group.dp:
         raise ValueError(f"{where}.ep: vLLM's expert parallel spans all tp*dp={group.tp * group.dp} devices of an "
                          f"instance, got ep={group.ep}")
+
+
+def check_engine_policy_settings(node: Mapping | None, extra_args: tuple[str, ...]) -> None:
+    """ValueError when an engine policy cannot be passed to vLLM as configured."""
+    if node is None:
+        return
+    if not isinstance(node, Mapping) or "_target_" not in node:
+        raise ValueError(f"engine_policy: expected a config node with a _target_, got {node!r}")
+    if any(a == "--scheduler-cls" or a.startswith("--scheduler-cls=") for a in extra_args):
+        raise ValueError("extra_args: --scheduler-cls is set by engine_policy (it runs as "
+                         f"{SCHEDULER_CLS}); drop one of them")
+
+
+def engine_policy_launch(role: str, node: Mapping | None) -> tuple[list[str], dict[str, str]]:
+    """The arguments and environment that make a vLLM instance of ``role`` run the engine policy ``node``."""
+    if node is None or role not in ENGINE_POLICY_ROLES:
+        return [], {}
+    return ["--scheduler-cls", SCHEDULER_CLS], {ENGINE_POLICY_ENV: json.dumps(dict(node), sort_keys=True)}
 
 
 def kv_transfer_config(role: str, settings: EngineSettings) -> dict | None:
@@ -227,9 +255,12 @@ def plan_instances(cluster: ClusterSpec, settings: EngineSettings) -> tuple[Inst
                 events_port = settings.kv_events_base_port + k * port_stride
                 argv += ["--kv-events-config", json.dumps(kv_events_config(events_port), sort_keys=True)]
                 events_endpoint = f"tcp://{settings.host}:{events_port}"
+            policy_args, policy_env = engine_policy_launch(role, settings.engine_policy)
+            argv += policy_args
             argv += list(settings.extra_args)
 
             env = _base_env(settings, work_dir)
+            env.update(policy_env)
             devices: tuple[int, ...] = ()
             if settings.device == "cuda":
                 n = group.devices

@@ -3,6 +3,7 @@ from omnisim.core.dispatch import (
     Assignment, Phase, PolicyError, ProxyPolicy, Waiting, accepts, check_assignments, roles_for, serves,
     validate_assignments,
 )
+from omnisim.core.engine_policy import FCFS, PrefillPolicy, QueuedPrompt
 from omnisim.core.instance import BatchSample, InstanceState, Role
 from omnisim.core.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 from omnisim.core.placement import ExpertLoad, Placement, PlacementPolicy, Topology
@@ -14,7 +15,8 @@ PROTOCOL_VERSION = "1.0"
 
 __all__ = [
     "PROTOCOL_VERSION", "AllBlocksCleared", "Assignment", "BatchSample", "BlockRemoved", "BlockStored",
-    "ClusterView", "ExpertLoad", "InstanceState", "KVEvent", "NO_PREFIX_CACHE", "Phase", "Placement",
-    "PlacementPolicy", "PolicyError", "PrefixIndex", "PrefixLookup", "ProxyPolicy", "Request", "Role", "Topology",
-    "Waiting", "accepts", "check_assignments", "roles_for", "serves", "validate_assignments",
+    "ClusterView", "ExpertLoad", "FCFS", "InstanceState", "KVEvent", "NO_PREFIX_CACHE", "Phase", "Placement",
+    "PlacementPolicy", "PolicyError", "PrefillPolicy", "PrefixIndex", "PrefixLookup", "ProxyPolicy", "QueuedPrompt",
+    "Request", "Role", "Topology", "Waiting", "accepts", "check_assignments", "roles_for", "serves",
+    "validate_assignments",
 ]

@@ -1,8 +1,10 @@
 """Conformance checks any policy can be run through (in the spirit of Gymnasium's check_env).
 
-``check_proxy_policy(factory)`` and ``check_placement_policy(factory)`` take ``factory(seed) -> policy`` and raise
-``ConformanceError`` listing every violation: invalid ids or duplicates, non-determinism for a seed, mutated
-inputs, and forbidden dependencies (simulator or backend internals, wall clock, global randomness).
+``check_proxy_policy(factory)``, ``check_placement_policy(factory)`` and ``check_engine_policy(factory)`` take
+``factory(seed) -> policy`` and raise ``ConformanceError`` listing every violation: invalid ids or duplicates (an
+engine policy: not a permutation of its queue, or a budget that is not an int in 1..max_num_batched_tokens),
+non-determinism for a seed, mutated inputs, and forbidden dependencies (simulator or backend internals, wall clock,
+global randomness).
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from omnisim.core.dispatch import Phase, ProxyPolicy, Waiting, check_assignments
+from omnisim.core.engine_policy import PrefillPolicy, QueuedPrompt
 from omnisim.core.instance import BatchSample, InstanceState, Role
 from omnisim.core.placement import ExpertLoad, Placement, PlacementPolicy, Topology
 from omnisim.core.request import Request
@@ -223,5 +226,68 @@ def check_placement_policy(factory: Callable[[int], PlacementPolicy], *, cases: 
             problems.append("two policies built with the same seed placed differently")
         if not (np.array_equal(snapshot[0], load.counts) and np.array_equal(snapshot[1], current.phy2log)):
             problems.append("rebalance mutated its inputs")
+    if problems:
+        raise ConformanceError(f"{type(first).__name__}: " + "; ".join(dict.fromkeys(problems)))
+
+
+def random_engine_queue(rng: random.Random, start: int, now_s: float) -> list[QueuedPrompt]:
+    """A waiting queue as an engine scheduler hands it over: some requests queued long ago (past any timeout), some
+    preempted, equal lengths and equal queue times included (ties must still decide the same)."""
+    lengths = [rng.randint(1, 20000) for _ in range(4)]
+    out = []
+    for i in range(rng.choice([0, 1, 2, 5, 12, 40])):
+        tokens = rng.choice(lengths) if rng.random() < 0.3 else rng.randint(1, 40000)
+        queued = rng.choice([now_s, now_s - 1e-3, rng.uniform(max(0.0, now_s - 600.0), now_s)])
+        out.append(QueuedPrompt(f"r{start + i}", tokens, queued, rng.choice([0, 0, 0, 1, 3])))
+    return out
+
+
+def _check_plan(out: object, n: int, max_tokens: int) -> list[str]:
+    """The engine scheduler's own rule (omnisim.engine.Scheduler), plus vLLM's cap: a step never schedules more than
+    max_num_batched_tokens (its input buffers are that size), so a larger budget would decide differently there."""
+    if not (isinstance(out, tuple) and len(out) == 2):
+        return [f"plan returned {type(out).__name__}, not (order, budget)"]
+    order, budget = out
+    problems = []
+    try:
+        order = list(order)
+    except TypeError:
+        return [f"plan returned an order of type {type(order).__name__}, not a sequence of indices"]
+    if not all(isinstance(k, int) and not isinstance(k, bool) for k in order) or sorted(order) != list(range(n)):
+        problems.append(f"order {order[:8]} is not a permutation of the {n} waiting requests")
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+        problems.append(f"budget {budget!r} is not an int >= 1")
+    elif budget > max_tokens:
+        problems.append(f"budget {budget} exceeds max_num_batched_tokens={max_tokens} (vLLM caps a step there)")
+    return problems
+
+
+def _plain(out: object) -> object:
+    return (list(out[0]), out[1]) if isinstance(out, tuple) and len(out) == 2 else out
+
+
+def check_engine_policy(factory: Callable[[int], PrefillPolicy], *, calls: int = 300, seed: int = 0) -> None:
+    """Also: a decision depends on its inputs only. One policy object serves every prefilling instance of a
+    simulated cluster (and each vLLM engine process has its own copy), so state carried between calls would leak
+    between instances in simulation and not in production."""
+    rng = random.Random(seed)
+    script = []
+    for k in range(calls):
+        now = rng.choice([0.0, rng.uniform(0, 5), rng.uniform(0, 5000)])
+        script.append((random_engine_queue(rng, k * 100, now), rng.choice([1, 16, 2048, 8192, 32768, 1 << 20]), now))
+    first, second = factory(seed), factory(seed)
+    problems = source_violations(first)
+    outputs = []
+    for queue, max_tokens, now in script:
+        before = list(queue)
+        out = first.plan(queue, max_tokens, now)
+        if list(queue) != before:
+            problems.append("plan mutated its waiting queue")
+        problems += _check_plan(out, len(queue), max_tokens)
+        outputs.append(_plain(out))
+        if _plain(second.plan(list(queue), max_tokens, now)) != outputs[-1]:
+            problems.append("two policies built with the same seed decided differently on the same queue")
+    if [_plain(first.plan(q, m, t)) for q, m, t in reversed(script)] != outputs[::-1]:
+        problems.append("the same policy decided differently when the same calls were replayed in another order")
     if problems:
         raise ConformanceError(f"{type(first).__name__}: " + "; ".join(dict.fromkeys(problems)))

@@ -10,6 +10,7 @@ from omnisim.policies.predictive import Predictive
 from omnisim.policies.prefix_aware import PrefixAware
 from omnisim.policies.random_choice import RandomChoice
 from omnisim.policies.round_robin import RoundRobin
+from omnisim.policies.tfas import TFAS
 
 __all__ = ["ByPhase", "KVAware", "LeastLoad", "LeastRequests", "OmniProxy", "PDDecider", "PowerOfTwo", "Predictive",
-           "PrefixAware", "RandomChoice", "RoundRobin"]
+           "PrefixAware", "RandomChoice", "RoundRobin", "TFAS"]

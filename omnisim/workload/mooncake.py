@@ -46,6 +46,8 @@ class MooncakeTrace:
     ) -> None:
         if hash_block_tokens < 1:
             raise ValueError(f"workload.hash_block_tokens must be >= 1, got {hash_block_tokens}")
+        if seed < 0:  # numpy's own error for it names no field
+            raise ValueError(f"workload.seed must be >= 0, got {seed}")
         self.seed = int(seed)
         self.path = resolve_trace_path(path)
         self.spread_buckets = bool(spread_buckets)
