@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from omnisim.app import CONF_DIR, build_experiment, build_node, compose_option, config_options
 from omnisim.config_check import ConfigValueError, _hints, check_node
 
-GROUPS = ("model", "hardware", "cluster", "workload", "proxy", "placement", "expert_load", "rebalance",
+GROUPS = ("model", "hardware", "cluster", "workload", "proxy", "placement", "expert_load", "rebalance", "attention",
           "engine_policy", "slo", "cost", "backend")
 SCALARS = (int, float, bool, str)
 

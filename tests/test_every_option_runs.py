@@ -16,8 +16,9 @@ TINY = ["experiment=cpu_tiny_1p1d", "backend=sim"]
 BASES = {
     "placement": [MOE], "expert_load": [MOE], "rebalance": [MOE],
     "model": [[], R1, TINY], "hardware": [[], R1, TINY], "cluster": [[], R1, TINY], "cost": [[], TINY],
+    "attention": [R1],  # OmniAttn's patterns are DeepSeek-R1's, on its PD cluster
 }
-GROUPS = ("model", "hardware", "cluster", "workload", "proxy", "placement", "expert_load", "rebalance",
+GROUPS = ("model", "hardware", "cluster", "workload", "proxy", "placement", "expert_load", "rebalance", "attention",
           "engine_policy", "slo", "cost", "experiment")
 CASES = [(g, o) for g in GROUPS for o in config_options(g)] + [("backend", "sim")]
 

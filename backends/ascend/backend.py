@@ -59,6 +59,9 @@ class AscendBackend:
         out_dir = Path(out_dir).resolve()
         settings = AscendSettings(model=str(model), work_dir=out_dir / "ascend",
                                   engine_policy=engine_policy_node(experiment), **self.settings_args)
+        if experiment.attention is not None:  # OmniAttn: its additional-config on both roles, caching off on decode
+            experiment.attention.check_deployment(experiment.cluster, experiment.model.layers)
+            settings = dataclasses.replace(settings, omni_attn=experiment.attention.omniinfer_config())
         launches = plan_instances(experiment.cluster, settings)
         scripts = write_node_scripts(launches, out_dir / "launch")
         used_nodes = sorted({x.node for x in launches})

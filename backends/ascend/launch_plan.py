@@ -14,6 +14,9 @@ Where each setting comes from (vllm-ascend documentation, docs.vllm.ai/projects/
 - The older ``LLMDataDistCMgrConnector``: kv_buffer_device "npu", kv_parallel_size 1, kv_port, engine_id,
   kv_connector_module_path vllm_ascend.distributed.llmdatadist_c_mgr_connector, and a rank table in
   DISAGGREGATED_PREFILL_RANK_TABLE_PATH (vllm-ascend examples/disaggregated_prefill_v1).
+- OmniAttn is OmniInfer's (omni/accelerators/cache, its own vLLM adaptor; vllm-ascend ignores the keys):
+  --additional-config {"enable_omni_attn": true, "omni_attn_config": {sink, recent, beta, pattern}} on prefill and
+  decode; its two KV pools (and so no prefix caching) exist on the kv_consumer only.
 - user_guide/feature_guide/expert_parallelism_load_balancer: --additional-config {"eplb_config": {dynamic_eplb,
   expert_heat_collection_interval (600), algorithm_execution_interval (50), eplb_policy_type (2),
   num_redundant_experts (0), expert_map_path, expert_map_record_path}}; dynamic EPLB and recording also need the
@@ -75,6 +78,7 @@ class AscendSettings:
     extra_args: tuple[str, ...] = ()
     env: Mapping[str, str] = field(default_factory=dict)
     python: str = sys.executable
+    omni_attn: Mapping[str, object] | None = None  # OmniInfer's omni_attn_config (OmniAttn.omniinfer_config()); None: off
     engine_policy: Mapping[str, object] | None = None
 
     def __post_init__(self) -> None:
@@ -111,6 +115,12 @@ class AscendSettings:
         bad_roles = sorted(set(self.eplb_roles) - {"prefill", "decode", "mixed"})
         if bad_roles:
             raise ValueError(f"eplb_roles: expected prefill, decode or mixed, got {bad_roles}")
+        if {"enable_omni_attn", "omni_attn_config"} & set(self.additional_config):
+            raise ValueError("additional_config: give OmniAttn through attention=omni_attn (the omni_attn setting), "
+                             "not additional_config")
+        if self.omni_attn is not None and set(self.omni_attn) != {"sink", "recent", "beta", "pattern"}:
+            raise ValueError(f"omni_attn: expected OmniInfer's omni_attn_config keys sink, recent, beta, pattern, got "
+                             f"{sorted(self.omni_attn)}")
         if "eplb_config" in self.additional_config:
             raise ValueError("additional_config: give eplb_config through the eplb setting, not additional_config")
 
@@ -145,6 +155,9 @@ def additional_config(role: str, group: InstanceGroup, settings: AscendSettings)
     config = dict(settings.additional_config)
     if settings.eplb is not None and group.ep > 1 and role in settings.eplb_roles:
         config["eplb_config"] = dict(settings.eplb)
+    if settings.omni_attn is not None:  # both roles: the prefill side sends a compressed layer's window only
+        config["enable_omni_attn"] = True
+        config["omni_attn_config"] = dict(settings.omni_attn)
     return config
 
 
@@ -205,6 +218,9 @@ def nodes_needed(cluster: ClusterSpec, devices_per_node: int) -> int:
 def plan_instances(cluster: ClusterSpec, settings: AscendSettings) -> tuple[InstanceLaunch, ...]:
     """One launch per process: per instance, one per node it occupies (the first serves HTTP; the rest run
     --headless). ValueError names the cluster field or setting that does not fit."""
+    if settings.omni_attn is not None and not cluster.disaggregated:
+        raise ValueError("attention=omni_attn: OmniInfer runs OmniAttn on the decode instances of a PD cluster (it "
+                         "refuses prefills on an OmniAttn instance); this cluster is colocated (mixed)")
     for role, group in cluster.groups():
         _check_group(f"cluster.{role}", group, settings)
     need = nodes_needed(cluster, settings.devices_per_node)
@@ -216,6 +232,8 @@ def plan_instances(cluster: ClusterSpec, settings: AscendSettings) -> tuple[Inst
             _pack(cluster, settings.devices_per_node)):
         instance_id = f"{role}-{i}"
         extra = additional_config(role, group, settings)
+        # OmniAttn's hybrid KV manager (two pools, decode side) has no prefix caching
+        caching = group.enable_prefix_caching and not (settings.omni_attn is not None and role == "decode")
         kv = kv_transfer_config(role, k, cluster.prefill, cluster.decode, settings)
         port = settings.base_port + k
         for part in range(n_nodes):
@@ -229,7 +247,7 @@ def plan_instances(cluster: ClusterSpec, settings: AscendSettings) -> tuple[Inst
                 "--max-num-batched-tokens", str(group.max_num_batched_tokens),
                 "--block-size", str(group.block_size),
                 "--gpu-memory-utilization", str(group.gpu_memory_utilization),
-                "--enable-prefix-caching" if group.enable_prefix_caching else "--no-enable-prefix-caching",
+                "--enable-prefix-caching" if caching else "--no-enable-prefix-caching",
             ]
             if group.tp > 1:
                 argv += ["--tensor-parallel-size", str(group.tp)]

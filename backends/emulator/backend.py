@@ -55,12 +55,16 @@ class EmulatorBackend:
 
     def fleet(self, experiment: Experiment) -> Fleet:
         cluster, model, hardware = experiment.cluster, experiment.model, experiment.hardware
+        if experiment.attention is not None:  # OmniAttn on decode engines, as the simulator runs it
+            experiment.attention.check_deployment(cluster, model.layers)
         # The experiment's engine policy on prefill and mixed engines, as in the simulator (omnisim.sim.simulation).
         groups = [EngineGroup(role, g.count, experiment.cost(model=model, hardware=hardware, parallel=g.parallelism),
                               max_num_seqs=g.max_num_seqs, max_num_batched_tokens=g.max_num_batched_tokens,
                               block_size=g.block_size, kv_capacity_tokens=g.kv_capacity(model, hardware),
                               enable_prefix_caching=g.enable_prefix_caching,
-                              engine_policy=experiment.engine_policy if role != "decode" else None)
+                              engine_policy=experiment.engine_policy if role != "decode" else None,
+                              attention=experiment.attention if role == "decode" else None,
+                              layers=getattr(model, "layers", 0))
                   for role, g in cluster.groups()]
         kv_bytes = model.kv_bytes_per_token
         return Fleet(groups, time_scale=self.time_scale, kv_events=self.prefix_source == "kv_events",

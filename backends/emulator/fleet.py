@@ -22,6 +22,8 @@ class EngineGroup:
     kv_capacity_tokens: int = 1 << 20
     enable_prefix_caching: bool = True
     engine_policy: Any = None  # omnisim.core.PrefillPolicy deciding admission order and step budget; None: FCFS
+    attention: Any = None  # omnisim.attention.OmniAttn on these (decode) engines, of a ``layers``-layer model
+    layers: int = 0
 
     def __post_init__(self) -> None:
         if self.role not in ("prefill", "decode", "mixed"):
@@ -49,7 +51,8 @@ class Fleet:
                                         max_num_batched_tokens=g.max_num_batched_tokens, block_size=g.block_size,
                                         kv_capacity_tokens=g.kv_capacity_tokens,
                                         enable_prefix_caching=g.enable_prefix_caching, time_scale=time_scale,
-                                        moe_imbalance=moe_imbalance, engine_policy=g.engine_policy)
+                                        moe_imbalance=moe_imbalance, engine_policy=g.engine_policy,
+                                        attention=g.attention, layers=g.layers)
                 kv_role = None
                 if store is not None:
                     kv_role = {"prefill": "producer", "decode": "consumer"}.get(g.role)

@@ -20,6 +20,8 @@ from omnisim.experiment import Experiment, RunResult
 log = logging.getLogger(__name__)
 
 TINY_PREFIX = "tiny_"  # conf/model/tiny_<kind>.yaml describes the model tiny_models builds for <kind>
+OMNI_ATTN_UNSUPPORTED = ("attention=omni_attn: upstream vLLM has no OmniAttn (it is OmniInfer's, on Ascend); use "
+                         "backend=ascend, backend=sim or backend=emulator, or run without attention=")
 
 
 def tiny_model_kind(model_name: str) -> str | None:
@@ -155,6 +157,8 @@ class VllmBackend:
         return settings, plan_instances(experiment.cluster, settings)
 
     def run(self, experiment: Experiment, out_dir: Path) -> RunResult:
+        if experiment.attention is not None:  # before anything starts
+            raise ValueError(OMNI_ATTN_UNSUPPORTED)
         if self.start_servers:
             check_installed(self.engine["connector"])
         # Short scratch path: vLLM puts ZMQ IPC sockets under TMPDIR and socket paths are limited to ~107 bytes.

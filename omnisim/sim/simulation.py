@@ -38,6 +38,8 @@ class Simulation:
                                   on_record=self._record)
         self.instances: list[Instance] = []
         moe_factory = moe_factory or self._moe_factory()
+        if experiment.attention is not None:  # OmniAttn: decode instances of a PD cluster, a pattern fitting the model
+            experiment.attention.check_deployment(cluster, model.layers)
         for role, group in groups:
             experts = getattr(model, "num_experts", 0)
             if experts and experts % group.ep and not (moe_factory and group.ep > 1):
@@ -59,7 +61,9 @@ class Simulation:
                                 moe=moe_factory(role, group, i) if moe_factory else None,
                                 reserve_tokens=reserve_tokens, max_run_steps=max_run_steps,
                                 kv_listener=lambda events, iid=iid: self.prefix.apply(iid, events),
-                                engine_policy=engine_policy)
+                                engine_policy=engine_policy,
+                                attention=experiment.attention if role == "decode" else None,
+                                layers=getattr(model, "layers", 0))
                 self.instances.append(inst)
                 self.driver.add(inst)
         self._bar = None
@@ -150,7 +154,8 @@ class Simulation:
         records = records_frame(self.rows)
         instances = pd.DataFrame([i.stats(duration) for i in self.instances])
         extra = {"simulated_s": duration, "max_proxy_queue": self.driver.max_queue,
-                 "engine_preemptions": int(instances["preemptions"].sum())}
+                 "engine_preemptions": int(instances["preemptions"].sum()),
+                 "kv_bytes_moved": float(instances["kv_bytes_in"].sum())}
         tables, moe_extra = self._moe_results()
         extra.update(moe_extra)
         return RunResult(records=records, instances=instances, extra=extra, tables=tables)
