@@ -366,3 +366,19 @@ def test_loadgen_rows_in_the_shared_schema_from_a_pure_closed_loop():
     assert (records["status"] == "ok").all() and max_in_flight(records) <= 4
     for _, mine in records.groupby("client"):
         assert (mine["arrival_s"].to_numpy()[1:] >= mine["finish_s"].to_numpy()[:-1] + 0.02 - 1e-9).all()
+
+
+def test_kept_arrival_times_with_clients_to_spare_are_the_open_loop_run_and_few_clients_cap_it():
+    """keep_arrivals: a request goes out at its inner arrival time or when a client is free. With more clients than
+    ever needed that is the open-loop run exactly; with two, never more than two in flight and never early."""
+    inner = Workload(n=300, rate=6, seed=2)
+    open_loop = Simulation(experiment(pd_cluster(), inner)).run().records
+    spare = ClosedLoopWorkload(inner, 300, keep_arrivals=True, max_requests=300)
+    closed = Simulation(experiment(pd_cluster(), spare)).run().records
+    pd.testing.assert_frame_equal(closed.drop(columns="client"), open_loop, check_exact=True)
+    capped = Simulation(experiment(pd_cluster(), ClosedLoopWorkload(inner, 2, keep_arrivals=True, max_requests=300)))
+    records = capped.run().records
+    arrival = {r.id: r.arrival_s for r in inner.requests()}
+    assert len(records) == 300 and max_in_flight(records) == 2
+    late = records["arrival_s"].to_numpy() - records["request_id"].map(arrival).to_numpy()
+    assert late.min() == 0.0 and late.max() > 1.0  # some go out on time, others wait for a client

@@ -113,21 +113,18 @@ class ClientPool:
         self._requests = workload.requests()
         self._next: Request | None = next(self._requests, None)
         self._thinks = workload.think_times()
-        self._think_after: list[float] = []
         step = workload.ramp_s / workload.concurrency
         self._free = [(i * step, i) for i in range(workload.concurrency)]  # (free from, client): a heap (sorted)
-        self._waiting: dict[str, tuple[int, int]] = {}  # request id -> (client, hand-out index)
+        self._waiting: dict[str, tuple[int, float]] = {}  # request id -> (client, think time after it)
         self.sent = 0
 
     @property
     def in_flight(self) -> int:
         return len(self._waiting)
 
-    def client_of(self, request_id: str) -> int:
-        """The client waiting on ``request_id`` (until its end is reported)."""
-        return self._waiting[request_id][0]
-
-    def _send_at(self) -> float | None:
+    def due(self) -> float | None:
+        """When the next request is to be sent, as far as is known now: None while every client is busy, and once
+        the requests or the time are used up (a later end can bring a send earlier than what this said)."""
         if self._next is None or not self._free:
             return None
         at = self._free[0][0]
@@ -136,23 +133,19 @@ class ClientPool:
         duration = self.workload.duration_s
         return None if duration is not None and at >= duration else at
 
-    def due(self) -> float | None:
-        """When the next request is to be sent, as far as is known now: None while every client is busy, and once
-        the requests or the time are used up (a later end can bring a send earlier than what this said)."""
-        return self._send_at()
-
     def take(self, now_s: float) -> list[tuple[int, Request]]:
         """Hand out every request due at or before ``now_s``: (client, request with ``arrival_s`` its send time)."""
         out = []
         while True:
-            at = self._send_at()
+            at = self.due()
             if at is None or at > now_s:
                 return out
             client = heapq.heappop(self._free)[1]
             request = self._next
             if request.arrival_s != at:
                 request = dataclasses.replace(request, arrival_s=at)
-            self._waiting[request.id] = (client, self.sent)
+            # Drawn in hand-out order, so request k's think time does not depend on the order requests end in.
+            self._waiting[request.id] = (client, next(self._thinks))
             self.sent += 1
             self._next = next(self._requests, None)
             out.append((client, request))
@@ -161,10 +154,8 @@ class ClientPool:
         """``request_id`` ended at ``at_s`` (whatever its outcome): its client is free after its think time. Returns
         the client."""
         try:
-            client, index = self._waiting.pop(request_id)
+            client, think_s = self._waiting.pop(request_id)
         except KeyError:
             raise ValueError(f"closed loop: request {request_id!r} ended but no client is waiting on it") from None
-        while len(self._think_after) <= index:
-            self._think_after.append(next(self._thinks))
-        heapq.heappush(self._free, (at_s + self._think_after[index], client))
+        heapq.heappush(self._free, (at_s + think_s, client))
         return client
