@@ -53,6 +53,8 @@ class Instance:
         self.plan = None
         # statistics
         self.busy_s = 0.0
+        self.timeline = None  # an omnisim.sim.timeline.Timeline when the run records one (backend.trace)
+        self.trace_pid = 0
         self.n_steps = 0
         self.kv_bytes_moved = 0.0  # KV pulled into this instance
         self.recent: deque[BatchSample] = deque(maxlen=8)
@@ -196,6 +198,8 @@ class Instance:
         else:
             self.recent.append(BatchSample(duration / k, 0, plan.decode_seqs))
         self._state = None
+        if self.timeline is not None:
+            self.timeline.step(self.trace_pid, run.t0, duration, plan.prefill_tokens, plan.decode_seqs, k)
 
     # -- end of run ----------------------------------------------------------------------------------------------
     def stats(self, duration_s: float) -> dict:

@@ -13,6 +13,7 @@ from omnisim.metrics import records_frame
 from omnisim.sim.closed_loop import ClosedLoopArrivals
 from omnisim.sim.instance import Instance
 from omnisim.sim.proxy_driver import ProxyDriver
+from omnisim.sim.timeline import Timeline
 from omnisim.workload.closed_loop import ClosedLoopWorkload
 
 _ROLES = {"prefill": Role.PREFILL, "decode": Role.DECODE, "mixed": Role.MIXED}
@@ -24,8 +25,9 @@ class Simulation:
     a few blocks ahead only changes when, never whether, a preemption happens by more than that slack)."""
 
     def __init__(self, experiment: Experiment, *, timer_s: float = 0.01, reserve_tokens: int = 256,
-                 progress: bool = False, moe_factory=None, max_run_steps: int = 0) -> None:
+                 progress: bool = False, moe_factory=None, max_run_steps: int = 0, timeline=None) -> None:
         self.experiment = experiment
+        self.timeline = timeline
         self.progress = progress
         self.env = env = simpy.Environment()
         self.rows: list[tuple] = []
@@ -65,6 +67,7 @@ class Simulation:
                                 attention=experiment.attention if role == "decode" else None,
                                 layers=getattr(model, "layers", 0))
                 self.instances.append(inst)
+                inst.timeline, inst.trace_pid = timeline, len(self.instances)
                 self.driver.add(inst)
         self._bar = None
         self._next = None
@@ -164,17 +167,35 @@ class Simulation:
 class SimBackend:
     """``backend=sim``: the embedded discrete-event simulator (no servers)."""
 
-    def __init__(self, timer_s: float = 0.01, reserve_tokens: int = 256, progress: str | bool = "auto") -> None:
+    def __init__(self, timer_s: float = 0.01, reserve_tokens: int = 256, progress: str | bool = "auto",
+                 trace: bool = False, trace_window_s: list[float] | None = None,
+                 trace_max_events: int = 200_000) -> None:
+        """``trace``: write ``trace.json`` (a Perfetto / Chrome timeline, omnisim/sim/timeline.py) into the run
+        directory, of the slices starting inside ``trace_window_s`` ([start, end] simulated seconds; None: all),
+        at most ``trace_max_events`` of them."""
         if not (timer_s == 0 or 1e-4 <= timer_s <= 60):
             # A timer of nanoseconds would re-ask the policy billions of times per simulated second.
             raise ValueError(f"backend.timer_s must be 0 (no timer) or between 1e-4 and 60 s, got {timer_s}")
         if reserve_tokens < 1:
             raise ValueError(f"backend.reserve_tokens must be >= 1, got {reserve_tokens}")
+        if trace_window_s is not None and len(trace_window_s) != 2:
+            raise ValueError(f"backend.trace_window_s: expected [start_s, end_s], got {trace_window_s}")
         self.timer_s = timer_s
         self.reserve_tokens = reserve_tokens
         self.progress = progress
+        self.trace = bool(trace)
+        window = list(trace_window_s) if trace_window_s is not None else [0.0, None]
+        Timeline(window[0], window[1], trace_max_events)  # bad window or bound: fail now, not after the run
+        self.trace_args = (window[0], window[1], trace_max_events)
 
     def run(self, experiment: Experiment, out_dir: Path | None = None) -> RunResult:
         progress = sys.stderr.isatty() if self.progress == "auto" else bool(self.progress)
-        sim = Simulation(experiment, timer_s=self.timer_s, reserve_tokens=self.reserve_tokens, progress=progress)
-        return sim.run()
+        timeline = Timeline(*self.trace_args) if self.trace and out_dir is not None else None
+        sim = Simulation(experiment, timer_s=self.timer_s, reserve_tokens=self.reserve_tokens, progress=progress,
+                         timeline=timeline)
+        result = sim.run()
+        if timeline is not None:
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+            timeline.write(Path(out_dir) / "trace.json", [i.id for i in sim.instances], result.records,
+                           result.tables)
+        return result
