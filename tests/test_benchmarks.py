@@ -92,3 +92,13 @@ def test_cost_calibration():
     assert "relative rms error" in out
     rows = [ln for ln in out.splitlines() if re.match(r"^\s*\d+\s+\d+\s+\d+(\.\d+)?\s+\d+\.\d+", ln)]
     assert len(rows) >= 12 and all(numbers(r)[3] > 0 for r in rows)  # measured ms
+
+
+def test_omniinfer_repro():
+    figures = last_json(run("benchmarks/omniinfer_repro.py", "--quick", "--stages", "baseline,unified,all",
+                            timeout=900))
+    assert set(figures["stages"]) == {"baseline", "unified", "all"}
+    for stage in figures["stages"].values():
+        assert stage["tpot_mean_s"] > 0 and stage["ttft_mean_s"] > 0 and stage["capacity_runs"] >= 2
+    assert figures["published"] == {"qpm_at_sla": 616.0, "tpot_delta_pct": -36.0, "ttft_delta_pct": -38.0}
+    assert math.isfinite(figures["tpot_delta_pct"]) and math.isfinite(figures["ttft_delta_pct"])
