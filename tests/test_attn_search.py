@@ -13,8 +13,8 @@ from hydra import compose, initialize_config_dir
 from omnisim.app import CONF_DIR, build_experiment
 from omnisim.attention import OmniAttn
 from omnisim.attention.decode_throughput import DecodeThroughput
-from omnisim.attention.pattern_search import (FrontRow, PatternLoss, choose, format_layers, front_rows,
-                                              genetic_search, greedy_search, pareto_front, table_loss)
+from omnisim.attention.pattern_search import (FrontRow, PatternLoss, choose, format_layers, genetic_search,
+                                              greedy_search, pareto_front, table_loss)
 from omnisim.attention.quality_table import read_quality_table, table_scores, write_quality_table
 from omnisim.attention.search_cli import main
 

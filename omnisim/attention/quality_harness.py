@@ -18,7 +18,8 @@ Measures (``measure(pattern)``):
   text for a real one).
 - ``passkey_accuracy``: share of ``passkeys`` trials (a 5-digit pass key hidden at a seeded depth in filler text of
   about ``context_tokens`` tokens, prefilled with full attention) whose ``answer_tokens`` greedy decode steps
-  contain the key.
+  contain the key. The first answer token comes from the prefill, so compression reaches the answer from its second
+  token on, as in serving. Each trial is 1 + ``answer_tokens`` forward passes: on a CPU, pass few trials.
 The full-attention reference goes through the same function and masks, so a window covering the whole context
 gives exactly zero divergence.
 """

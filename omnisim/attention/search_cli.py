@@ -39,8 +39,8 @@ import numpy as np
 
 from omnisim.attention.decode_throughput import DecodeThroughput
 from omnisim.attention.omni_attn import OmniAttn
-from omnisim.attention.pattern_search import (Candidate, PatternLoss, choose, format_layers, front_rows,
-                                              genetic_search, greedy_search, pareto_front, table_loss)
+from omnisim.attention.pattern_search import (PatternLoss, choose, format_layers, front_rows, genetic_search,
+                                              greedy_search, pareto_front, table_loss)
 from omnisim.attention.quality_table import read_quality_table, table_scores, write_quality_table
 
 PROG = "omnisim-attn-search"
@@ -214,9 +214,10 @@ def run(args: argparse.Namespace) -> dict:
     else:
         harness = _harness(args, window, seed)
         if harness.num_layers != L:
+            model = space["experiment"].model
             raise ValueError(f"--harness-model {args.harness_model}: {harness.num_layers} layers, but the pattern "
-                             f"has {L} entries (model {space['experiment'].model.name}: {space['experiment'].model.layers} "
-                             "layers; attention= sets the entries)")
+                             f"has {L} entries (model {model.name}: {model.layers} layers; attention= sets the "
+                             "entries)")
         measured = None
         if args.harness_mode == "table" or args.save_table:
             measured = harness.layer_table()
