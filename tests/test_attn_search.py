@@ -212,7 +212,7 @@ def test_cli_searches_r1_on_a_table_and_writes_a_loadable_attention_file(tmp_pat
 @pytest.mark.parametrize("extra,message", [
     (["--quality-table", "{tmp}/missing.csv", "--budget", "0.1"], "missing.csv: quality table does not exist"),
     (["--quality-table", "{tmp}/bad.csv", "--budget", "0.1"], "bad.csv:3: score 'oops' is not a number"),
-    (["--quality-table", "{tmp}/wide.csv", "--budget", "0.1"], "wide.csv: layer 62 outside 0..61"),
+    (["--quality-table", "{tmp}/wide.csv", "--budget", "0.1"], "wide.csv:64: layer 62 outside 0..61"),
     (["--quality-table", "{tmp}/good.csv", "--budget", "lots"], "argument --budget: invalid float value: 'lots'"),
     (["--quality-table", "{tmp}/good.csv", "--budget", "nan"], "argument --budget: expected a finite number"),
     (["--quality-table", "{tmp}/good.csv"], "the following arguments are required: --budget"),

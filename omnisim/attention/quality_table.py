@@ -21,8 +21,9 @@ from pathlib import Path
 import numpy as np
 
 
-def read_quality_table(path: str | Path) -> dict[int, float]:
-    """{layer: score} from a table file. ValueError with FILE:LINE on a malformed row."""
+def read_quality_table(path: str | Path, num_layers: int | None = None) -> dict[int, float]:
+    """{layer: score} from a table file. ValueError with FILE:LINE on a malformed row, or on a layer outside
+    ``0..num_layers - 1`` when ``num_layers`` is given."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: quality table does not exist")
@@ -53,6 +54,9 @@ def read_quality_table(path: str | Path) -> dict[int, float]:
             raise ValueError(f"{where}: score {row[si].strip()!r} must be a number or inf (stay full)")
         if layer < 0:
             raise ValueError(f"{where}: layer {layer} is negative")
+        if num_layers is not None and layer >= num_layers:
+            raise ValueError(f"{where}: layer {layer} outside 0..{num_layers - 1} (the pattern has {num_layers} "
+                             "entries)")
         if layer in scores:
             raise ValueError(f"{where}: layer {layer} appears twice")
         scores[layer] = score

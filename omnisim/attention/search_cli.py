@@ -209,6 +209,7 @@ def run(args: argparse.Namespace) -> dict:
 
     quality: dict = {}
     if table is not None:
+        table = read_quality_table(args.quality_table, L)  # again, now that the entries are known: FILE:LINE
         loss_fn = table_loss(table_scores(table, L, args.quality_table))
         quality = {"source": "table", "path": str(args.quality_table), "combine": "additive"}
     else:
