@@ -1,6 +1,8 @@
 """Cost model: model/hardware specs from conf/, roofline step times, KV capacity."""
 from __future__ import annotations
 
+import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +27,24 @@ def load(group: str, name: str):
 def test_every_model_and_hardware_listed_in_the_brief_exists():
     assert {"deepseek_r1", "deepseek_v3", "qwen3_235b_a22b", "llama3_8b", "llama3_70b", "llama2_70b", "tiny_llama",
             "tiny_qwen3_moe"} <= set(MODELS)
-    assert {"ascend_910b", "ascend_910c", "h100", "h200", "a100", "cpu"} <= set(HARDWARE)
+    assert {"ascend_910b", "ascend_910c", "h100", "h200", "h800", "a100", "cpu"} <= set(HARDWARE)
+
+
+@pytest.mark.parametrize("name", HARDWARE)
+def test_every_hardware_coefficient_names_its_source(name):
+    """Each value line of conf/hardware/NAME.yaml carries a comment: a source tag of the header, a measurement, or
+    the word estimate."""
+    lines = [ln for ln in (CONF / "hardware" / f"{name}.yaml").read_text().splitlines()
+             if ln and not ln.startswith("#") and not ln.startswith(("_target_", "name:"))]
+    assert lines and all("#" in ln and ln.split("#", 1)[1].strip() for ln in lines), \
+        [ln for ln in lines if "#" not in ln]
+
+
+def test_h800_is_h100_with_h800_nvlink():
+    h100, h800 = load("hardware", "h100"), load("hardware", "h800")
+    differ = {f for f in h100.__dataclass_fields__ if getattr(h100, f) != getattr(h800, f)}
+    assert differ == {"name", "intra_node_GBps"}
+    assert h800.intra_node_GBps == 200.0  # NVLink 400 GB/s bidirectional
 
 
 @pytest.mark.parametrize("group,name", [("model", n) for n in MODELS] + [("hardware", n) for n in HARDWARE])
@@ -107,7 +126,10 @@ H100_ARGS = dict(name="x", bf16_tflops=989, hbm_GB=80, hbm_TBps=3.35, intra_node
     (dict(bf16_tflops=0), "bf16_tflops"), (dict(gemm_efficiency=1.5), "gemm_efficiency"),
     (dict(memory_efficiency=0), "memory_efficiency"), (dict(devices_per_node=0), "devices_per_node"),
     (dict(reserved_GB=80), "reserved_GB"), (dict(step_overhead_s=-1), "step_overhead_s"),
-    (dict(int8_tflops=-1), "int8_tflops"),
+    (dict(int8_tflops=-1), "int8_tflops"), (dict(roofline_smoothing=0.5), "roofline_smoothing"),
+    (dict(kernel_latency_s=-1e-6), "kernel_latency_s"), (dict(a2a_efficiency=0), "a2a_efficiency"),
+    (dict(bus_efficiency=1.2), "bus_efficiency"), (dict(int8_gemm_efficiency=2), "int8_gemm_efficiency"),
+    (dict(link_latency_s=-1), "link_latency_s"),
 ])
 def test_hardware_spec_errors_name_the_field(changes, field):
     with pytest.raises(ValueError, match=field):
@@ -123,6 +145,10 @@ def test_parallelism_and_roofline_errors():
         RooflineModel(load("model", "llama3_8b"), load("hardware", "h100"), Parallelism(tp=2, ep=2))
     with pytest.raises(ValueError, match="comm_overlap"):
         RooflineModel(load("model", "llama3_8b"), load("hardware", "h100"), comm_overlap=1.5)
+    with pytest.raises(ValueError, match="mtp_tokens"):
+        RooflineModel(load("model", "llama3_8b"), load("hardware", "h100"), mtp_tokens=-1)
+    with pytest.raises(ValueError, match="mtp_acceptance"):
+        RooflineModel(load("model", "llama3_8b"), load("hardware", "h100"), mtp_tokens=1, mtp_acceptance=1.0)
 
 
 # ---- roofline behaviour --------------------------------------------------------------------------------------------
@@ -138,7 +164,9 @@ def chunk(new: int, cached: int = 0) -> tuple[int, float, int]:
 CONFIGS = [("llama3_8b", "h100", {}), ("llama3_70b", "h200", dict(tp=4)),
            ("deepseek_r1", "ascend_910c", dict(dp=32, ep=32, comm_overlap=0.5)),
            ("qwen3_235b_a22b", "h100", dict(tp=4, dp=2, ep=8)), ("deepseek_v3", "a100", dict(tp=8)),
-           ("tiny_qwen3_moe", "cpu", {}), ("tiny_llama", "cpu", dict(tp=2))]
+           ("tiny_qwen3_moe", "cpu", {}), ("tiny_llama", "cpu", dict(tp=2)),
+           ("deepseek_v3", "h800", dict(dp=16, ep=16, comm_overlap=1.0, mtp_tokens=1, mtp_acceptance=0.875)),
+           ("llama2_70b", "a100", dict(tp=2, mtp_tokens=2, mtp_acceptance=0.6))]
 
 
 @pytest.mark.parametrize("model,hardware,kw", CONFIGS)
@@ -286,6 +314,144 @@ def test_deepseek_r1_cloudmatrix_throughput_per_npu():
     tokens = 16 * 4 * 4096
     step = prefill.step_time(tokens, 16 * 4 * 4096 * 4097 / 2, tokens, 0, 0)
     assert 0.5 * 6688 <= tokens / step / 16 <= 2 * 6688
+
+
+# ---- the cost model's structure ----------------------------------------------------------------------------------
+def random_steps(n: int, seed: int):
+    rng = np.random.default_rng(seed)
+    for _ in range(n):
+        p, a, c = chunk(int(rng.integers(0, 8192)), int(rng.integers(0, 8192)))
+        d = int(rng.integers(0, 512))
+        if p == 0 and d == 0:
+            continue
+        yield (p, a, c if p else 0, d, d * int(rng.integers(1, 8192)), float(rng.uniform(1, 3)))
+
+
+@pytest.mark.parametrize("model,hardware,kw", CONFIGS)
+def test_smooth_roofline_lies_between_max_and_sum_of_compute_and_memory(model, hardware, kw):
+    """Every roofline operator takes at least max(compute, memory) (the plain roofline: optimistic near the ridge
+    point) and at most their sum (no overlap at all)."""
+    cost = roofline(model, hardware, **kw)
+    for args in random_steps(40, 2):
+        parts, bounds = cost.breakdown(*args), cost.bounds(*args)
+        scale = cost.tokens_per_step if cost.mtp_tokens and args[3] and not args[0] else 1.0
+        for op in ("dense_gemm", "lm_head", "prefill_attention", "moe"):
+            c, m = bounds[op]
+            assert max(c, m) * (1 - 1e-12) <= parts[op] * scale <= (c + m) * (1 + 1e-12), (op, args)
+
+
+def test_roofline_smoothing_interpolates_between_the_roofline_and_no_overlap():
+    model = load("model", "llama3_70b")
+    hw = load("hardware", "h100")
+    args = (0, 0.0, 0, 128, 128 * 1024)  # decode GEMMs near the BF16 ridge point: compute and memory alike
+    times = {n: RooflineModel(model, replace(hw, roofline_smoothing=n)).breakdown(*args)["dense_gemm"]
+             for n in (1.0, 2.0, 4.0, math.inf)}
+    c, m = RooflineModel(model, hw).bounds(*args)["dense_gemm"]
+    assert times[math.inf] == pytest.approx(max(c, m))
+    assert times[1.0] == pytest.approx(c + m)
+    assert times[2.0] == pytest.approx(math.hypot(c, m))
+    assert times[1.0] > times[2.0] > times[4.0] > times[math.inf]
+
+
+def test_every_kernel_pays_the_hardware_kernel_latency():
+    model, hw = load("model", "deepseek_r1"), load("hardware", "h800")
+    base = RooflineModel(model, replace(hw, kernel_latency_s=0.0))
+    more = RooflineModel(model, replace(hw, kernel_latency_s=5e-6))
+    for args in ((0, 0.0, 0, 1, 100), (*chunk(4096), 0, 0)):
+        assert more.step_time(*args) - base.step_time(*args) == pytest.approx(more.kernels_per_step * 5e-6)
+    # the fixed part per layer makes a one-sequence decode step cost more than streaming its weights
+    assert base.kernels_per_step > model.layers * 10
+
+
+def test_fixed_costs_weigh_most_in_small_batch_decode():
+    """Per-kernel latencies, the engine's step overhead and the all-reduces' latency do not shrink with the batch:
+    a larger share of a one-sequence decode step than of a 128-sequence one."""
+    cost = roofline("llama2_70b", "a100", tp=2)
+
+    def fixed_share(seqs: int) -> float:
+        parts = cost.breakdown(0, 0.0, 0, seqs, seqs * 4096)
+        return (parts["elementwise"] + parts["overhead"] + parts["tp_all_reduce"]) / sum(parts.values())
+
+    assert fixed_share(1) > 0.05 and fixed_share(1) > fixed_share(128)
+
+
+@pytest.mark.parametrize("model,hardware,kw", CONFIGS)
+def test_decode_step_is_affine_in_context(model, hardware, kw):
+    """The simulator sums a decode run of k steps in closed form, which needs step time affine in the batch's total
+    context at a fixed batch; the smooth roofline keeps it so (compute and KV bytes both grow with the context)."""
+    cost = roofline(model, hardware, **kw)
+    for seqs in (1, 17, 256):
+        t = [cost.step_time(0, 0.0, 0, seqs, ctx, 1.2) for ctx in (seqs * 100, seqs * 2100, seqs * 4100)]
+        assert t[1] - t[0] == pytest.approx(t[2] - t[1], rel=1e-9)
+
+
+def test_tp_all_reduce_is_alpha_beta_in_message_and_group_size():
+    """Ring all-reduce: 2(n-1) steps of latency alpha plus a base per collective, and 2(n-1)/n of the message over
+    the link's bus bandwidth (bus_efficiency of its peak); two per layer."""
+    model, hw = load("model", "llama3_70b"), load("hardware", "h100")
+    def ar(tp, tokens, spec=hw):
+        return RooflineModel(model, spec, Parallelism(tp=tp)).breakdown(0, 0.0, 0, tokens, tokens * 10)[
+            "tp_all_reduce"]
+    for tp in (2, 4, 8):
+        intercept = 2 * model.layers * (hw.collective_base_s + 2 * (tp - 1) * hw.link_latency_s)
+        slope = 2 * model.layers * 2 * (tp - 1) / tp * model.hidden * 2 / (hw.intra_node_GBps * 1e9 * hw.bus_efficiency)
+        assert ar(tp, 1) == pytest.approx(intercept + slope)
+        assert ar(tp, 4096) == pytest.approx(intercept + 4096 * slope)
+    small = [ar(tp, 1) for tp in (2, 4, 8)]  # latency grows with the ring's steps
+    assert small[0] < small[1] < small[2]
+    slow = replace(hw, bus_efficiency=hw.bus_efficiency / 2)
+    assert ar(8, 4096, slow) - ar(8, 1, slow) == pytest.approx(2 * (ar(8, 4096) - ar(8, 1)))
+    # past the node the ring runs at the scale-out link with the network's alpha
+    assert ar(16, 4096) > 3 * ar(8, 4096)
+
+
+def test_ep_all_to_all_is_alpha_beta_with_bus_efficiency():
+    model, hw = load("model", "deepseek_r1"), load("hardware", "h800")
+    def a2a(spec, tokens):
+        return RooflineModel(model, spec, Parallelism(dp=32, ep=32)).breakdown(0, 0.0, 0, tokens, tokens)[
+            "ep_all_to_all"]
+    latency = 2 * model.moe_layers * (hw.collective_base_s + hw.net_latency_s)
+    per_token = a2a(hw, 1001) - a2a(hw, 1000)
+    assert a2a(hw, 1000) == pytest.approx(latency + 1000 * per_token)
+    half = replace(hw, a2a_efficiency=hw.a2a_efficiency / 2)
+    assert a2a(half, 1001) - a2a(half, 1000) == pytest.approx(2 * per_token)
+
+
+def test_mtp_verifies_k_plus_one_tokens_and_yields_the_expected_accepted_tokens():
+    model, hw = load("model", "deepseek_r1"), load("hardware", "h800")
+    par = Parallelism(dp=8, ep=8)
+    plain = RooflineModel(model, hw, par)
+    for k, a in ((1, 0.875), (2, 0.7), (3, 0.5)):
+        mtp = RooflineModel(model, hw, par, mtp_tokens=k, mtp_acceptance=a)
+        assert mtp.tokens_per_step == pytest.approx((1 - a ** (k + 1)) / (1 - a))
+        args = (0, 0.0, 0, 8 * 16, 8 * 16 * 2048)
+        verify = mtp.verify_time(*args)
+        assert verify > plain.step_time(*args)  # k + 1 tokens through the model plus the draft module
+        assert mtp.step_time(*args) == pytest.approx(verify / mtp.tokens_per_step)  # charged per accepted token
+        assert mtp.bounds(*args)["dense_gemm"][0] == pytest.approx((k + 1) * plain.bounds(*args)["dense_gemm"][0])
+        # a step with prefill is charged in full (the engine advances its decodes one token)
+        mixed = (*chunk(512), 8 * 16, 8 * 16 * 2048)
+        assert mtp.step_time(*mixed) == mtp.verify_time(*mixed) > plain.step_time(*mixed)
+    # memory-bound small batches gain (TPOT falls); a rejected draft is pure cost
+    assert RooflineModel(model, hw, par, mtp_tokens=1, mtp_acceptance=0.875).decode_time(8, 2048) < \
+        plain.decode_time(8, 2048)
+    assert RooflineModel(model, hw, par, mtp_tokens=1, mtp_acceptance=0.0).decode_time(8, 2048) > \
+        plain.decode_time(8, 2048)
+
+
+def test_cpu_profile_stays_calibrated_to_the_committed_vllm_cpu_table():
+    """conf/hardware/cpu.yaml is fitted to conf/cost/tables/vllm_cpu_tiny_llama.csv (benchmarks/cost_calibration.py):
+    the roofline's median error over its rows stays small and decode (engine-overhead bound) is close."""
+    table = CONF / "cost" / "tables" / "vllm_cpu_tiny_llama.csv"
+    lines = [ln for ln in table.read_text().splitlines() if ln and not ln.startswith("#")]
+    header, rows = lines[0].split(","), [dict(zip(lines[0].split(","), map(float, ln.split(",")))) for ln in lines[1:]]
+    assert header[-1] == "step_s"
+    cost = roofline("tiny_llama", "cpu")
+    errors = [cost.step_time(int(r["prefill_tokens"]), r["prefill_attention"], int(r["prefill_context"]),
+                             int(r["decode_seqs"]), int(r["decode_context"])) / r["step_s"] - 1 for r in rows]
+    decode = [abs(e) for e, r in zip(errors, rows) if r["prefill_tokens"] == 0]
+    assert float(np.median(np.abs(errors))) < 0.2
+    assert float(np.median(decode)) < 0.1
 
 
 # ---- KV capacity ---------------------------------------------------------------------------------------------------

@@ -1,22 +1,33 @@
 """One accelerator (or this CPU VM) as the cost model sees it: peaks, memory, links, achievable fractions."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
 class HardwareSpec:
-    """Per-device numbers (conf/hardware/NAME.yaml); where a value is an estimate the yaml says so.
+    """Per-device numbers (conf/hardware/NAME.yaml names the source of each one).
 
-    bf16_tflops: dense BF16 peak. int8_tflops: dense 8-bit GEMM peak (FP8 on Hopper, INT8 on Ascend / A100), used
-    when the model's weights are 8-bit (0 = no faster 8-bit path, use bf16_tflops).
-    hbm_GB / hbm_TBps: device memory and its bandwidth.
-    intra_node_GBps: scale-up link per device per direction (NVLink, HCCS, UB); inter_node_GBps: scale-out per device
-    per direction (IB, RoCE); devices_per_node: devices sharing the scale-up domain.
-    gemm_efficiency / attention_efficiency / memory_efficiency: achievable fraction of the peaks for large GEMMs,
-    attention kernels and streaming HBM reads.
-    step_overhead_s: fixed engine cost per step (scheduler, input prep, launches, sampling, output processing);
-    seq_overhead_s: engine cost per sequence in a step (per DP rank: each runs its own engine loop).
+    Peaks: bf16_tflops (dense BF16), int8_tflops (dense 8-bit GEMM: FP8 on Hopper, INT8 on Ascend / A100; used when
+    the model's weights are 8-bit; 0 = no faster 8-bit path), hbm_GB / hbm_TBps (device memory, its bandwidth),
+    intra_node_GBps (scale-up link per device per direction: NVLink, HCCS, UB), inter_node_GBps (scale-out per
+    device per direction: IB, RoCE), devices_per_node (devices sharing the scale-up domain).
+    Kernels (fractions of those peaks, each the asymptote of a published kernel benchmark):
+    - gemm_efficiency / int8_gemm_efficiency: large BF16 / 8-bit GEMMs (0 for the 8-bit one = the BF16 figure);
+      memory_efficiency: HBM streaming of weights and activations.
+    - roofline_smoothing n: an operator with compute time C and memory time M takes (C^n + M^n)^(1/n) (a smooth
+      maximum: n = inf is the plain roofline max(C, M), n = 1 no overlap at all), plus kernel_latency_s per kernel
+      (the fixed cost of one kernel launch: ramp-up and tail; Hockney's t0). Never below max(C, M).
+    - attention_efficiency: prefill (FlashAttention-class) attention, fraction of the BF16 peak;
+      decode_attention_efficiency: paged decode attention, fraction of HBM bandwidth reached reading the KV cache;
+      mla_decode_efficiency: MLA absorbed decode (FlashMLA-class, 576/512-wide heads), fraction of the BF16 peak.
+    Collectives (alpha-beta per collective): collective_base_s (fixed cost of one collective: launch, sync),
+    link_latency_s / net_latency_s (alpha per ring step inside / across nodes), bus_efficiency / net_efficiency
+    (all-reduce bus bandwidth reached, fraction of the link's), a2a_efficiency (EP dispatch/combine bandwidth
+    reached, fraction of the link's).
+    Engine: step_overhead_s (fixed engine cost per step: scheduler, input prep, sampling, output processing);
+    seq_overhead_s (engine cost per sequence in a step, per DP rank: each runs its own engine loop).
     reserved_GB: device memory neither weights nor KV may use (activations, graphs, runtime workspace).
     The prefill -> decode KV link is not a device figure: the cluster sets it (omnisim.cluster.KVLink).
     """
@@ -30,8 +41,19 @@ class HardwareSpec:
     devices_per_node: int
     int8_tflops: float = 0.0
     gemm_efficiency: float = 0.7
-    attention_efficiency: float = 0.5
+    int8_gemm_efficiency: float = 0.0
     memory_efficiency: float = 0.8
+    roofline_smoothing: float = math.inf
+    kernel_latency_s: float = 0.0
+    attention_efficiency: float = 0.5
+    decode_attention_efficiency: float = 0.8
+    mla_decode_efficiency: float = 0.5
+    collective_base_s: float = 0.0
+    link_latency_s: float = 0.0
+    net_latency_s: float = 0.0
+    bus_efficiency: float = 1.0
+    net_efficiency: float = 1.0
+    a2a_efficiency: float = 1.0
     step_overhead_s: float = 0.002
     seq_overhead_s: float = 0.0
     reserved_GB: float = 2.0
@@ -49,24 +71,36 @@ class HardwareSpec:
             fail("devices_per_node", "must be >= 1")
         if self.int8_tflops < 0:
             fail("int8_tflops", "must be >= 0 (0 = no 8-bit speed-up)")
-        for field in ("gemm_efficiency", "attention_efficiency", "memory_efficiency"):
+        for field in ("gemm_efficiency", "memory_efficiency", "attention_efficiency", "decode_attention_efficiency",
+                      "mla_decode_efficiency", "bus_efficiency", "net_efficiency", "a2a_efficiency"):
             if not 0 < getattr(self, field) <= 1:
                 fail(field, "must be in (0, 1]")
-        for field in ("step_overhead_s", "seq_overhead_s"):
-            if getattr(self, field) < 0:
+        if not 0 <= self.int8_gemm_efficiency <= 1:
+            fail("int8_gemm_efficiency", "must be in [0, 1] (0 = gemm_efficiency)")
+        if not self.roofline_smoothing >= 1:
+            fail("roofline_smoothing", "must be >= 1 (1 = compute and memory never overlap, inf = max of the two)")
+        for field in ("kernel_latency_s", "collective_base_s", "link_latency_s", "net_latency_s", "step_overhead_s",
+                      "seq_overhead_s"):
+            if not getattr(self, field) >= 0:
                 fail(field, "must be >= 0")
         if not 0 <= self.reserved_GB < self.hbm_GB:
             fail("reserved_GB", f"must be in [0, hbm_GB={self.hbm_GB})")
 
     def gemm_flops(self, weight_bytes: float) -> float:
         """Achievable GEMM FLOP/s for weights of ``weight_bytes`` bytes each."""
-        peak = self.int8_tflops if weight_bytes <= 1 and self.int8_tflops > 0 else self.bf16_tflops
-        return peak * 1e12 * self.gemm_efficiency
+        if weight_bytes <= 1 and self.int8_tflops > 0:
+            return self.int8_tflops * 1e12 * (self.int8_gemm_efficiency or self.gemm_efficiency)
+        return self.bf16_tflops * 1e12 * self.gemm_efficiency
 
     @property
     def attention_flops(self) -> float:
-        """Achievable attention FLOP/s (BF16 kernels)."""
+        """Achievable prefill attention FLOP/s (BF16 kernels)."""
         return self.bf16_tflops * 1e12 * self.attention_efficiency
+
+    @property
+    def mla_decode_flops(self) -> float:
+        """Achievable FLOP/s of MLA's absorbed decode attention (BF16)."""
+        return self.bf16_tflops * 1e12 * self.mla_decode_efficiency
 
     @property
     def memory_Bps(self) -> float:

@@ -1,37 +1,79 @@
-"""Roofline step time of one engine instance: every operator takes max(compute, memory) time on the busiest device;
-communication and a fixed per-step overhead are added on top."""
+"""Roofline step time of one engine instance, per operator on the busiest device: a smooth roofline of compute and
+memory time, a fixed cost per kernel, alpha-beta collectives, a fixed engine cost per step, and MTP verification.
+Every coefficient comes from the hardware profile (conf/hardware/NAME.yaml names the source of each)."""
 from __future__ import annotations
+
+import math
 
 from omnisim.cost.hardware_spec import HardwareSpec
 from omnisim.cost.kv_capacity import kv_shards
 from omnisim.cost.model_spec import ModelSpec
 from omnisim.cost.parallelism import Parallelism
 
-# Operators, in breakdown() order; the first five are (compute, memory) rooflines, the next two communication.
+# Operators, in breakdown() order: five (compute, memory) rooflines, the small kernels, MTP's draft, communication.
 COMPUTE_OPS = ("dense_gemm", "lm_head", "prefill_attention", "decode_attention", "moe")
+FIXED_OPS = ("elementwise", "mtp_draft")
 COMM_OPS = ("ep_all_to_all", "tp_all_reduce")
-ACTIVATION_BYTES = 2.0  # BF16 activations on the wire for TP all-reduce
+ACTIVATION_BYTES = 2.0  # BF16 activations: TP all-reduce messages, norms, rope, activation functions
+
+# Kernels one step launches per layer, from the layer's structure as vLLM / SGLang run it (QKV or the fused MLA
+# down-projection, q up-projection, MLA's absorbed W_UK / W_UV, output projection, FFN GEMMs; norms with the fused
+# residual add, rope, KV-cache write, activation, router top-k, token permute/unpermute) and per step (embedding,
+# final norm, LM head, sampling). Each one costs the hardware's kernel_latency_s on top of its roofline time.
+KERNELS_GQA_ATTENTION = 2 + 3 + 1         # qkv, o | norm, rope, kv write | attention
+KERNELS_MLA_ATTENTION = 5 + 5 + 1         # q_a+kv_a, q_b, W_UK, W_UV, o | norm, q_a norm, kv_a norm, rope, kv write
+KERNELS_DENSE_FFN = 2 + 2                 # gate_up, down | norm, activation
+KERNELS_MOE_FFN = 5 + 6                   # router, shared gate_up/down, routed gate_up/down | norm, top-k, 2 acts,
+#                                           permute, unpermute
+KERNELS_PER_STEP = 6                      # embedding, final norm, LM head, sampling (3)
+
+
+def _smooth_max(n: float):
+    """(c, m) -> (c^n + m^n)^(1/n): never below max(c, m), equal to it when n is inf, c + m when n is 1."""
+    if math.isinf(n):
+        return max
+    if n == 2.0:
+        return math.hypot
+    inv = 1.0 / n
+    return lambda c, m: (c ** n + m ** n) ** inv
 
 
 class RooflineModel:
     """StepTimeModel from first principles (conf/cost/roofline.yaml; the app fills model, hardware, parallel).
 
-    What one step costs, per device of the instance (tp * dp devices; the batch is spread evenly over DP ranks):
+    What one step costs, per device of the instance (tp * dp devices; the batch is spread evenly over DP ranks).
+    Each roofline operator takes smooth(C, M) = (C^n + M^n)^(1/n) of its compute time C and memory time M
+    (``roofline_smoothing`` n of the hardware; near the ridge point neither peak is reached):
     - dense_gemm: attention projections (MLA's low-rank ones included), dense FFN layers, shared experts and routers:
       FLOPs 2 * params per token split over tp * dp, weights (split over tp) read once per step.
     - lm_head: logits for the decode sequences (and one per step for prefill).
-    - prefill_attention: FLOPs from query-key pairs (``prefill_attention``) plus, for MLA, the kv up-projection of
-      every context token; bytes: the KV of ``prefill_context`` tokens read and of the new tokens written.
-    - decode_attention: FLOPs per context token (MLA in absorbed form: 576 + 512 wide per head), KV bytes read.
-      GQA's KV splits over min(tp, kv_heads); MLA's latent is read whole by every TP rank; DP ranks split sequences.
+    - prefill_attention: FLOPs from query-key pairs (``prefill_attention``) at the FlashAttention-class efficiency,
+      plus, for MLA, the kv up-projection of every cached context token; bytes: the KV of ``prefill_context``
+      tokens read and of the new tokens written.
+    - decode_attention: per context token, smooth(FLOPs, KV bytes) at the paged-decode kernel's efficiencies (MLA in
+      absorbed form: 576 + 512 wide per head, FlashMLA-class compute efficiency); both grow with the context, so the
+      smoothing gives a constant per context token and the step stays affine in the context (the simulator's
+      closed-form decode runs rely on that). GQA's KV splits over min(tp, kv_heads); MLA's latent is read whole by
+      every TP rank; DP ranks split sequences.
     - moe: tokens * top_k expert assignments; with ep > 1 the busiest rank carries mean * moe_imbalance; the
       weights of the experts a step touches are read once (expected fraction 1 - (1 - top_k/E)^tokens), so small
       batches are memory bound and large ones grouped-GEMM compute bound.
-    - ep_all_to_all (ep > 1): dispatch (``dispatch_bytes`` per value) + combine (``combine_bytes``) of the busiest
-      rank's remote assignments, over the scale-up link for peers in the node and scale-out for the rest.
-    - tp_all_reduce (tp > 1): two ring all-reduces of BF16 activations per layer.
+    - elementwise: every kernel's fixed cost (kernel_latency_s times the kernels per step, see KERNELS_*), plus the
+      activation traffic of norms, rope and activation functions per token.
+    - ep_all_to_all (ep > 1): per MoE layer, dispatch (``dispatch_bytes`` per value) and combine (``combine_bytes``)
+      of the busiest rank's remote assignments at a2a_efficiency of the scale-up link for peers in the node and of
+      scale-out for the rest, each plus one collective's latency.
+    - tp_all_reduce (tp > 1): two ring all-reduces of BF16 activations per layer, alpha-beta:
+      base + 2(tp-1) * alpha + 2(tp-1)/tp * bytes / (link * bus_efficiency).
+    - MTP / speculative decoding (``mtp_tokens`` k > 0): every decode sequence verifies k + 1 tokens per step (k + 1
+      query tokens through every GEMM, MoE and collective; attention reads each KV once for all of them), and the
+      draft module (one more layer and the LM head per draft token, DeepSeek-V3's MTP) runs k times; a step yields
+      ``tokens_per_step`` = 1 + a + ... + a^k tokens per sequence on average (a = ``mtp_acceptance``). The engine
+      advances one token per step, so a decode-only step is charged verification time / tokens_per_step: TPOT,
+      throughput and KV growth per second come out as with MTP (``verify_time`` is the raw step). Steps with
+      prefill are charged in full (conservative).
     Knobs: ``comm_overlap`` (fraction of communication hidden behind compute, e.g. DeepSeek's two-micro-batch
-    overlap; never more than the compute time), ``collective_latency_s`` (fixed cost of one collective),
+    overlap; never more than the compute time), ``collective_latency_s`` (None = the hardware's collective_base_s),
     ``overhead_s`` / ``seq_overhead_s`` (engine overhead per step and per sequence of a DP rank; None = the
     hardware's step_overhead_s / seq_overhead_s; a prefill counts as one sequence), ``dispatch_bytes`` (None = the
     model's dtype_bytes: 8-bit models dispatch 8-bit activations), ``combine_bytes``.
@@ -39,9 +81,9 @@ class RooflineModel:
     """
 
     def __init__(self, model: ModelSpec, hardware: HardwareSpec, parallel: Parallelism | None = None,
-                 comm_overlap: float = 0.0, collective_latency_s: float = 10e-6, overhead_s: float | None = None,
+                 comm_overlap: float = 0.0, collective_latency_s: float | None = None, overhead_s: float | None = None,
                  seq_overhead_s: float | None = None, dispatch_bytes: float | None = None,
-                 combine_bytes: float = 2.0) -> None:
+                 combine_bytes: float = 2.0, mtp_tokens: int = 0, mtp_acceptance: float = 0.0) -> None:
         parallel = parallel if parallel is not None else Parallelism()
         if not isinstance(model, ModelSpec) or not isinstance(hardware, HardwareSpec) \
                 or not isinstance(parallel, Parallelism):
@@ -50,26 +92,33 @@ class RooflineModel:
             raise ValueError(f"cost: parallel.ep={parallel.ep} but model {model.name!r} is dense (num_experts=0)")
         if not 0.0 <= comm_overlap <= 1.0:
             raise ValueError(f"cost: comm_overlap must be in [0, 1], got {comm_overlap}")
-        if collective_latency_s < 0:
-            raise ValueError(f"cost: collective_latency_s must be >= 0, got {collective_latency_s}")
-        for name, value in (("overhead_s", overhead_s), ("seq_overhead_s", seq_overhead_s)):
+        for name, value in (("collective_latency_s", collective_latency_s), ("overhead_s", overhead_s),
+                            ("seq_overhead_s", seq_overhead_s)):
             if value is not None and value < 0:
                 raise ValueError(f"cost: {name} must be >= 0 or null, got {value}")
         dispatch_bytes = model.dtype_bytes if dispatch_bytes is None else dispatch_bytes
         if dispatch_bytes <= 0 or combine_bytes <= 0:
             raise ValueError(f"cost: dispatch_bytes and combine_bytes must be > 0, got {dispatch_bytes}, "
                              f"{combine_bytes}")
+        if isinstance(mtp_tokens, bool) or not isinstance(mtp_tokens, int) or mtp_tokens < 0:
+            raise ValueError(f"cost: mtp_tokens must be an integer >= 0 (draft tokens per step), got {mtp_tokens!r}")
+        if not 0.0 <= mtp_acceptance < 1.0:
+            raise ValueError(f"cost: mtp_acceptance must be in [0, 1), got {mtp_acceptance}")
         self.model, self.hardware, self.parallel = model, hardware, parallel
         self.comm_overlap = comm_overlap
-        self.collective_latency_s = collective_latency_s
+        self.collective_latency_s = hardware.collective_base_s if collective_latency_s is None \
+            else collective_latency_s
         self.overhead_s = hardware.step_overhead_s if overhead_s is None else overhead_s
         self.seq_overhead_s = hardware.seq_overhead_s if seq_overhead_s is None else seq_overhead_s
         self.dispatch_bytes, self.combine_bytes = dispatch_bytes, combine_bytes
+        self.mtp_tokens, self.mtp_acceptance = mtp_tokens, mtp_acceptance
+        # expected tokens a sequence gains per verification step: each draft accepted only if all before it were
+        self.tokens_per_step = sum(mtp_acceptance ** i for i in range(mtp_tokens + 1))
 
         m, hw = model, hardware
         tp, dp, ep, devices = parallel.tp, parallel.dp, parallel.ep, parallel.devices
+        self._smooth = sm = _smooth_max(hw.roofline_smoothing)
         gemm = hw.gemm_flops(m.dtype_bytes)
-        attn = hw.attention_flops
         mem = hw.memory_Bps
         # Every coefficient below is "seconds per unit of one step_time argument" on the busiest device.
         dense_params = (m.layers * m.attention_params + m.dense_layers * m.dense_ffn_params
@@ -85,12 +134,22 @@ class RooflineModel:
             heads_pair = m.heads * m.layers
             prefill_pair = 2.0 * heads_pair * (m.qk_nope_head_dim + m.qk_rope_head_dim + m.v_head_dim)
             decode_pair = 2.0 * heads_pair * (m.kv_values_per_token_layer + m.kv_lora_rank)
+            decode_flops = hw.mla_decode_flops
         else:
             prefill_pair = decode_pair = 4.0 * m.heads * m.attention_head_dim * m.layers
-        self._prefill_pair_s = prefill_pair / devices / attn
+            decode_flops = hw.attention_flops
+        self._prefill_pair_s = prefill_pair / devices / hw.attention_flops
         self._kv_up_s = 2.0 * m.mla_kv_up_params * m.layers / devices / gemm  # MLA: per cached context token
-        self._decode_pair_s = decode_pair / devices / attn
-        self._kv_byte_s = m.kv_bytes_per_token / kv_shards(m, parallel) / dp / mem
+        kv_bytes = m.kv_bytes_per_token / kv_shards(m, parallel) / dp  # one token's KV on one device
+        self._kv_byte_s = kv_bytes / mem
+        q = 1 + mtp_tokens  # query tokens per decode sequence and step
+        self._q = q
+        # decode attention per context token: the q queries of a sequence share one read of its KV
+        decode_compute = q * decode_pair / devices / decode_flops
+        decode_memory = kv_bytes / (hw.hbm_TBps * 1e12 * hw.decode_attention_efficiency)
+        self._decode_pair_s, self._decode_kv_s = decode_compute, decode_memory
+        self._ctx_s = sm(decode_compute, decode_memory)
+        self._kv_write_s = q * self._kv_byte_s  # the step's new tokens' KV, per decode sequence
 
         self._moe_on = m.is_moe
         self._ep_on = ep > 1
@@ -100,42 +159,50 @@ class RooflineModel:
         self._expert_miss = 1.0 - m.top_k / m.num_experts if m.is_moe else 1.0
         self._moe_token_div = 1.0 if ep > 1 else float(dp)  # tokens one device's experts see
 
+        # small kernels: fixed cost per kernel, activation traffic per token (tokens of one DP rank)
+        kernels = m.layers * (KERNELS_MLA_ATTENTION if m.attention == "mla" else KERNELS_GQA_ATTENTION) \
+            + m.dense_layers * KERNELS_DENSE_FFN + m.moe_layers * KERNELS_MOE_FFN + KERNELS_PER_STEP
+        self.kernels_per_step = kernels
+        self._fixed_s = kernels * hw.kernel_latency_s
+        self._elem_s = activation_bytes_per_token(m) / dp / mem
+        self._inv_layers = 1.0 / m.layers
+
+        lat0 = self.collective_latency_s
         if ep > 1:
             in_node = min(ep, hw.devices_per_node)
-            link_s_per_byte = max((in_node - 1) / ep / (hw.intra_node_GBps * 1e9),
-                                  (ep - in_node) / ep / (hw.inter_node_GBps * 1e9))
+            link_s_per_byte = max((in_node - 1) / ep / (hw.intra_node_GBps * 1e9 * hw.a2a_efficiency),
+                                  (ep - in_node) / ep / (hw.inter_node_GBps * 1e9 * hw.a2a_efficiency))
             per_assignment = m.hidden * (dispatch_bytes + combine_bytes) * m.moe_layers
             self._a2a_s = m.top_k / ep * per_assignment * link_s_per_byte
-            self._a2a_latency_s = 2.0 * m.moe_layers * collective_latency_s
+            hop = hw.net_latency_s if ep > in_node else hw.link_latency_s
+            self._a2a_latency_s = 2.0 * m.moe_layers * (lat0 + hop)  # dispatch + combine per MoE layer
         else:
             self._a2a_s = self._a2a_latency_s = 0.0
         if tp > 1:
-            bw = (hw.intra_node_GBps if tp <= hw.devices_per_node else hw.inter_node_GBps) * 1e9
+            inside = tp <= hw.devices_per_node
+            bw = (hw.intra_node_GBps * hw.bus_efficiency if inside else hw.inter_node_GBps * hw.net_efficiency) * 1e9
+            alpha = hw.link_latency_s if inside else hw.net_latency_s
             ring = 2.0 * (tp - 1) / tp
             self._ar_s = 2.0 * m.layers * ring * m.hidden * ACTIVATION_BYTES / dp / bw
-            self._ar_latency_s = 2.0 * m.layers * collective_latency_s
+            self._ar_latency_s = 2.0 * m.layers * (lat0 + 2.0 * (tp - 1) * alpha)
         else:
             self._ar_s = self._ar_latency_s = 0.0
 
     # ---- the hot path: called once per engine step; keep it to plain float arithmetic --------------------------
     def step_time(self, prefill_tokens: int, prefill_attention: float, prefill_context: int,
                   decode_seqs: int, decode_context: int, moe_imbalance: float = 1.0) -> float:
-        tokens = prefill_tokens + decode_seqs
-        a = tokens * self._dense_flop_s
-        b = self._dense_weight_s
-        total = a if a > b else b
-        seqs = decode_seqs + 1 if prefill_tokens else decode_seqs  # logits and engine work per sequence
-        a = seqs * self._lm_flop_s
-        b = self._lm_weight_s
-        total += a if a > b else b
+        sm = self._smooth
+        q = self._q
+        queries = decode_seqs * q if q > 1 else decode_seqs  # decode query tokens (MTP: k + 1 per sequence)
+        tokens = prefill_tokens + queries
+        total = sm(tokens * self._dense_flop_s, self._dense_weight_s)
+        logits = queries + 1 if prefill_tokens else queries
+        total += sm(logits * self._lm_flop_s, self._lm_weight_s)
         if prefill_tokens:
-            a = prefill_attention * self._prefill_pair_s + (prefill_context - prefill_tokens) * self._kv_up_s
-            b = (prefill_context + prefill_tokens) * self._kv_byte_s
-            total += a if a > b else b
+            total += sm(prefill_attention * self._prefill_pair_s + (prefill_context - prefill_tokens) * self._kv_up_s,
+                        (prefill_context + prefill_tokens) * self._kv_byte_s)
         if decode_seqs:
-            a = decode_context * self._decode_pair_s
-            b = (decode_context + decode_seqs) * self._kv_byte_s
-            total += a if a > b else b
+            total += decode_context * self._ctx_s + decode_seqs * self._kv_write_s
         comm = 0.0
         if self._moe_on:
             if self._ep_on:
@@ -143,22 +210,29 @@ class RooflineModel:
                 comm = load * self._a2a_s + self._a2a_latency_s
             else:
                 load = tokens
-            a = load * self._moe_flop_s
-            b = self._moe_weight_s * (1.0 - self._expert_miss ** (tokens / self._moe_token_div))
-            total += a if a > b else b
+            total += sm(load * self._moe_flop_s,
+                        self._moe_weight_s * (1.0 - self._expert_miss ** (tokens / self._moe_token_div)))
+        total += tokens * self._elem_s + self._fixed_s
+        if q > 1 and decode_seqs:  # MTP's draft: one layer and the LM head per draft token
+            total += (q - 1) * (sm(decode_seqs * self._lm_flop_s, self._lm_weight_s) + total * self._inv_layers)
         if self._ar_s:
             comm += tokens * self._ar_s + self._ar_latency_s
         if comm:
-            hidden = self.comm_overlap * (comm if comm < total else total)
-            total += comm - hidden
-        return total + self.overhead_s + seqs * self._seq_s
+            total += comm - self.comm_overlap * (comm if comm < total else total)
+        seqs = decode_seqs + 1 if prefill_tokens else decode_seqs  # engine work per sequence
+        total += self.overhead_s + seqs * self._seq_s
+        if q > 1 and decode_seqs and not prefill_tokens:
+            return total / self.tokens_per_step
+        return total
 
     # ---- explanations (allocate freely: not on the hot path) ---------------------------------------------------
     def bounds(self, prefill_tokens: int, prefill_attention: float, prefill_context: int, decode_seqs: int,
                decode_context: int, moe_imbalance: float = 1.0) -> dict[str, tuple[float, float]]:
-        """(compute seconds, memory seconds) of each roofline operator; the larger one is its time."""
-        tokens = prefill_tokens + decode_seqs
-        lm_tokens = decode_seqs + (1 if prefill_tokens else 0)
+        """(compute seconds, memory seconds) of each roofline operator in one (verification) step; its time is
+        their smooth maximum."""
+        queries = decode_seqs * self._q
+        tokens = prefill_tokens + queries
+        lm_tokens = queries + (1 if prefill_tokens else 0)
         out = {
             "dense_gemm": (tokens * self._dense_flop_s, self._dense_weight_s),
             "lm_head": (lm_tokens * self._lm_flop_s, self._lm_weight_s),
@@ -166,8 +240,8 @@ class RooflineModel:
                 (prefill_attention * self._prefill_pair_s + (prefill_context - prefill_tokens) * self._kv_up_s,
                  (prefill_context + prefill_tokens) * self._kv_byte_s) if prefill_tokens else (0.0, 0.0)),
             "decode_attention": (
-                (decode_context * self._decode_pair_s, (decode_context + decode_seqs) * self._kv_byte_s)
-                if decode_seqs else (0.0, 0.0)),
+                (decode_context * self._decode_pair_s, decode_context * self._decode_kv_s) if decode_seqs
+                else (0.0, 0.0)),
             "moe": (0.0, 0.0),
         }
         if self._moe_on:
@@ -179,11 +253,18 @@ class RooflineModel:
     def breakdown(self, prefill_tokens: int, prefill_attention: float, prefill_context: int, decode_seqs: int,
                   decode_context: int, moe_imbalance: float = 1.0) -> dict[str, float]:
         """Seconds per operator (communication as exposed after overlap) plus "overhead"; the values sum to
-        step_time() of the same arguments."""
+        step_time() of the same arguments (a decode-only MTP step: each divided by tokens_per_step)."""
         args = (prefill_tokens, prefill_attention, prefill_context, decode_seqs, decode_context, moe_imbalance)
-        out = {op: max(pair) for op, pair in self.bounds(*args).items()}
+        out = {op: self._smooth(*pair) for op, pair in self.bounds(*args).items()}
+        if decode_seqs:  # the new tokens' KV write, linear in the sequences
+            out["decode_attention"] += decode_seqs * self._kv_write_s
+        queries = decode_seqs * self._q
+        tokens = prefill_tokens + queries
+        out["elementwise"] = tokens * self._elem_s + self._fixed_s
         compute = sum(out.values())
-        tokens = prefill_tokens + decode_seqs
+        out["mtp_draft"] = (self._q - 1) * (self._smooth(decode_seqs * self._lm_flop_s, self._lm_weight_s)
+                                            + compute * self._inv_layers) if self._q > 1 and decode_seqs else 0.0
+        compute += out["mtp_draft"]
         a2a = tokens * moe_imbalance * self._a2a_s + self._a2a_latency_s if self._ep_on else 0.0
         ar = tokens * self._ar_s + self._ar_latency_s if self._ar_s else 0.0
         comm = a2a + ar
@@ -191,7 +272,16 @@ class RooflineModel:
         out["ep_all_to_all"] = a2a * exposed
         out["tp_all_reduce"] = ar * exposed
         out["overhead"] = self.overhead_s + (decode_seqs + (1 if prefill_tokens else 0)) * self._seq_s
+        if self._q > 1 and decode_seqs and not prefill_tokens:
+            out = {k: v / self.tokens_per_step for k, v in out.items()}
         return out
+
+    def verify_time(self, prefill_tokens: int, prefill_attention: float, prefill_context: int, decode_seqs: int,
+                    decode_context: int, moe_imbalance: float = 1.0) -> float:
+        """One real step (with MTP: the verification of k + 1 tokens per sequence), not per generated token."""
+        t = self.step_time(prefill_tokens, prefill_attention, prefill_context, decode_seqs, decode_context,
+                           moe_imbalance)
+        return t * self.tokens_per_step if self._q > 1 and decode_seqs and not prefill_tokens else t
 
     # ---- conveniences --------------------------------------------------------------------------------------------
     def prefill_time(self, tokens: int, cached: int = 0) -> float:
@@ -199,9 +289,26 @@ class RooflineModel:
         return self.step_time(tokens, tokens * (cached + (tokens + 1) / 2), cached + tokens, 0, 0)
 
     def decode_time(self, seqs: int, context: int, moe_imbalance: float = 1.0) -> float:
-        """One decode step of ``seqs`` sequences of ``context`` tokens each."""
+        """One decode step of ``seqs`` sequences of ``context`` tokens each, per generated token (= TPOT)."""
         return self.step_time(0, 0.0, 0, seqs, seqs * context, moe_imbalance)
 
     def __repr__(self) -> str:
         p = self.parallel
-        return f"RooflineModel({self.model.name}, {self.hardware.name}, tp={p.tp}, dp={p.dp}, ep={p.ep})"
+        mtp = f", mtp={self.mtp_tokens}@{self.mtp_acceptance}" if self.mtp_tokens else ""
+        return f"RooflineModel({self.model.name}, {self.hardware.name}, tp={p.tp}, dp={p.dp}, ep={p.ep}{mtp})"
+
+
+def activation_bytes_per_token(m: ModelSpec) -> float:
+    """Bytes the small kernels of one token move over all layers (BF16, read + write): two RMSNorms with their
+    fused residual add (4 vectors of hidden each), rope on q and k, the activation function (reads gate and up,
+    writes one), and MLA's norms of the q and kv latents."""
+    norms = 2 * 4 * m.hidden
+    if m.attention == "mla":
+        rope = 2 * (m.heads + 1) * m.qk_rope_head_dim
+        norms += 2 * (m.q_lora_rank + m.kv_lora_rank)
+    else:
+        rope = 2 * (m.heads + m.kv_heads) * m.attention_head_dim
+    per_layer = (norms + rope) * m.layers
+    act = 3 * (m.dense_layers * m.intermediate
+               + m.moe_layers * (m.shared_experts + m.top_k) * m.expert_intermediate)
+    return (per_layer + act) * ACTIVATION_BYTES
