@@ -10,6 +10,7 @@ import pytest
 from hydra.utils import instantiate
 
 from omnisim.app import compose_option
+from omnisim.cost.roofline import COMM_OPS
 from omnisim.cost import (HardwareSpec, ModelSpec, Parallelism, RooflineModel, kv_capacity_tokens,
                           weight_bytes_per_device)
 from tests.config_keys import check_keys
@@ -149,6 +150,10 @@ def test_parallelism_and_roofline_errors():
         RooflineModel(load("model", "llama3_8b"), load("hardware", "h100"), mtp_tokens=-1)
     with pytest.raises(ValueError, match="mtp_acceptance"):
         RooflineModel(load("model", "llama3_8b"), load("hardware", "h100"), mtp_tokens=1, mtp_acceptance=1.0)
+    with pytest.raises(ValueError, match="micro_batches"):
+        RooflineModel(load("model", "llama3_8b"), load("hardware", "h100"), micro_batches=0)
+    with pytest.raises(ValueError, match="not both"):
+        RooflineModel(load("model", "llama3_8b"), load("hardware", "h100"), micro_batches=2, comm_overlap=0.5)
 
 
 # ---- roofline behaviour --------------------------------------------------------------------------------------------
@@ -166,7 +171,9 @@ CONFIGS = [("llama3_8b", "h100", {}), ("llama3_70b", "h200", dict(tp=4)),
            ("qwen3_235b_a22b", "h100", dict(tp=4, dp=2, ep=8)), ("deepseek_v3", "a100", dict(tp=8)),
            ("tiny_qwen3_moe", "cpu", {}), ("tiny_llama", "cpu", dict(tp=2)),
            ("deepseek_v3", "h800", dict(dp=16, ep=16, comm_overlap=1.0, mtp_tokens=1, mtp_acceptance=0.875)),
-           ("llama2_70b", "a100", dict(tp=2, mtp_tokens=2, mtp_acceptance=0.6))]
+           ("llama2_70b", "a100", dict(tp=2, mtp_tokens=2, mtp_acceptance=0.6)),
+           ("deepseek_r1", "ascend_910c_cm384", dict(dp=16, ep=16, micro_batches=2, mtp_tokens=1,
+                                                     mtp_acceptance=0.8))]
 
 
 @pytest.mark.parametrize("model,hardware,kw", CONFIGS)
@@ -332,9 +339,10 @@ def test_smooth_roofline_lies_between_max_and_sum_of_compute_and_memory(model, h
     """Every roofline operator takes at least max(compute, memory) (the plain roofline: optimistic near the ridge
     point) and at most their sum (no overlap at all)."""
     cost = roofline(model, hardware, **kw)
+    mb = cost.micro_batches  # with micro-batches every operator runs once per micro-batch of 1/mb of the work
     for args in random_steps(40, 2):
-        parts, bounds = cost.breakdown(*args), cost.bounds(*args)
-        scale = cost.tokens_per_step if cost.mtp_tokens and args[3] and not args[0] else 1.0
+        parts, bounds = cost.breakdown(*args), cost.bounds(*(a / mb for a in args[:5]), args[5])
+        scale = (cost.tokens_per_step if cost.mtp_tokens and args[3] and not args[0] else 1.0) / mb
         for op in ("dense_gemm", "lm_head", "prefill_attention", "moe"):
             c, m = bounds[op]
             assert max(c, m) * (1 - 1e-12) <= parts[op] * scale <= (c + m) * (1 + 1e-12), (op, args)
@@ -437,6 +445,25 @@ def test_mtp_verifies_k_plus_one_tokens_and_yields_the_expected_accepted_tokens(
         plain.decode_time(8, 2048)
     assert RooflineModel(model, hw, par, mtp_tokens=1, mtp_acceptance=0.0).decode_time(8, 2048) > \
         plain.decode_time(8, 2048)
+
+
+def test_micro_batches_pipeline_communication_at_the_cost_of_rereading_weights():
+    """m micro-batches: a two-stage pipeline of compute C and communication K, max(C, K) + min(C, K) / m, where C
+    sums the micro-batches' compute (each reads the weights and launches the kernels again)."""
+    model, hw, par = load("model", "deepseek_v3"), load("hardware", "h800"), Parallelism(dp=32, ep=32)
+    one = RooflineModel(model, hw, par)
+    two = RooflineModel(model, hw, par, micro_batches=2)
+    for args in ((*chunk(32 * 8192), 0, 0), (0, 0.0, 0, 32 * 128, 32 * 128 * 4096)):
+        half = tuple(a / 2 for a in args)
+        parts = one.breakdown(*half)
+        compute = 2 * sum(v for k, v in parts.items() if k not in COMM_OPS + ("overhead",))
+        comm = 2 * sum(parts[k] for k in COMM_OPS)
+        expected = max(compute, comm) + min(compute, comm) / 2 + one.breakdown(*args)["overhead"]
+        assert two.step_time(*args) == pytest.approx(expected, rel=1e-9)
+        assert two.step_time(*args) == pytest.approx(sum(two.breakdown(*args).values()), rel=1e-12)
+    # large prefill: hiding the all-to-all pays; one decode sequence: reading the weights twice does not
+    assert two.prefill_time(8192 * 32) < one.prefill_time(8192 * 32)
+    assert two.decode_time(32, 1024) > one.decode_time(32, 1024)
 
 
 def test_cpu_profile_stays_calibrated_to_the_committed_vllm_cpu_table():

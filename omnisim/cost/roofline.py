@@ -72,8 +72,11 @@ class RooflineModel:
       advances one token per step, so a decode-only step is charged verification time / tokens_per_step: TPOT,
       throughput and KV growth per second come out as with MTP (``verify_time`` is the raw step). Steps with
       prefill are charged in full (conservative).
-    Knobs: ``comm_overlap`` (fraction of communication hidden behind compute, e.g. DeepSeek's two-micro-batch
-    overlap; never more than the compute time), ``collective_latency_s`` (None = the hardware's collective_base_s),
+    Knobs: ``micro_batches`` m (DeepSeek's and CloudMatrix-Infer's overlap of communication with compute: the step
+    runs as m micro-batches in a two-stage pipeline, each paying its own weight reads and kernel launches, and takes
+    max(C, K) + min(C, K) / m of its total compute C and communication K), or ``comm_overlap`` (a free fraction of
+    communication hidden behind compute, never more than the compute time; not with micro_batches),
+    ``collective_latency_s`` (None = the hardware's collective_base_s),
     ``overhead_s`` / ``seq_overhead_s`` (engine overhead per step and per sequence of a DP rank; None = the
     hardware's step_overhead_s / seq_overhead_s; a prefill counts as one sequence), ``dispatch_bytes`` (None = the
     model's dtype_bytes: 8-bit models dispatch 8-bit activations), ``combine_bytes``.
@@ -83,7 +86,8 @@ class RooflineModel:
     def __init__(self, model: ModelSpec, hardware: HardwareSpec, parallel: Parallelism | None = None,
                  comm_overlap: float = 0.0, collective_latency_s: float | None = None, overhead_s: float | None = None,
                  seq_overhead_s: float | None = None, dispatch_bytes: float | None = None,
-                 combine_bytes: float = 2.0, mtp_tokens: int = 0, mtp_acceptance: float = 0.0) -> None:
+                 combine_bytes: float = 2.0, mtp_tokens: int = 0, mtp_acceptance: float = 0.0,
+                 micro_batches: int = 1) -> None:
         parallel = parallel if parallel is not None else Parallelism()
         if not isinstance(model, ModelSpec) or not isinstance(hardware, HardwareSpec) \
                 or not isinstance(parallel, Parallelism):
@@ -104,6 +108,10 @@ class RooflineModel:
             raise ValueError(f"cost: mtp_tokens must be an integer >= 0 (draft tokens per step), got {mtp_tokens!r}")
         if not 0.0 <= mtp_acceptance < 1.0:
             raise ValueError(f"cost: mtp_acceptance must be in [0, 1), got {mtp_acceptance}")
+        if isinstance(micro_batches, bool) or not isinstance(micro_batches, int) or micro_batches < 1:
+            raise ValueError(f"cost: micro_batches must be an integer >= 1, got {micro_batches!r}")
+        if micro_batches > 1 and comm_overlap:
+            raise ValueError("cost: give comm_overlap (a fraction hidden) or micro_batches (a pipeline), not both")
         self.model, self.hardware, self.parallel = model, hardware, parallel
         self.comm_overlap = comm_overlap
         self.collective_latency_s = hardware.collective_base_s if collective_latency_s is None \
@@ -112,6 +120,8 @@ class RooflineModel:
         self.seq_overhead_s = hardware.seq_overhead_s if seq_overhead_s is None else seq_overhead_s
         self.dispatch_bytes, self.combine_bytes = dispatch_bytes, combine_bytes
         self.mtp_tokens, self.mtp_acceptance = mtp_tokens, mtp_acceptance
+        self.micro_batches = micro_batches
+        self._mb_inv = 1.0 / micro_batches
         # expected tokens a sequence gains per verification step: each draft accepted only if all before it were
         self.tokens_per_step = sum(mtp_acceptance ** i for i in range(mtp_tokens + 1))
 
@@ -193,6 +203,14 @@ class RooflineModel:
                   decode_seqs: int, decode_context: int, moe_imbalance: float = 1.0) -> float:
         sm = self._smooth
         q = self._q
+        seqs = decode_seqs + 1 if prefill_tokens else decode_seqs  # engine work per sequence
+        decode_only = decode_seqs and not prefill_tokens
+        mb = self.micro_batches
+        if mb > 1:  # each micro-batch carries 1/mb of the step's work
+            inv = self._mb_inv
+            prefill_tokens, prefill_attention, prefill_context = \
+                prefill_tokens * inv, prefill_attention * inv, prefill_context * inv
+            decode_seqs, decode_context = decode_seqs * inv, decode_context * inv
         queries = decode_seqs * q if q > 1 else decode_seqs  # decode query tokens (MTP: k + 1 per sequence)
         tokens = prefill_tokens + queries
         total = sm(tokens * self._dense_flop_s, self._dense_weight_s)
@@ -217,11 +235,13 @@ class RooflineModel:
             total += (q - 1) * (sm(decode_seqs * self._lm_flop_s, self._lm_weight_s) + total * self._inv_layers)
         if self._ar_s:
             comm += tokens * self._ar_s + self._ar_latency_s
-        if comm:
+        if mb > 1:  # a two-stage pipeline of mb micro-batches: max(C, K) + min(C, K) / mb
+            total, comm = total * mb, comm * mb
+            total = total + comm / mb if total > comm else comm + total / mb
+        elif comm:
             total += comm - self.comm_overlap * (comm if comm < total else total)
-        seqs = decode_seqs + 1 if prefill_tokens else decode_seqs  # engine work per sequence
         total += self.overhead_s + seqs * self._seq_s
-        if q > 1 and decode_seqs and not prefill_tokens:
+        if q > 1 and decode_only:
             return total / self.tokens_per_step
         return total
 
@@ -252,9 +272,15 @@ class RooflineModel:
 
     def breakdown(self, prefill_tokens: int, prefill_attention: float, prefill_context: int, decode_seqs: int,
                   decode_context: int, moe_imbalance: float = 1.0) -> dict[str, float]:
-        """Seconds per operator (communication as exposed after overlap) plus "overhead"; the values sum to
-        step_time() of the same arguments (a decode-only MTP step: each divided by tokens_per_step)."""
-        args = (prefill_tokens, prefill_attention, prefill_context, decode_seqs, decode_context, moe_imbalance)
+        """Seconds per operator (communication as exposed after overlap; with micro-batches, every operator summed
+        over them) plus "overhead"; the values sum to step_time() of the same arguments (a decode-only MTP step:
+        each divided by tokens_per_step)."""
+        mb = self.micro_batches
+        whole = (prefill_tokens, decode_seqs)
+        args = (prefill_tokens / mb, prefill_attention / mb, prefill_context / mb, decode_seqs / mb,
+                decode_context / mb, moe_imbalance) if mb > 1 else \
+            (prefill_tokens, prefill_attention, prefill_context, decode_seqs, decode_context, moe_imbalance)
+        prefill_tokens, decode_seqs = args[0], args[3]
         out = {op: self._smooth(*pair) for op, pair in self.bounds(*args).items()}
         if decode_seqs:  # the new tokens' KV write, linear in the sequences
             out["decode_attention"] += decode_seqs * self._kv_write_s
@@ -267,12 +293,20 @@ class RooflineModel:
         compute += out["mtp_draft"]
         a2a = tokens * moe_imbalance * self._a2a_s + self._a2a_latency_s if self._ep_on else 0.0
         ar = tokens * self._ar_s + self._ar_latency_s if self._ar_s else 0.0
+        if mb > 1:
+            out = {k: v * mb for k, v in out.items()}
+            compute, a2a, ar = compute * mb, a2a * mb, ar * mb
         comm = a2a + ar
-        exposed = 1.0 - self.comm_overlap * min(comm, compute) / comm if comm else 0.0
+        if not comm:
+            exposed = 0.0
+        elif mb > 1:
+            exposed = (max(compute, comm) + min(compute, comm) / mb - compute) / comm
+        else:
+            exposed = 1.0 - self.comm_overlap * min(comm, compute) / comm
         out["ep_all_to_all"] = a2a * exposed
         out["tp_all_reduce"] = ar * exposed
-        out["overhead"] = self.overhead_s + (decode_seqs + (1 if prefill_tokens else 0)) * self._seq_s
-        if self._q > 1 and decode_seqs and not prefill_tokens:
+        out["overhead"] = self.overhead_s + (whole[1] + (1 if whole[0] else 0)) * self._seq_s
+        if self._q > 1 and whole[1] and not whole[0]:
             out = {k: v / self.tokens_per_step for k, v in out.items()}
         return out
 
@@ -295,6 +329,7 @@ class RooflineModel:
     def __repr__(self) -> str:
         p = self.parallel
         mtp = f", mtp={self.mtp_tokens}@{self.mtp_acceptance}" if self.mtp_tokens else ""
+        mtp += f", micro_batches={self.micro_batches}" if self.micro_batches > 1 else ""
         return f"RooflineModel({self.model.name}, {self.hardware.name}, tp={p.tp}, dp={p.dp}, ep={p.ep}{mtp})"
 
 
