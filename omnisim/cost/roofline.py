@@ -154,6 +154,7 @@ class RooflineModel:
         self._kv_byte_s = kv_bytes / mem
         q = 1 + mtp_tokens  # query tokens per decode sequence and step
         self._q = q
+        self._mtp = q > 1
         # decode attention per context token: the q queries of a sequence share one read of its KV
         decode_compute = q * decode_pair / devices / decode_flops
         decode_memory = kv_bytes / (hw.hbm_TBps * 1e12 * hw.decode_attention_efficiency)
@@ -202,48 +203,42 @@ class RooflineModel:
     def step_time(self, prefill_tokens: int, prefill_attention: float, prefill_context: int,
                   decode_seqs: int, decode_context: int, moe_imbalance: float = 1.0) -> float:
         sm = self._smooth
-        q = self._q
-        seqs = decode_seqs + 1 if prefill_tokens else decode_seqs  # engine work per sequence
-        decode_only = decode_seqs and not prefill_tokens
+        seqs = decode_seqs + 1 if prefill_tokens else decode_seqs  # engine work per sequence (a prefill is one)
+        per_token = self._mtp and decode_seqs and not prefill_tokens
         mb = self.micro_batches
         if mb > 1:  # each micro-batch carries 1/mb of the step's work
             inv = self._mb_inv
             prefill_tokens, prefill_attention, prefill_context = \
                 prefill_tokens * inv, prefill_attention * inv, prefill_context * inv
             decode_seqs, decode_context = decode_seqs * inv, decode_context * inv
-        queries = decode_seqs * q if q > 1 else decode_seqs  # decode query tokens (MTP: k + 1 per sequence)
+        queries = decode_seqs * self._q if self._mtp else decode_seqs  # MTP: k + 1 query tokens per sequence
         tokens = prefill_tokens + queries
-        total = sm(tokens * self._dense_flop_s, self._dense_weight_s)
-        logits = queries + 1 if prefill_tokens else queries
-        total += sm(logits * self._lm_flop_s, self._lm_weight_s)
+        total = sm(tokens * self._dense_flop_s, self._dense_weight_s) \
+            + sm((queries + 1 if prefill_tokens else queries) * self._lm_flop_s, self._lm_weight_s) \
+            + tokens * self._elem_s + self._fixed_s
         if prefill_tokens:
             total += sm(prefill_attention * self._prefill_pair_s + (prefill_context - prefill_tokens) * self._kv_up_s,
                         (prefill_context + prefill_tokens) * self._kv_byte_s)
         if decode_seqs:
             total += decode_context * self._ctx_s + decode_seqs * self._kv_write_s
-        comm = 0.0
+        comm = tokens * self._ar_s + self._ar_latency_s if self._ar_s else 0.0
         if self._moe_on:
             if self._ep_on:
                 load = tokens * moe_imbalance
-                comm = load * self._a2a_s + self._a2a_latency_s
+                comm += load * self._a2a_s + self._a2a_latency_s
             else:
                 load = tokens
             total += sm(load * self._moe_flop_s,
                         self._moe_weight_s * (1.0 - self._expert_miss ** (tokens / self._moe_token_div)))
-        total += tokens * self._elem_s + self._fixed_s
-        if q > 1 and decode_seqs:  # MTP's draft: one layer and the LM head per draft token
-            total += (q - 1) * (sm(decode_seqs * self._lm_flop_s, self._lm_weight_s) + total * self._inv_layers)
-        if self._ar_s:
-            comm += tokens * self._ar_s + self._ar_latency_s
+        if self._mtp and decode_seqs:  # MTP's draft: one layer and the LM head per draft token
+            total += (self._q - 1) * (sm(decode_seqs * self._lm_flop_s, self._lm_weight_s) + total * self._inv_layers)
         if mb > 1:  # a two-stage pipeline of mb micro-batches: max(C, K) + min(C, K) / mb
             total, comm = total * mb, comm * mb
             total = total + comm / mb if total > comm else comm + total / mb
         elif comm:
             total += comm - self.comm_overlap * (comm if comm < total else total)
         total += self.overhead_s + seqs * self._seq_s
-        if q > 1 and decode_only:
-            return total / self.tokens_per_step
-        return total
+        return total / self.tokens_per_step if per_token else total
 
     # ---- explanations (allocate freely: not on the hot path) ---------------------------------------------------
     def bounds(self, prefill_tokens: int, prefill_attention: float, prefill_context: int, decode_seqs: int,
