@@ -299,13 +299,17 @@ def test_a_single_token_of_budget_admits_and_chunks_one_token():
     assert [(x.id, c) for x, c in plan.chunks] == [("w", 1)] and w.t_prefill_start == 1.0
 
 
-def test_a_prefill_left_without_budget_gets_no_chunk_and_one_left_token_gets_a_chunk():
+def test_a_prefill_left_without_budget_stays_waiting_and_one_left_token_gets_a_chunk():
+    # vLLM v1 admits waiting requests only while token budget is left (`while self.waiting and token_budget > 0`),
+    # each taking its chunk: a request is never admitted (its KV allocated) into a step that computes none of it
     s, _ = sched(tokens=20)
     a, b = seq("a", 20, 1), seq("b", 10, 1)
     s.submit(a)
     s.submit(b)
+    free = s.bm.free
     plan = s.schedule(0.0)
-    assert [(x.id, c) for x, c in plan.chunks] == [("a", 20)] and s.prefilling == [a, b]
+    assert [(x.id, c) for x, c in plan.chunks] == [("a", 20)] and s.prefilling == [a] and list(s.waiting) == [b]
+    assert math.isnan(b.t_prefill_start) and free - s.bm.free == 20 // s.block_size + (20 % s.block_size > 0)
     s, _ = sched(tokens=21)
     s.submit(seq("a", 20, 1))
     s.submit(seq("b", 10, 1))

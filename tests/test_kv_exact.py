@@ -173,6 +173,7 @@ def test_malformed_batches_name_what_is_wrong(payload, message):
 
 
 @pytest.mark.vllm
+@pytest.mark.timeout(600)  # importing vllm (torch and all) alone took 100 s on this 2-core VM under load
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")
 def test_installed_vllm_structs_round_trip():
     from vllm.distributed import kv_events as v

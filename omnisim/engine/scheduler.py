@@ -274,21 +274,28 @@ class Scheduler:
 
     def _schedule_prefill(self, now: float) -> list:
         """vLLM v1 order: running decodes take one token each, ongoing prefills continue, then waiting requests are
-        admitted (all-or-nothing KV allocation for the prompt) while token budget and seats last."""
+        admitted (all-or-nothing KV allocation for the prompt), each taking its chunk of the token budget, while
+        budget and seats last: as in vLLM, a request is only admitted into a step that computes some of it."""
         budget = self.max_tokens
         if self.policy is not None:
             budget = self._apply_policy(now)
         budget -= len(self.running)
         waiting, prefilling = self.waiting, self.prefilling
-        seats = self.max_seqs - len(self.running) - self.transferring - len(self.ready)
-        while waiting and budget > 0 and len(prefilling) < seats:
-            if not self._allocate(waiting[0], now):
-                break
-            prefilling.append(waiting.popleft())
         chunks = []
         for seq in prefilling:
             if budget <= 0:
                 break
+            c = seq.prefill_target - seq.computed
+            if c > budget:
+                c = budget
+            chunks.append((seq, c))
+            budget -= c
+        seats = self.max_seqs - len(self.running) - self.transferring - len(self.ready)
+        while waiting and budget > 0 and len(prefilling) < seats:
+            seq = waiting[0]
+            if not self._allocate(seq, now):
+                break
+            prefilling.append(waiting.popleft())
             c = seq.prefill_target - seq.computed
             if c > budget:
                 c = budget
