@@ -102,3 +102,13 @@ def test_omniinfer_repro():
         assert stage["tpot_mean_s"] > 0 and stage["ttft_mean_s"] > 0 and stage["capacity_runs"] >= 2
     assert figures["published"] == {"qpm_at_sla": 616.0, "tpot_delta_pct": -36.0, "ttft_delta_pct": -38.0}
     assert math.isfinite(figures["tpot_delta_pct"]) and math.isfinite(figures["ttft_delta_pct"])
+
+
+def test_fidelity_published():
+    figures = last_json(run("benchmarks/fidelity_published.py", "--quick", timeout=600))
+    assert {c["name"] for c in figures["cases"]} == {
+        "omniinfer_r1_7p1d_qpm", "cm384_decode_50ms", "cm384_decode_15ms", "cm384_prefill", "dsv3_h800_decode",
+        "dsv3_h800_prefill"}
+    for c in figures["cases"]:
+        assert c["published"] > 0 and c["predicted"] > 0
+        assert c["error_pct"] == pytest.approx((c["predicted"] / c["published"] - 1) * 100, abs=0.1)
