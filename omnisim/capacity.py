@@ -11,8 +11,11 @@ length (status "error") are left out, as they would be at any load. Runs are mad
 simulator unless ``backend=`` says otherwise) with the same overrides as ``omnisim`` and the knob set per run. The
 search starts at the configured value, doubles or halves it until one run meets the SLO and one does not, then
 bisects until the two are within ``tolerance`` (relative; one client for an integer knob). The last line printed
-is a JSON object with ``rate`` (the knob's highest value that met the SLO), ``qpm_at_sla`` (completed requests per
-minute in that run), ``attainment`` (in that run), ``knob`` and ``runs`` (every run made, in order).
+is a JSON object with ``rate`` (the knob's highest value that met the SLO), ``qpm_at_sla`` (the load that run
+offered, in requests per minute: its ``offered_rate_per_s`` x 60, which for ``workload.rate`` is the rate itself),
+``attainment`` (in that run), ``knob`` and ``runs`` (every run made, in order, each with its ``qpm``: completed
+requests per minute over the whole run, drain included, which a finite run's long outputs pull far below the
+offered load).
 """
 from __future__ import annotations
 
@@ -111,6 +114,7 @@ def find_capacity(overrides: list[str], *, knob: str = "workload.rate", attainme
             shown = int(v) if integer else v
             summary = run([*overrides, f"{knob}={shown}"])
             row = {knob: shown, "attainment": run_attainment(summary), "qpm": summary["qpm"],
+                   "offered_qpm": (summary.get("offered_rate_per_s") or 0.0) * 60.0,
                    "goodput_qpm": summary["goodput_qpm"], "ttft_p90_s": summary["ttft_s"]["p90"],
                    "tpot_p90_s": summary["tpot_s"]["p90"], "completed": summary["completed"],
                    "dropped": summary["dropped"]}
@@ -150,7 +154,7 @@ def find_capacity(overrides: list[str], *, knob: str = "workload.rate", attainme
             hi = mid
     if lo is not None:
         best = tried[lo]
-        result.rate, result.qpm_at_sla, result.attainment = best[knob], best["qpm"], best["attainment"]
+        result.rate, result.qpm_at_sla, result.attainment = best[knob], best["offered_qpm"], best["attainment"]
     return result
 
 
@@ -166,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     def show(row: dict) -> None:
-        print(f"  {args.knob}={row[args.knob]:<10g} attainment {row['attainment']:.3f}  qpm {row['qpm'] or 0:8.1f}  "
+        print(f"  {args.knob}={row[args.knob]:<10g} attainment {row['attainment']:.3f}  offered QPM "
+              f"{row['offered_qpm']:8.1f}  completed QPM {row['qpm'] or 0:8.1f}  "
               f"TTFT p90 {_ms(row['ttft_p90_s'])}  TPOT p90 {_ms(row['tpot_p90_s'])}  "
               f"{'meets' if row['meets'] else 'misses'}", file=sys.stderr, flush=True)
 
@@ -184,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     if found.rate is None:
         print(f"no {args.knob} tried met the SLO at attainment {args.attainment}", file=sys.stderr)
     else:
-        print(f"capacity: {args.knob}={found.rate:g}, {found.qpm_at_sla:.1f} QPM at attainment "
+        print(f"capacity: {args.knob}={found.rate:g}, {found.qpm_at_sla:.1f} QPM offered at attainment "
               f"{found.attainment:.3f} (>= {args.attainment}), {len(found.runs)} runs", file=sys.stderr)
     print(json.dumps(found.as_dict()))
     return 0 if found.rate is not None else 1

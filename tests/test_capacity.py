@@ -16,6 +16,7 @@ def fake(capacity: float, calls: list):
         v = float(value)
         attainment = 1.0 if v <= capacity else max(0.0, 1.0 - (v - capacity) / capacity)
         return {"completed": 100, "dropped": 0, "slo_attainment": attainment, "qpm": 60 * min(v, capacity),
+                "offered_rate_per_s": v,
                 "goodput_qpm": 0.0, "ttft_s": {"p90": 0.1}, "tpot_s": {"p90": 0.01}}
     return run
 
@@ -27,7 +28,7 @@ def test_brackets_then_bisects_to_the_tolerance(start, capacity):
                           run=fake(capacity, calls))
     # attainment >= 0.9 up to 1.1 x capacity: the answer is within 2% below that edge
     assert capacity * 1.1 / 1.02 <= found.rate <= capacity * 1.1 + 1e-9
-    assert found.attainment >= 0.9 and found.qpm_at_sla == pytest.approx(60 * capacity)
+    assert found.attainment >= 0.9 and found.qpm_at_sla == pytest.approx(60 * found.rate)  # the load offered
     assert len(found.runs) == len(calls) <= 20 and all(c[0] == "x=1" for c in calls)
     assert [r["meets"] for r in found.runs if r["workload.rate"] == found.rate] == [True]
     assert all(not r["meets"] for r in found.runs if r["workload.rate"] > found.rate)
