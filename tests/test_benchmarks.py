@@ -112,3 +112,15 @@ def test_fidelity_published():
     for c in figures["cases"]:
         assert c["published"] > 0 and c["predicted"] > 0
         assert c["error_pct"] == pytest.approx((c["predicted"] / c["published"] - 1) * 100, abs=0.1)
+
+
+def test_operator_profile(tmp_path):
+    pytest.importorskip("torch")
+    figures = last_json(run("benchmarks/operator_profile.py", "--model", "tiny_qwen3_moe", "--hardware", "cpu",
+                            "--quick", "--repeats", "2", "--out", str(tmp_path)))
+    assert set(figures["ops"]) == {"gemm", "prefill_attention", "decode_attention", "moe"}
+    assert all(math.isfinite(v["median_error_pct"]) and v["rows"] >= 2 for v in figures["ops"].values())
+    table = (tmp_path / "operators_tiny_qwen3_moe_cpu.csv").read_text().splitlines()
+    assert {line.split(":")[0] for line in table if line.startswith("#")} >= {
+        "# engine", "# model", "# hardware", "# parallel", "# date", "# command"}  # what it was measured on
+    assert len([line for line in table if not line.startswith("#")]) == figures["rows"] + 1
