@@ -62,7 +62,8 @@ def build_experiment(cfg: DictConfig) -> tuple:
         name=str(cfg.name), seed=int(cfg.seed), model=_build(cfg, "model"), hardware=_build(cfg, "hardware"),
         cluster=_build(cfg, "cluster"), workload=_build(cfg, "workload"), proxy=_build(cfg, "proxy"),
         slo=_build(cfg, "slo"), cost=_build(cfg, "cost"), placement=_build(cfg, "placement"),
-        attention=_build(cfg, "attention"), engine_policy=_build(cfg, "engine_policy"), options=options)
+        attention=_build(cfg, "attention"), engine_policy=_build(cfg, "engine_policy"),
+        serving=_build(cfg, "serving"), options=options)
     experiment.cluster.check_model(experiment.model)
     return experiment, _build(cfg, "backend")
 

@@ -28,6 +28,7 @@ class Experiment:
     placement: PlacementPolicy | None = None
     attention: Any = None  # omnisim.attention.OmniAttn on decode instances, or None: full attention
     engine_policy: Any = None  # omnisim.core.engine_policy.PrefillPolicy of every prefilling instance, or None: FCFS
+    serving: Any = None  # omnisim.sim.serving.ServingCosts (the simulator's; real backends have the real ones), or None
     options: dict = field(default_factory=dict)
 
 

@@ -19,7 +19,7 @@ from omnisim.app import CONF_DIR, build_experiment, build_node, compose_option, 
 from omnisim.config_check import ConfigValueError, _hints, check_node
 
 GROUPS = ("model", "hardware", "cluster", "workload", "proxy", "placement", "expert_load", "rebalance", "attention",
-          "engine_policy", "slo", "cost", "backend")
+          "engine_policy", "slo", "cost", "backend", "serving")
 SCALARS = (int, float, bool, str)
 
 

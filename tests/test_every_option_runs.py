@@ -17,9 +17,10 @@ BASES = {
     "placement": [MOE], "expert_load": [MOE], "rebalance": [MOE],
     "model": [[], R1, TINY], "hardware": [[], R1, TINY], "cluster": [[], R1, TINY], "cost": [[], TINY],
     "attention": [R1],  # OmniAttn's patterns are DeepSeek-R1's, on its PD cluster
+    "serving": [TINY, []],  # measured on the tiny CPU model; they apply to any setup
 }
 GROUPS = ("model", "hardware", "cluster", "workload", "proxy", "placement", "expert_load", "rebalance", "attention",
-          "engine_policy", "slo", "cost", "experiment")
+          "engine_policy", "slo", "cost", "serving", "experiment")
 CASES = [(g, o) for g in GROUPS for o in config_options(g)] + [("backend", "sim")]
 
 

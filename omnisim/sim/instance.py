@@ -155,6 +155,15 @@ class Instance:
         if plan is None:
             self.busy = False
             return
+        t = self._time(plan, now)
+        self.busy = True
+        # A cut run leaves its original timeout in the calendar; only the latest one counts.
+        ev = self.pending = self._timeout(now + t - self.env.now)
+        ev.callbacks.append(self._done_cb)
+
+    def _time(self, plan, now: float) -> float:
+        """Time ``plan`` starting at ``now`` with the cost model (and the MoE runtime): sets ``self.run``, returns
+        its duration. (omnisim.sim.serving.ServedInstance adds what a served engine spends around its steps.)"""
         # decode attention reads attention_context (the batch's context; with OmniAttn less), affine over the run
         n, ctx0, k = plan.decode_seqs, plan.attention_context, plan.steps
         if plan.chunks:
@@ -173,10 +182,7 @@ class Instance:
                 if k > 1 else 0.0
             self.run = DecodeRun(now, a, b, k)
             t = k * a + b * k * (k - 1) / 2
-        self.busy = True
-        # A cut run leaves its original timeout in the calendar; only the latest one counts.
-        ev = self.pending = self._timeout(now + t - self.env.now)
-        ev.callbacks.append(self._done_cb)
+        return t
 
     def _done(self, event) -> None:
         if event is not self.pending:

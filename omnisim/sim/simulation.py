@@ -40,6 +40,13 @@ class Simulation:
                                   on_record=self._record)
         self.instances: list[Instance] = []
         moe_factory = moe_factory or self._moe_factory()
+        make, served = Instance, {}
+        serving = experiment.serving
+        if serving is not None and serving.active:  # else the plain instances, exactly as without serving costs
+            from omnisim.sim.serving import Fifo, HostCPU, ServedInstance
+
+            proxy = Fifo()
+            make, served = ServedInstance, {"serving": serving, "host": HostCPU(serving, proxy), "proxy": proxy}
         if experiment.attention is not None:  # OmniAttn: decode instances of a PD cluster, a pattern fitting the model
             experiment.attention.check_deployment(cluster, model.layers)
         for role, group in groups:
@@ -58,14 +65,14 @@ class Simulation:
             engine_policy = experiment.engine_policy if role != "decode" else None
             for i in range(group.count):
                 iid = f"{role}-{i}"
-                inst = Instance(env, iid, _ROLES[role], group, cost, capacity // group.block_size,
-                                model.kv_bytes_per_token, cluster.kv_link, self.driver,
-                                moe=moe_factory(role, group, i) if moe_factory else None,
-                                reserve_tokens=reserve_tokens, max_run_steps=max_run_steps,
-                                kv_listener=lambda events, iid=iid: self.prefix.apply(iid, events),
-                                engine_policy=engine_policy,
-                                attention=experiment.attention if role == "decode" else None,
-                                layers=getattr(model, "layers", 0))
+                inst = make(env, iid, _ROLES[role], group, cost, capacity // group.block_size,
+                            model.kv_bytes_per_token, cluster.kv_link, self.driver,
+                            moe=moe_factory(role, group, i) if moe_factory else None,
+                            reserve_tokens=reserve_tokens, max_run_steps=max_run_steps,
+                            kv_listener=lambda events, iid=iid: self.prefix.apply(iid, events),
+                            engine_policy=engine_policy,
+                            attention=experiment.attention if role == "decode" else None,
+                            layers=getattr(model, "layers", 0), **served)
                 self.instances.append(inst)
                 inst.timeline, inst.trace_pid = timeline, len(self.instances)
                 self.driver.add(inst)

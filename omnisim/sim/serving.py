@@ -1,0 +1,344 @@
+"""Serving costs beyond the engine step (``serving=``, conf/serving/): what a real server spends around its engine.
+
+Each cost is measured on real servers (``benchmarks/serving_costs.py`` writes conf/serving/vllm_cpu.yaml) and none
+is on by default: with ``serving=none`` every field is zero, the simulator builds plain ``Instance`` objects and
+nothing here runs. When one is on, every instance is a ``ServedInstance``:
+
+- **API server** (one single-threaded process per instance, a FIFO of CPU work): each request's phase first spends
+  ``frontend_s + frontend_per_token_s * prompt`` there before the engine sees it (HTTP, parsing, input processing,
+  the hand-off to the engine core); every engine step's output costs it ``api_step_s`` (taking in one batch of
+  engine outputs) plus ``token_s`` per output token (detokenize, one SSE chunk), so a token reaches the client when
+  the API server has worked through it; a finished phase adds ``response_s``.
+  The proxy's policy sees requests in the front-end as waiting, and answers still being delivered as running (as
+  the real proxy counts them in flight).
+- **Engine step**: ``step_s`` more per step than the cost model gives (engine-core to worker IPC, scheduling,
+  output serialisation of a served engine).
+- **KV connector**: ``kv_save_s + kv_save_per_byte_s * bytes`` in the prefill step that starts a PD request (vLLM's
+  ExampleConnector writes each layer's KV to files during the forward), ``kv_load_s + kv_load_per_byte_s * bytes``
+  in the decode step that admits it. ``kv_rule="example_connector"``: decode gets the KV of the connector's block
+  rule (below) from files, so nothing crosses ``cluster.kv_link``, and its admitting step also recomputes the
+  prompt tokens it did not get (one mixed step, as vLLM schedules it). ``"link"``: the cluster's KV link as without
+  serving costs.
+- **Host CPU** (``host_cores`` > 0): every instance's engine and API server, the proxy and ``background_cores`` of
+  other load share the machine's cores. A step, or an API server's job, starting when the processes wanting CPU
+  want more than there are cores, takes longer by (demand / cores): processor sharing, as the kernel time-slices,
+  evaluated when the work starts. A stepping engine wants ``engine_cpu`` cores, a working API server or proxy one.
+  (Not a FIFO ``simpy.Resource`` of cores: that would let a decode run hold a core for its whole length and make
+  front-end work wait behind it, which no scheduler does.)
+
+ExampleConnector's block rule (vLLM 0.32, ``example_connector.align_to_block_size(n) = (n - 1) // B * B``): prefill
+stores align(L) tokens under a key of those tokens; decode looks for a key of align(L - 1) tokens, so it loads them
+when both agree and recomputes the rest (at least the last prompt token, and the whole prompt when
+L - 1 is a multiple of the block size).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, replace
+
+from omnisim.engine import DecodeRun
+from omnisim.sim.instance import Instance
+
+KV_RULES = ("link", "example_connector")
+
+
+@dataclass(frozen=True)
+class ServingCosts:
+    """Seconds unless named otherwise; see the module docstring for where each one is charged."""
+
+    frontend_s: float = 0.0
+    frontend_per_token_s: float = 0.0
+    response_s: float = 0.0
+    token_s: float = 0.0
+    api_step_s: float = 0.0
+    step_s: float = 0.0
+    kv_save_s: float = 0.0
+    kv_save_per_byte_s: float = 0.0
+    kv_load_s: float = 0.0
+    kv_load_per_byte_s: float = 0.0
+    kv_rule: str = "link"
+    host_cores: int = 0
+    engine_cpu: float = 1.0
+    background_cores: float = 0.0
+    proxy_s: float = 0.0
+    proxy_token_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "kv_rule":
+                if value not in KV_RULES:
+                    raise ValueError(f"serving.kv_rule: expected one of {KV_RULES}, got {value!r}")
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"serving.{f.name}: expected a finite number, got {value!r}")
+            if value < 0:
+                raise ValueError(f"serving.{f.name} must be >= 0, got {value}")
+        if not isinstance(self.host_cores, int):
+            raise ValueError(f"serving.host_cores: expected a whole number of cores, got {self.host_cores!r}")
+        if self.engine_cpu <= 0:
+            raise ValueError(f"serving.engine_cpu must be > 0 (cores a stepping engine wants), got {self.engine_cpu}")
+
+    @property
+    def active(self) -> bool:
+        """Whether any cost is on (False: the simulator runs exactly as without serving costs; engine_cpu and
+        background_cores only matter with host_cores)."""
+        return any(getattr(self, f.name) != f.default for f in fields(self)
+                   if f.name not in ("engine_cpu", "background_cores"))
+
+    def connector_tokens(self, prompt: int, block: int) -> tuple[int, int]:
+        """(prompt tokens prefill stores, prompt tokens decode loads) under ``kv_rule`` (``link``: the whole prompt
+        crosses the link)."""
+        if self.kv_rule == "link":
+            return prompt, prompt
+        stored = max(0, (prompt - 1) // block * block)
+        looked = max(0, (prompt - 2) // block * block)
+        return stored, (looked if looked == stored else 0)
+
+
+class Fifo:
+    """CPU work of one single-threaded process (an API server, the proxy with its client), done one job after
+    another: a job added at ``t`` starts when the process is free, and takes its work times the host's stretch."""
+
+    __slots__ = ("free_at", "busy_s")
+
+    def __init__(self) -> None:
+        self.free_at = -math.inf
+        self.busy_s = 0.0
+
+    def add(self, t: float, work: float, stretch: float = 1.0) -> float:
+        """Queue ``work`` seconds arriving at ``t``; returns when it is done."""
+        if work <= 0.0:
+            return t if t > self.free_at else self.free_at
+        start = t if t > self.free_at else self.free_at
+        w = work * stretch
+        self.busy_s += w
+        self.free_at = start + w
+        return self.free_at
+
+    def add_steps(self, first: float, last: float, k: int, work: float, stretch: float = 1.0) -> tuple[float, float]:
+        """``k`` jobs of ``work`` arriving at the ends of k engine steps, the first at ``first``, the last at ``last``
+        (step lengths not decreasing); returns when the first and the last are done. Closed form: job j is done at
+        max(free, arrival_i + (j - i + 1) * work) over i <= j, which for such arrivals peaks at an end."""
+        if work <= 0.0 or k < 1:
+            return (first if first > self.free_at else self.free_at), (last if last > self.free_at else self.free_at)
+        w = work * stretch
+        f0 = self.free_at
+        done_first = (first if first > f0 else f0) + w
+        done_last = max(f0 + k * w, first + k * w, last + w)
+        self.busy_s += k * w
+        self.free_at = done_last
+        return done_first, done_last
+
+
+class HostCPU:
+    """The machine's cores shared by every served instance's engine and API server, the proxy, and background load:
+    ``stretch`` is how much longer work starting now takes (1 while the demand fits the cores)."""
+
+    def __init__(self, costs: ServingCosts, proxy: Fifo) -> None:
+        self.cores = costs.host_cores
+        self.engine_cpu = costs.engine_cpu
+        self.background = costs.background_cores
+        self.proxy = proxy
+        self.instances: list[ServedInstance] = []
+
+    def stretch(self, now: float, asking, engine: bool) -> float:
+        """For an engine step (``engine``) or an API job of instance ``asking`` (None: the proxy) starting ``now``."""
+        if not self.cores:
+            return 1.0
+        demand = self.background + (self.engine_cpu if engine else 1.0)
+        for inst in self.instances:
+            if inst.busy and not (engine and inst is asking):
+                demand += self.engine_cpu
+            if inst.api.free_at > now and not (not engine and inst is asking):
+                demand += 1.0
+        if asking is not None and self.proxy.free_at > now:
+            demand += 1.0
+        return demand / self.cores if demand > self.cores else 1.0
+
+
+class ServedInstance(Instance):
+    """An ``Instance`` behind its API server, with the serving costs of ``serving`` (see the module docstring)."""
+
+    def __init__(self, *args, serving: ServingCosts, host: HostCPU, proxy: Fifo, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.serving = serving
+        self.host = host
+        self.proxy = proxy
+        self.api = Fifo()
+        self.in_steps = serving.kv_rule == "example_connector"  # the connector's work is in the engine's steps
+        self.saves = bool(serving.kv_save_s or serving.kv_save_per_byte_s)
+        self.fe_local = self.fe_local_tokens = 0  # requests in the API server's front-end, not yet in the engine
+        self.fe_remote = self.fe_remote_tokens = 0
+        self.delivering = 0  # answers the engine is done with, still on their way to the client
+        self._joining: tuple = ()
+        self._finishing: list = []
+        self._prefilled: list = []
+        self._in_complete = False
+        host.instances.append(self)
+
+    # -- what the proxy sees: requests in the front-end wait, answers being delivered run ----------------------
+    def state(self):
+        s = super().state()
+        if self.fe_local or self.fe_remote or self.delivering:
+            s = replace(s, num_running=s.num_running + self.delivering,
+                        num_waiting=s.num_waiting + self.fe_local + self.fe_remote,
+                        inflight_prompt_tokens=s.inflight_prompt_tokens + self.fe_local_tokens,
+                        decode_tokens=s.decode_tokens + self.fe_remote_tokens)
+        return s
+
+    # -- the front-end: proxy, then this instance's API server, then the engine --------------------------------
+    def _front_end(self, seq) -> float:
+        now = self.env.now
+        s = self.serving
+        t = self.proxy.add(now, s.proxy_s, self.host.stretch(now, None, False)) if s.proxy_s else now
+        work = s.frontend_s + s.frontend_per_token_s * seq.prompt
+        return self.api.add(t, work, self.host.stretch(t, self, False))
+
+    def submit(self, seq) -> None:
+        done = self._front_end(seq)
+        self.fe_local += 1
+        self.fe_local_tokens += seq.prompt
+        self.env.timeout(done - self.env.now).callbacks.append(lambda _e, s=seq: self._enter(s))
+
+    def _enter(self, seq) -> None:
+        self.fe_local -= 1
+        self.fe_local_tokens -= seq.prompt
+        Instance.submit(self, seq)
+
+    def submit_remote(self, seq, source) -> None:
+        done = self._front_end(seq)
+        self.fe_remote += 1
+        self.fe_remote_tokens += seq.prompt
+        self.env.timeout(done - self.env.now).callbacks.append(lambda _e, s=seq, src=source: self._enter_remote(s, src))
+
+    def _enter_remote(self, seq, source) -> None:
+        self.fe_remote -= 1
+        self.fe_remote_tokens -= seq.prompt
+        Instance.submit_remote(self, seq, source)
+
+    def pull_kv(self, seq) -> None:
+        if not self.in_steps:
+            super().pull_kv(seq)
+            return
+        # ExampleConnector: the KV is in files already; the admitting step reads it (and is timed for it)
+        _, loaded = self.serving.connector_tokens(seq.prompt, self.block_size)
+        self.kv_bytes_moved += loaded * self.kv_bytes_per_token
+        self.env.timeout(0.0).callbacks.append(lambda _e, s=seq: self._kv_arrived(s))
+
+    # -- engine steps ------------------------------------------------------------------------------------------
+    def _plan(self, now: float) -> None:
+        ready = self.sched.ready
+        if self.in_steps and ready:  # remote requests join in this step: it loads their KV, recomputes their tails
+            self._joining = tuple(ready)
+            cap = self.sched.max_run_steps
+            self.sched.max_run_steps = 1  # that step is not like the decode steps after it
+            try:
+                super()._plan(now)
+            finally:
+                self.sched.max_run_steps = cap
+                self._joining = ()
+        else:
+            super()._plan(now)
+
+    def _time(self, plan, now: float) -> float:
+        super()._time(plan, now)
+        run = self.run
+        s = self.serving
+        a = run.a + s.step_s
+        if plan.chunks and self.saves:
+            for seq, _c in plan.chunks:  # a PD request's first step here: the connector writes its KV
+                if not seq.local and seq.t_prefill_start == now:
+                    stored, _ = s.connector_tokens(seq.prompt, self.block_size)
+                    a += s.kv_save_s + s.kv_save_per_byte_s * stored * self.kv_bytes_per_token
+        if self._joining:
+            a += self._joining_time(plan) - run.a
+        stretch = self.host.stretch(now, self, True)
+        self.run = run = DecodeRun(run.t0, a * stretch, run.b * stretch, run.k)
+        return run.duration
+
+    def _joining_time(self, plan) -> float:
+        """The admitting step of the joining remote requests as vLLM runs it: their missing prompt tokens as prefill
+        chunks beside the other sequences' decode tokens, plus reading their KV."""
+        s, bytes_per_token = self.serving, self.kv_bytes_per_token
+        pt, pa, pc = plan.prefill_tokens, plan.prefill_attention, plan.prefill_context
+        n, ctx = plan.decode_seqs, plan.attention_context
+        load = 0.0
+        for seq in self._joining:
+            _, loaded = s.connector_tokens(seq.prompt, self.block_size)
+            tail = seq.prompt - loaded
+            pt += tail
+            pa += tail * (loaded + (tail + 1) / 2)
+            pc += seq.prompt
+            n -= 1
+            ctx -= seq.prompt + seq.generated
+            load += s.kv_load_s + s.kv_load_per_byte_s * loaded * bytes_per_token
+        return self.cost.step_time(pt, pa, pc, n, max(ctx, 0.0), 1.0) + load
+
+    def _complete(self, now: float) -> None:
+        run, plan, s = self.run, self.plan, self.serving
+        joiners = list(self.sched.first_pending)  # remote requests whose first token is this run's first step
+        chunk_done = [seq for seq, c in plan.chunks if seq.computed + c >= seq.prefill_target]
+        tokens = plan.decode_seqs + len(chunk_done)  # one output token per sequence per step
+        api_stretch = self.host.stretch(now, self, False)
+        work = s.api_step_s + s.token_s * tokens if tokens else 0.0
+        first, last = self.api.add_steps(run.first_step_end, now, run.k, work, api_stretch)
+        if s.proxy_token_s:  # the proxy relays every chunk
+            first, last = self.proxy.add_steps(first, last, run.k, s.proxy_token_s * tokens,
+                                               self.host.stretch(first, None, False))
+        self._in_complete = True
+        try:
+            super()._complete(now)
+        finally:
+            self._in_complete = False
+        for seq in joiners:
+            seq.t_first = first
+        for seq in chunk_done:
+            if seq.local and seq.t_first == now:
+                seq.t_first = first
+        for seq in self._prefilled:
+            self._deliver(seq, last, api_stretch, prefill=True)
+        for seq in self._finishing:
+            self._deliver(seq, last, api_stretch, prefill=False)
+        self._prefilled.clear()
+        self._finishing.clear()
+
+    def _deliver(self, seq, after: float, stretch: float, prefill: bool) -> None:
+        """The answer (or a PD prefill's response) leaves the API server once its output is through: response work,
+        then the driver hears of it."""
+        done = self.api.add(after, self.serving.response_s, stretch)
+        now = self.env.now
+        self.delivering += 1
+        if prefill:
+            seq.t_prefill_end = done
+            if self.in_steps:  # the KV is in the connector's files: vLLM frees the request's blocks at once
+                self.release_sent(seq)
+            self.env.timeout(done - now).callbacks.append(lambda _e, q=seq: self._delivered(q, True))
+        else:
+            seq.t_finish = done
+            self.env.timeout(done - now).callbacks.append(lambda _e, q=seq: self._delivered(q, False))
+
+    def _delivered(self, seq, prefill: bool) -> None:
+        self.delivering -= 1
+        if prefill:
+            self.driver.prefilled(seq, self)
+        else:
+            self.driver.finished(seq, self)
+
+    # -- what the scheduler reports (EngineEvents), held until the step's output is delivered -----------------
+    def prefilled(self, seq) -> None:
+        if self._in_complete:
+            self._prefilled.append(seq)
+        else:
+            self._deliver(seq, self.env.now, 1.0, prefill=True)
+
+    def finished(self, seq) -> None:
+        if self._in_complete:
+            self._finishing.append(seq)
+        else:
+            self._deliver(seq, self.env.now, 1.0, prefill=False)
+
+    def stats(self, duration_s: float) -> dict:
+        row = super().stats(duration_s)
+        row["api_busy_s"] = self.api.busy_s
+        return row

@@ -1,0 +1,259 @@
+"""Serving costs in the simulator (omnisim.sim.serving): each cost shows up where it is charged and nowhere else, and
+with serving=none the simulator is the plain one."""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pandas as pd
+import pytest
+from hydra import compose, initialize_config_dir
+
+from omnisim.app import CONF_DIR, build_experiment
+from omnisim.core import Request
+from omnisim.metrics import request_latencies
+from omnisim.sim import Simulation
+from omnisim.sim.instance import Instance
+from omnisim.sim.serving import Fifo, ServedInstance, ServingCosts
+from tests.sim_fixtures import AffineCost, Workload, colocated, experiment, pd_cluster
+
+BLOCK = 32
+
+
+class Listed:
+    def __init__(self, *requests: Request) -> None:
+        self.items = requests
+
+    def requests(self):
+        return iter(self.items)
+
+
+def req(i: int, t: float, prompt: int, output: int) -> Request:
+    return Request(f"r{i}", t, prompt, output)
+
+
+def run(cluster, workload, serving: ServingCosts | None):
+    exp = dataclasses.replace(experiment(cluster, workload), serving=serving)
+    sim = Simulation(exp)
+    result = sim.run()
+    lat = request_latencies(result.records)
+    return result.records.join(lat).set_index("request_id"), result.instances.set_index("instance_id"), sim
+
+
+def one(prompt=100, output=10, serving=None, cluster=None):
+    records, instances, sim = run(cluster or colocated(n=1, block_size=BLOCK), Listed(req(0, 0.0, prompt, output)),
+                                  serving)
+    return records.loc["r0"], instances, sim
+
+
+# -- off means off ---------------------------------------------------------------------------------------------------
+def test_serving_none_is_all_zero_and_the_simulator_builds_plain_instances():
+    assert not ServingCosts().active
+    exp, _ = build_experiment(cfg("experiment=cpu_tiny_1p1d"))
+    assert exp.serving == ServingCosts()
+    sim = Simulation(exp)
+    assert all(type(i) is Instance for i in sim.instances)
+    with_none = Simulation(dataclasses.replace(exp, serving=None)).run().records
+    pd.testing.assert_frame_equal(sim.run().records, with_none, check_exact=True)
+
+
+def test_any_cost_turns_served_instances_on():
+    for name in ("frontend_s", "token_s", "step_s", "kv_save_s", "proxy_s"):
+        costs = ServingCosts(**{name: 1e-3})
+        assert costs.active
+        _, _, sim = one(serving=costs)
+        assert all(isinstance(i, ServedInstance) for i in sim.instances)
+    assert ServingCosts(host_cores=2).active and ServingCosts(kv_rule="example_connector").active
+    assert not ServingCosts(background_cores=3.0, engine_cpu=2.0).active  # they only matter with host_cores
+
+
+def cfg(*overrides):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+# -- front-end and response --------------------------------------------------------------------------------------------
+def test_ttft_and_e2e_grow_by_exactly_the_front_end_and_response_costs():
+    base, _, _ = one()
+    fe, per_token, resp, proxy = 0.020, 1e-5, 0.003, 0.001
+    served, inst, _ = one(serving=ServingCosts(frontend_s=fe, frontend_per_token_s=per_token, response_s=resp,
+                                               proxy_s=proxy))
+    front = proxy + fe + per_token * 100
+    assert served.ttft_s == pytest.approx(base.ttft_s + front, abs=1e-12)
+    assert served.e2e_s == pytest.approx(base.e2e_s + front + resp, abs=1e-12)
+    # nothing per token: TPOT only carries the response, which the client's last token (its [DONE]) waits for
+    assert served.tpot_s == pytest.approx(base.tpot_s + resp / 9, abs=1e-12)
+    assert inst.loc["mixed-0", "api_busy_s"] == pytest.approx(fe + per_token * 100 + resp)
+
+
+def test_requests_in_the_front_end_count_as_waiting_for_the_policy():
+    costs = ServingCosts(frontend_s=0.05)
+    exp = dataclasses.replace(experiment(colocated(n=1, block_size=BLOCK), Listed(req(0, 0.0, 100, 4))),
+                              serving=costs)
+    sim = Simulation(exp)
+    inst = sim.instances[0]
+    seen = []
+    sim.env.process(_watch(sim.env, inst, seen))
+    sim.run()
+    at_10ms = seen[0]
+    assert at_10ms.num_waiting == 1 and at_10ms.inflight_prompt_tokens == 100  # not in the engine yet
+    assert inst.sched.idle and inst.fe_local == 0
+
+
+def _watch(env, inst, seen):
+    yield env.timeout(0.01)
+    seen.append(inst.state())
+
+
+# -- per-token streaming -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("output", [10, 40])
+def test_streaming_cost_is_charged_per_output_token_and_bounds_tpot_when_it_exceeds_the_step(output):
+    base, _, _ = one(output=output)
+    step = base.tpot_s  # AffineCost: ~4 ms per decode step
+    cheap = step / 10
+    served, inst, _ = one(output=output, serving=ServingCosts(token_s=cheap))
+    assert inst.loc["mixed-0", "api_busy_s"] == pytest.approx(output * cheap)
+    # cheaper than a step: the API server keeps up, each token is late by its own processing only
+    assert served.ttft_s == pytest.approx(base.ttft_s + cheap)
+    assert served.e2e_s == pytest.approx(base.e2e_s + cheap)
+    slow = 3 * step
+    bound, inst, _ = one(output=output, serving=ServingCosts(token_s=slow))
+    assert inst.loc["mixed-0", "api_busy_s"] == pytest.approx(output * slow)
+    # dearer than a step: the API server is the bottleneck, tokens leave at its pace
+    assert bound.tpot_s == pytest.approx(slow, rel=1e-9)
+    assert bound.e2e_s == pytest.approx(base.ttft_s + output * slow, rel=1e-9)
+
+
+def test_api_step_cost_is_charged_once_per_engine_step_with_output():
+    # one request alone: its prefill step and output - 1 decode steps each hand the API server one token
+    served, inst, _ = one(output=12, serving=ServingCosts(api_step_s=1e-4, token_s=2e-4))
+    assert inst.loc["mixed-0", "api_busy_s"] == pytest.approx(12 * (1e-4 + 2e-4))
+    two, inst2, _ = run(colocated(n=1, block_size=BLOCK), Listed(req(0, 0.0, 100, 12), req(1, 0.0, 100, 12)),
+                        ServingCosts(api_step_s=1e-4, token_s=2e-4))
+    # r0's prefill starts alone (r1 arrives while it runs), r1's joins the next step: 13 steps, 24 tokens
+    assert inst2.loc["mixed-0", "steps"] == 13
+    assert inst2.loc["mixed-0", "api_busy_s"] == pytest.approx(13 * 1e-4 + 24 * 2e-4)
+
+
+def test_fifo_closed_form_equals_job_by_job():
+    starts = [0.1 + 0.004 * i + 1e-5 * i * i for i in range(30)]
+    for work in (0.001, 0.004, 0.009):
+        a, b = Fifo(), Fifo()
+        a.free_at = b.free_at = 0.12
+        done = [a.add(t, work) for t in starts]
+        first, last = b.add_steps(starts[0], starts[-1], len(starts), work)
+        assert (first, last) == pytest.approx((done[0], done[-1]), abs=1e-12)
+        assert a.free_at == pytest.approx(b.free_at) and a.busy_s == pytest.approx(b.busy_s)
+
+
+def test_step_overhead_is_added_to_every_engine_step():
+    base, _, _ = one(output=20)
+    served, inst, _ = one(output=20, serving=ServingCosts(step_s=0.002))
+    assert served.tpot_s == pytest.approx(base.tpot_s + 0.002, rel=1e-9)
+    assert served.ttft_s == pytest.approx(base.ttft_s + 0.002, rel=1e-9)
+
+
+# -- the KV connector ----------------------------------------------------------------------------------------------
+def pd_run(prompt, output=4, **costs):
+    cluster = pd_cluster(p=1, d=1, block_size=BLOCK)
+    cluster = dataclasses.replace(cluster, kv_link=dataclasses.replace(cluster.kv_link, latency_s=0.0,
+                                                                       bandwidth_GBps=1e9))
+    records, instances, _ = run(cluster, Listed(req(0, 0.0, prompt, output)),
+                                ServingCosts(**costs) if costs else None)
+    return records.loc["r0"], instances
+
+
+@pytest.mark.parametrize("prompt, loaded", [(64, 32), (65, 0), (66, 64), (100, 96), (20, 0), (33, 0), (34, 32)])
+def test_example_connector_rule_loads_the_blocks_both_sides_agree_on(prompt, loaded):
+    costs = ServingCosts(kv_rule="example_connector")
+    stored, got = costs.connector_tokens(prompt, BLOCK)
+    assert stored == max(0, (prompt - 1) // BLOCK * BLOCK) and got == loaded
+    assert ServingCosts().connector_tokens(prompt, BLOCK) == (prompt, prompt)  # "link": the whole prompt
+    _, inst = pd_run(prompt, kv_rule="example_connector")
+    assert inst.loc["decode-0", "kv_bytes_in"] == pytest.approx(loaded * 70_000.0)
+
+
+def test_connector_load_and_save_cost_grow_with_the_bytes_moved():
+    per_byte = 1e-9
+    for prompt in (100, 300):
+        stored, loaded = ServingCosts(kv_rule="example_connector").connector_tokens(prompt, BLOCK)
+        base, _ = pd_run(prompt, kv_rule="example_connector")
+        load, _ = pd_run(prompt, kv_rule="example_connector", kv_load_s=0.002, kv_load_per_byte_s=per_byte)
+        assert load.ttft_s - base.ttft_s == pytest.approx(0.002 + per_byte * loaded * 70_000.0, rel=1e-6)
+        save, _ = pd_run(prompt, kv_rule="example_connector", kv_save_s=0.001, kv_save_per_byte_s=per_byte)
+        assert save.ttft_s - base.ttft_s == pytest.approx(0.001 + per_byte * stored * 70_000.0, rel=1e-6)
+        # the save is in the prefill step, so the decode side sees the prefill end that much later
+        assert save.prefill_end_s - base.prefill_end_s == pytest.approx(0.001 + per_byte * stored * 70_000.0,
+                                                                         rel=1e-6)
+
+
+def test_decode_recomputes_the_tail_the_connector_did_not_bring():
+    # "link" moves the whole prompt (here in no time): decode's first step is a decode step.
+    link, _ = pd_run(100, kv_rule="link", step_s=1e-12)
+    example, _ = pd_run(100, kv_rule="example_connector")  # loads 96, recomputes 4 tokens in a mixed step
+    miss, _ = pd_run(97, kv_rule="example_connector")  # 97 - 1 is a multiple of 32: the keys differ, all recomputed
+    c = AffineCost()
+    tail = c.step_time(4, 4 * (96 + 2.5), 100, 0, 0) - c.step_time(0, 0, 0, 1, 100)
+    first_link = link.first_token_s - link.prefill_end_s
+    assert example.first_token_s - example.prefill_end_s == pytest.approx(first_link + tail - 1e-12, rel=1e-6)
+    full = c.step_time(97, 97 * 49, 97, 0, 0)
+    assert miss.first_token_s - miss.prefill_end_s == pytest.approx(full, rel=1e-6)
+
+
+# -- host CPU contention -------------------------------------------------------------------------------------------
+def two_at_once(**costs):
+    cluster = colocated(n=2, block_size=BLOCK)
+    records, _, _ = run(cluster, Listed(req(0, 0.0, 100, 60), req(1, 0.0, 100, 60)),
+                        ServingCosts(**costs) if costs else None)
+    return records
+
+
+def test_contention_slows_steps_only_when_demand_exceeds_the_cores():
+    alone = two_at_once()
+    fits = two_at_once(host_cores=2, engine_cpu=1.0)  # two engines of one core each on two cores
+    assert fits.tpot_s.to_list() == pytest.approx(alone.tpot_s.to_list(), rel=1e-12)
+    over = two_at_once(host_cores=2, engine_cpu=1.5)  # 3 cores wanted of 2: everything 1.5x slower
+    assert over.tpot_s.to_list() == pytest.approx((alone.tpot_s * 1.5).to_list(), rel=1e-9)
+    loaded = two_at_once(host_cores=2, engine_cpu=1.0, background_cores=1.0)  # 3 of 2 again
+    assert loaded.tpot_s.to_list() == pytest.approx((alone.tpot_s * 1.5).to_list(), rel=1e-9)
+    no_host = two_at_once(engine_cpu=1.5, background_cores=1.0)  # host_cores=0: no host model
+    assert no_host.tpot_s.to_list() == pytest.approx(alone.tpot_s.to_list(), rel=1e-12)
+
+
+def test_one_engine_alone_is_not_slowed_by_the_other_idle_one():
+    records, _, _ = run(colocated(n=2, block_size=BLOCK), Listed(req(0, 0.0, 100, 60)), None)
+    alone = records.loc["r0"]
+    records, _, _ = run(colocated(n=2, block_size=BLOCK), Listed(req(0, 0.0, 100, 60)),
+                        ServingCosts(host_cores=2, engine_cpu=1.5))
+    assert records.loc["r0"].tpot_s == pytest.approx(alone.tpot_s, rel=1e-12)
+
+
+# -- whole runs ----------------------------------------------------------------------------------------------------
+def test_a_served_run_accounts_for_every_request_and_is_deterministic():
+    costs = ServingCosts(frontend_s=0.01, token_s=5e-4, response_s=0.002, step_s=5e-4, kv_rule="example_connector",
+                         kv_load_s=0.002, kv_save_s=0.001, host_cores=2, engine_cpu=1.3, background_cores=0.5)
+    wl = Workload(n=200, rate=20.0, prompt=(40, 400), output=(2, 40))
+    a, _, _ = run(pd_cluster(p=1, d=1, block_size=BLOCK), wl, costs)
+    b, _, _ = run(pd_cluster(p=1, d=1, block_size=BLOCK), wl, costs)
+    pd.testing.assert_frame_equal(a, b, check_exact=True)
+    assert len(a) == 200 and (a.status == "ok").all()
+    assert (a.first_token_s >= a.arrival_s).all() and (a.finish_s >= a.first_token_s).all()
+    base, _, _ = run(pd_cluster(p=1, d=1, block_size=BLOCK), wl, None)
+    assert (a.ttft_s > base.ttft_s.reindex(a.index)).all()
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("frontend_s", -1.0, "serving.frontend_s must be >= 0"),
+    ("token_s", math.nan, "serving.token_s: expected a finite number"),
+    ("kv_rule", "nfs", "serving.kv_rule: expected one of"),
+    ("host_cores", 1.5, "serving.host_cores"),
+    ("engine_cpu", 0.0, "serving.engine_cpu must be > 0"),
+])
+def test_bad_serving_values_fail_naming_the_field(field, value, words):
+    with pytest.raises(ValueError, match=words.replace(".", r"\.")):
+        ServingCosts(**{field: value})
+
+
+def test_bad_serving_value_through_the_app_names_the_key():
+    with pytest.raises(ValueError, match=r"serving\.step_s"):
+        build_experiment(cfg("experiment=cpu_tiny_colocated", "serving.step_s=-0.1"))
