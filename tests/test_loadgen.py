@@ -149,6 +149,46 @@ def test_refused_failed_and_truncated_requests_each_get_a_record():
     assert dead["status"].iloc[0] == "error" and dead["error"].iloc[0]
 
 
+def test_a_completion_chunk_with_empty_text_is_the_first_token_a_chat_role_chunk_is_not():
+    # vLLM streams a chunk per token, with empty text while the token ends inside a UTF-8 character
+    async def completion(request):
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(b'data: {"choices":[{"index":0,"text":""}]}\n\n')
+        await asyncio.sleep(0.2)
+        await resp.write(b'data: {"choices":[{"index":0,"text":" x"}]}\n\ndata: [DONE]\n\n')
+        return resp
+
+    async def chat(request):  # the role chunk first: no token yet
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(b'data: {"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}\n\n')
+        await asyncio.sleep(0.2)
+        await resp.write(b'data: {"choices":[{"index":0,"delta":{"content":" x"}}]}\n\ndata: [DONE]\n\n')
+        return resp
+
+    async def main():
+        app = web.Application()
+        app.router.add_post("/v1/completions", completion)
+        app.router.add_post("/v1/chat/completions", chat)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        try:
+            plain = await LoadGenerator(url, model="m").run([Request("c", 0.0, 5, 2)])
+            chatted = await LoadGenerator(url, model="m", endpoint="chat").run([Request("h", 0.0, 5, 1)])
+        finally:
+            await runner.cleanup()
+        return records_frame(plain).iloc[0], records_frame(chatted).iloc[0]
+
+    plain, chatted = run(main())
+    assert plain["status"] == "ok" and plain["output_tokens"] == 2  # both chunks are tokens
+    assert plain["finish_s"] - plain["first_token_s"] > 0.15  # the first token is the empty-text chunk
+    assert chatted["status"] == "ok" and chatted["output_tokens"] == 1
+    assert chatted["finish_s"] - chatted["first_token_s"] < 0.1  # the role chunk is no token
+
+
 def test_settings_are_checked():
     with pytest.raises(ValueError, match="endpoint"):
         LoadGenerator("http://x", endpoint="embeddings")

@@ -240,7 +240,10 @@ class _Outcome:
                     return
                 for choice in event.get("choices") or ():
                     text = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
-                    if text:
+                    # A completion chunk is one token even when its text is empty (vLLM holds back the text of a
+                    # token that ends inside a UTF-8 character, but still sends its chunk); a chat stream's first
+                    # chunk carries only the role, so there empty content is no token.
+                    if text or (not chat and text is not None):
                         counted += 1
                         if self.first_token is None:
                             self.first_token = loop.time()
