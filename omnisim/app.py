@@ -11,15 +11,21 @@ import copy
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 log = logging.getLogger("omnisim")
+# conf/hydra/launcher/ray.yaml shadows the Ray plugin's node of the same name on purpose (it fixes two defaults);
+# Hydra 1.3 still validates it against that node and warns on every composition that this is deprecated
+warnings.filterwarnings("ignore", message=r"(?s).*'hydra/launcher/ray' is validated against ConfigStore schema",
+                        category=UserWarning)
 
 
 def _build(cfg: DictConfig, key: str):
@@ -82,7 +88,9 @@ def run_experiment(cfg: DictConfig, out_dir: Path) -> dict:
     summary.update(result.extra)
     summary["name"] = experiment.name
     summary["seed"] = experiment.seed
-    write_run(out_dir, result.records, summary, instances=result.instances, tables=result.tables or None)
+    summary["devices"] = experiment.cluster.devices
+    write_run(out_dir, result.records, summary, instances=result.instances, tables=result.tables or None,
+              plots=bool(cfg.get("plots", True)))
     return summary
 
 
@@ -143,21 +151,51 @@ def instantiate_node(node, seed: int):
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
-def main(cfg: DictConfig) -> float | None:
+def main(cfg: DictConfig) -> float | tuple | None:
     from omnisim.metrics import format_summary
 
-    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    hydra_cfg = HydraConfig.get()
+    out_dir = Path(hydra_cfg.runtime.output_dir)
     try:
+        check_job_dir(hydra_cfg, Path.cwd())
         summary = run_experiment(cfg, out_dir)
+        value = objective_value(summary, cfg.objective)
     except (ValueError, FileNotFoundError) as e:  # a user's error: one line naming the field, no traceback
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         print(f"omnisim: error: {e}", file=sys.stderr)
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            # one failed sweep point: Hydra records the job as failed (the sweeper decides: the basic sweeper stops
+            # after the batch, Optuna marks the trial failed) instead of the worker exiting under its siblings
+            raise
         sys.exit(2)
     print(format_summary(summary))
     print(f"results: {out_dir}")
-    value = summary.get(str(cfg.objective))
-    return float(value) if isinstance(value, (int, float)) else None
+    return value
+
+
+def check_job_dir(hydra_cfg, cwd: Path) -> None:
+    """A sweep job running in another directory than the one the sweep was started from (a Ray worker, a Slurm
+    job) resolves a relative ``hydra.sweep.dir`` there: refuse it rather than scatter the runs."""
+    sweep_dir = Path(str(hydra_cfg.sweep.dir))
+    if (hydra_cfg.mode == RunMode.MULTIRUN and not sweep_dir.is_absolute() and not hydra_cfg.job.chdir
+            and cwd.resolve() != Path(hydra_cfg.runtime.cwd).resolve()):
+        raise ValueError(f"hydra.sweep.dir={sweep_dir} is relative and this job runs in {cwd}, not in "
+                         f"{hydra_cfg.runtime.cwd} where the sweep started: give an absolute hydra.sweep.dir (on "
+                         f"storage every node shares)")
+
+
+def objective_value(summary: dict, objective) -> float | tuple | None:
+    """What a sweep's run returns: the summary key ``objective`` names (None where the run has no value for it), or,
+    for a list of keys (multi-objective Optuna: ``direction: [minimize, maximize]``), a tuple of their values."""
+    if OmegaConf.is_list(objective) or isinstance(objective, (list, tuple)):
+        values = tuple(objective_value(summary, key) for key in objective)
+        missing = [str(k) for k, v in zip(objective, values) if v is None]
+        if missing:  # a tuple with a None in it would fail inside the sweeper with a message about floats
+            raise ValueError(f"objective: the run's summary has no number for {', '.join(missing)}")
+        return values
+    value = summary.get(str(objective))
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 if __name__ == "__main__":

@@ -114,6 +114,11 @@ class ClusterSpec:
                 raise ValueError(f"cluster.{role}.tp={g.tp}: the {kv_heads} KV heads of "
                                  f"{getattr(model, 'name', 'the model')} can be neither split nor replicated evenly")
 
+    @property
+    def devices(self) -> int:
+        """Devices the cluster occupies: every instance's tp * dp."""
+        return sum(g.count * g.devices for _, g in self.groups())
+
     def groups(self) -> list[tuple[str, InstanceGroup]]:
         """(role name, group) pairs: instance ids are f"{role}-{index}"."""
         if self.disaggregated:

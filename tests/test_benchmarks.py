@@ -124,3 +124,15 @@ def test_operator_profile(tmp_path):
     assert {line.split(":")[0] for line in table if line.startswith("#")} >= {
         "# engine", "# model", "# hardware", "# parallel", "# date", "# command"}  # what it was measured on
     assert len([line for line in table if not line.startswith("#")]) == figures["rows"] + 1
+
+
+def test_sweep_speed():
+    figures = last_json(run("benchmarks/sweep_speed.py", "--tiny", "--no-overhead", timeout=900))
+    for launcher in ("joblib", "ray"):  # every point of the sweep ran and completed under both launchers
+        f = figures[launcher]
+        assert f["jobs"] == f["complete"] == 4 and f["requests"] == 4 * 30
+        assert f["wall_s"] > 0 and f["wall_s_per_job"] == pytest.approx(f["wall_s"] / 4, abs=0.01)
+    assert figures["ray_head_start_s"] > 0 and math.isfinite(figures["ray_minus_joblib_s_per_job"])
+    cap = figures["capacity"]
+    assert 2 <= cap["runs"] <= 4 and cap["rate_per_s"] > 0 and cap["attainment"] >= 0.9
+    assert figures["load_before"] and figures["load_after"]  # the load the wall times were taken under

@@ -31,6 +31,20 @@ print(%r + json.dumps({
 print(%r + json.dumps({"runs": len(runs), "policies": sorted(set(runs.policy)), "setups": sorted(set(runs.setup)),
                         "table_rows": len(table), "levels": sorted(set(runs.level))}))
 """,
+    "pd_ratio.ipynb": """
+print(%r + json.dumps({"complete": bool(runs.complete.all()), "best": best_shape, "grid": [PREFILL, DECODE],
+    "rows": {shape: {k: (bool(v) if k == "meets_slo" else float(v)) for k, v in row.items()}
+             for shape, row in table[["devices", "goodput_qpm", "slo_attainment", "goodput_per_device",
+                                      "meets_slo"]].iterrows()}}))
+""",
+    "capacity_planning.ipynb": """
+print(%r + json.dumps({"trials": len(study.trials), "asked": TRIALS, "target": TARGET,
+    "directions": [d.name for d in study.directions], "complete": bool(runs.complete.all()),
+    "rows": [{k: (bool(v) if k == "on_front" else float(v)) for k, v in row.items()} for row in
+             table[["prefill.count", "prefill.tp", "decode.count", "decode.dp", "devices", "attainment",
+                    "on_front"]].to_dict("records")],
+    "answer": None if answer is None else {"devices": float(answer.devices), "attainment": float(answer.attainment)}}))
+""",
 }
 
 
@@ -79,6 +93,34 @@ def test_notebook_runs_and_computes_what_it_says(path):
         assert sim["static"]["TPOT vs static %"] == 0
         for name in set(sim) - {"static"}:  # balancing lowers the simulated decode imbalance
             assert sim[name]["decode imbalance"] < sim["static"]["decode imbalance"], name
+    elif path.name == "pd_ratio.ipynb":
+        rows, (prefill, decode) = probe["rows"], probe["grid"]
+        assert probe["complete"] and set(rows) == {f"{p}P{d}D" for p in prefill for d in decode}  # the xPyD grid
+        for shape, r in rows.items():
+            p, d = (int(x) for x in shape[:-1].split("P"))
+            assert r["devices"] == 8 * p + 32 * d  # TP8 prefill, DP32 decode instances
+            assert r["goodput_per_device"] == pytest.approx(r["goodput_qpm"] / r["devices"])
+            assert r["meets_slo"] == (r["slo_attainment"] >= 0.9)
+        meeting = {shape: r for shape, r in rows.items() if r["meets_slo"]}
+        assert probe["best"] == max(meeting, key=lambda k: meeting[k]["goodput_per_device"])
+    elif path.name == "capacity_planning.ipynb":
+        rows = probe["rows"]
+        assert probe["trials"] == probe["asked"] == len(rows) and probe["complete"]
+        assert probe["directions"] == ["MINIMIZE", "MAXIMIZE"]
+        for r in rows:  # each trial's devices objective is its shape's, its attainment a fraction
+            assert r["devices"] == r["prefill.count"] * r["prefill.tp"] + r["decode.count"] * r["decode.dp"]
+            assert 0.0 <= r["attainment"] <= 1.0
+
+        def dominated(r):
+            return any(o["devices"] <= r["devices"] and o["attainment"] >= r["attainment"] and
+                       (o["devices"], o["attainment"]) != (r["devices"], r["attainment"]) for o in rows)
+        assert all(r["on_front"] == (not dominated(r)) for r in rows)  # Optuna's front is the non-dominated set
+        meeting = [r for r in rows if r["attainment"] >= probe["target"]]
+        if meeting:
+            assert probe["answer"]["devices"] == min(r["devices"] for r in meeting)
+            assert probe["answer"]["attainment"] >= probe["target"]
+        else:
+            assert probe["answer"] is None
     else:
         assert probe["runs"] > 0 and probe["table_rows"] > 0
         assert {p.split(":")[0] for p in probe["policies"]} <= set(config_options("proxy"))

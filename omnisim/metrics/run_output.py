@@ -22,8 +22,9 @@ _TABLE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 def write_run(out_dir, records: pd.DataFrame, summary: dict, instances: pd.DataFrame | None = None,
-              tables: dict[str, pd.DataFrame] | None = None) -> list[Path]:
-    """Write requests.parquet, instances.parquet (if given), NAME.parquet for each extra table, plots/*.png and,
+              tables: dict[str, pd.DataFrame] | None = None, plots: bool = True) -> list[Path]:
+    """Write requests.parquet, instances.parquet (if given), NAME.parquet for each extra table, plots/*.png (unless
+    ``plots`` is false: in a sweep of many small runs drawing them costs more than simulating) and,
     last and atomically, summary.json. A directory without summary.json is an incomplete (or failed) run: an
     existing summary.json is removed first, so a rewrite that fails midway does not look complete.
     Returns the paths written, summary.json last."""
@@ -54,7 +55,8 @@ def write_run(out_dir, records: pd.DataFrame, summary: dict, instances: pd.DataF
         except (ValueError, TypeError, pa.ArrowException) as exc:
             raise ValueError(f"write_run: table {name!r} cannot be written to parquet: {exc}") from exc
     slo = summary.get("slo")
-    paths += write_plots(records, out / "plots", instances, slo=SLO(**slo) if isinstance(slo, dict) else None)
+    if plots:
+        paths += write_plots(records, out / "plots", instances, slo=SLO(**slo) if isinstance(slo, dict) else None)
 
     temporary = out / f".{SUMMARY_FILE}.tmp"
     with open(temporary, "w", encoding="utf-8") as handle:
