@@ -6,6 +6,7 @@ the setup with the runs it took.
     python benchmarks/sweep_speed.py                        # all of it: joblib, Ray, overhead, capacity
     python benchmarks/sweep_speed.py --launchers joblib     # only joblib
     python benchmarks/sweep_speed.py --tiny                 # 4 points of 30 requests (the smoke test's size)
+    python benchmarks/sweep_speed.py --overhead-only --repeat 2   # one-request sweeps, joblib and Ray alternated
 
 The points: proxy in {round_robin, least_load, omni_proxy, kv_aware} x workload.rate in {8, 10.3, 12, 14} x seed in
 {0, 1, 2}, as `omnisim -m experiment=omniinfer_r1_7p1d proxy=... workload.rate=... seed=...` runs them, with
@@ -73,6 +74,10 @@ def main(argv=None) -> int:
     p.add_argument("--plots", action="store_true", help="keep each run's plots (default: plots=false)")
     p.add_argument("--no-overhead", action="store_true", help="skip the one-request sweeps")
     p.add_argument("--no-capacity", action="store_true", help="skip omnisim-capacity")
+    p.add_argument("--overhead-only", action="store_true",
+                   help="only the one-request sweeps, launchers alternated --repeat times (a shared machine's load "
+                        "drifts: alternating spreads it over both)")
+    p.add_argument("--repeat", type=int, default=1)
     args = p.parse_args(argv)
 
     points = TINY if args.tiny else FULL
@@ -84,6 +89,20 @@ def main(argv=None) -> int:
     print(f"load average before: {figures['load_before']}  ({cores} cores)", flush=True)
     work = Path(tempfile.mkdtemp(prefix="omnisim-sweep-speed-"))
     one_request = ["workload.max_requests=1", "plots=false"]
+    if args.overhead_only:
+        figures["requests_per_point"] = 1
+        with LocalRayHead(num_cpus=cores) as head:
+            figures["ray_head_start_s"] = round(head.start_s, 1)
+            ray = ["hydra/launcher=ray", f"hydra.launcher.ray.init.address={head.address}"]
+            for i in range(args.repeat):
+                for name, launcher, env in (("joblib", [], None), ("ray", ray, head.env)):
+                    f = sweep(points, one_request, work / f"{name}_1req_{i}", launcher, env=env)
+                    f["wall_s_per_job"], f["load"] = round(f["wall_s"] / f["jobs"], 2), load()
+                    figures.setdefault(f"{name}_1req", []).append(f)
+                    print(f"{name}, one request per job, round {i}: {f}", flush=True)
+        figures["load_after"] = load()
+        print(json.dumps(figures))
+        return 0
 
     if "joblib" in args.launchers:
         figures["joblib"] = sweep(points, extra, work / "joblib", [])

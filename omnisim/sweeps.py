@@ -13,6 +13,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -85,7 +86,8 @@ class LocalRayHead:
         # Ray's socket paths live under its temp dir and must stay under the 107 bytes of a Unix socket name.
         self.temp_dir = tempfile.mkdtemp(prefix="omray-", dir="/tmp")
         log = Path(self.temp_dir, "head.log")
-        cmd = ["ray", "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(self.port),
+        # the ray CLI of this interpreter, whatever PATH holds (a pyenv shim may point elsewhere)
+        cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(self.port),
                "--num-cpus", str(self.num_cpus), "--temp-dir", self.temp_dir, "--include-dashboard", "false",
                "--disable-usage-stats", "--ray-client-server-port", str(free_port()),
                "--dashboard-agent-listen-port", str(free_port())]
