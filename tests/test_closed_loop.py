@@ -267,7 +267,10 @@ def _emulator_experiment(backend: str, *overrides):
     return build_experiment(app_config(f"backend={backend}", "cluster=2p1d", "proxy=least_load", *overrides))
 
 
+# Wall-clock emulation against simulated time: a starved host (CI's neighbours) can delay the emulated engines'
+# event loops for a while; a real disagreement repeats, a starved moment does not.
 @pytest.mark.timeout(180)
+@pytest.mark.flaky(reruns=2, only_rerun=["AssertionError"])
 def test_emulated_closed_loop_matches_the_simulated_one(tmp_path):
     """backend=emulator runs the closed loop through the load generator and the real proxy; it sends the same
     requests as the simulator (ids, lengths), never more than N at once, and its latencies agree as in

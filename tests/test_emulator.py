@@ -243,6 +243,9 @@ def _experiment(backend: str, requests: int):
     return build_experiment(cfg)
 
 
+# Wall-clock emulation against simulated time: a starved host (CI's neighbours) can delay the emulated engines'
+# event loops for a while; a real disagreement repeats, a starved moment does not.
+@pytest.mark.flaky(reruns=2, only_rerun=["AssertionError"])
 def test_emulated_run_agrees_with_the_simulated_run(tmp_path):
     experiment, emulator = _experiment("emulator", 24)
     _, sim = _experiment("sim", 24)
