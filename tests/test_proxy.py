@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import subprocess
@@ -431,6 +432,56 @@ def test_client_disconnect_cancels_the_upstream_request():
             await wait_until(lambda: engine.stats.aborted == 1 and not engine.running, timeout=3)
             await wait_until(lambda: proxy.upstreams["decode-0"].outstanding == 0)
             assert engine.stats.finished == 0
+
+    run(main())
+
+
+def test_a_client_that_closes_after_done_is_answered_not_an_internal_error():
+    """A client may close as soon as it reads [DONE] (the load generator does), before the stream's terminating
+    chunk: the proxy counts that request answered (200), not a 500 with a logged traceback."""
+    from aiohttp import web
+
+    async def stream(request):
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for text in ("a", "b"):
+            await response.write(b'data: {"choices": [{"text": "%s", "index": 0}]}\n\n' % text.encode())
+        await response.write(b"data: [DONE]\n\n")
+        await asyncio.sleep(0.5)  # the client has [DONE] and leaves before this stream ends
+        with contextlib.suppress(ConnectionError):
+            await response.write_eof()
+        return response
+
+    async def main():
+        app = web.Application()
+        app.router.add_post("/v1/completions", stream)
+        app.router.add_get("/health", lambda _r: web.Response(text="ok"))
+        app.router.add_get("/metrics", lambda _r: web.Response(text=""))
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        proxy = Proxy(ProxyConfig(upstreams=[{"url": f"http://127.0.0.1:{port}"}], port=0), RoundRobin())
+        await proxy.start()
+        try:
+            async with aiohttp.ClientSession() as client:
+                async with client.post(proxy.url + "/v1/completions",
+                                       json={"prompt": "x", "max_tokens": 2, "stream": True}) as resp:
+                    async for line in resp.content:
+                        if line.startswith(b"data: [DONE]"):
+                            break
+                    resp.close()
+                await asyncio.sleep(1.0)  # the upstream ends; the proxy writes its terminator to a closed socket
+                async with client.get(proxy.url + "/metrics") as m:
+                    text = await m.text()
+        finally:
+            await proxy.stop()
+            await runner.cleanup()
+        answered = [ln for ln in text.splitlines() if ln.startswith("omnisim_proxy_requests_total{")]
+        assert any('status="200"' in ln and ln.endswith(" 1.0") for ln in answered), answered
+        assert not any('status="500"' in ln for ln in answered), answered
+        assert 'omnisim_proxy_errors_total{kind="internal"}' not in text
 
     run(main())
 

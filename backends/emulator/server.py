@@ -364,5 +364,8 @@ class EmulatorServer:
                      "model": self.model_name, "choices": [], "usage": self._usage(seq)}
             await response.write(b"data: " + json.dumps(usage, separators=(",", ":")).encode() + b"\n\n")
         await response.write(b"data: [DONE]\n\n")
-        await response.write_eof()
+        try:
+            await response.write_eof()
+        except ConnectionError:
+            pass  # the client (the proxy) has [DONE] and may close before the stream's terminator, as with vLLM
         return response

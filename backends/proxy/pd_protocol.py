@@ -48,6 +48,8 @@ PREFILL_PARAMS = {"do_remote_decode": True, "do_remote_prefill": False, "remote_
 _UPSTREAM_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
 
 
+_DONE = b"data: [DONE]\n\n"  # the last event of an OpenAI stream (vLLM sends nothing after it)
+
 class _Attempt:
     """One request's time at one engine, from sending to its last byte. Its task is cancelled when the engine
     leaves rotation (``lost``) or when ``deadline`` (event-loop time) passes (``timed_out``); the flags tell these
@@ -272,6 +274,7 @@ class PDProtocol:
                 idle = self.stream_idle_timeout_s
                 attempt.rearm(idle)
                 attempt.deadline = inf
+                tail = b""
                 while chunk:
                     now = self.clock()
                     arrivals.append(now)
@@ -281,6 +284,9 @@ class PDProtocol:
                         await response.write(chunk)
                     except (ConnectionError, RuntimeError):  # the client left: drop the upstream request too
                         return self._client_left(endpoint, resp, response)
+                    tail = (tail + chunk)[-len(_DONE):]
+                    if tail == _DONE:  # the answer is whole: a client may close now, before the upstream ends it
+                        break
                     attempt.deadline = self.clock() + idle
                     chunk = await resp.content.readany()
                     attempt.deadline = inf
@@ -304,7 +310,10 @@ class PDProtocol:
             if response is None:
                 raise Retry(failure, up.id)
             return await self._midstream_error(endpoint, response, failure)
-        await response.write_eof()
+        try:
+            await response.write_eof()
+        except (ConnectionError, RuntimeError):
+            pass  # the client had every chunk, [DONE] included, and closed before the stream's terminator: answered
         if counter is not None:
             timing.output_tokens = counter.result()
         self.metrics.e2e.observe(self.clock() - timing.received)
