@@ -49,7 +49,9 @@ def one(prompt=100, output=10, serving=None, cluster=None):
 # -- off means off ---------------------------------------------------------------------------------------------------
 def test_serving_none_is_all_zero_and_the_simulator_builds_plain_instances():
     assert not ServingCosts().active
-    exp, _ = build_experiment(cfg("experiment=cpu_tiny_1p1d"))
+    default, _ = build_experiment(cfg())
+    assert default.serving == ServingCosts()  # the default config has none
+    exp, _ = build_experiment(cfg("experiment=cpu_tiny_1p1d", "serving=none"))
     assert exp.serving == ServingCosts()
     sim = Simulation(exp)
     assert all(type(i) is Instance for i in sim.instances)
@@ -153,6 +155,13 @@ def test_step_overhead_is_added_to_every_engine_step():
     assert served.ttft_s == pytest.approx(base.ttft_s + 0.002, rel=1e-9)
 
 
+def test_step_factor_scales_every_engine_step_before_the_overhead():
+    base, _, _ = one(output=20)
+    served, _, _ = one(output=20, serving=ServingCosts(step_factor=1.5, step_s=0.002))
+    assert served.tpot_s == pytest.approx(base.tpot_s * 1.5 + 0.002, rel=1e-9)
+    assert served.ttft_s == pytest.approx(base.ttft_s * 1.5 + 0.002, rel=1e-9)
+
+
 # -- the KV connector ----------------------------------------------------------------------------------------------
 def pd_run(prompt, output=4, **costs):
     cluster = pd_cluster(p=1, d=1, block_size=BLOCK)
@@ -228,6 +237,20 @@ def test_one_engine_alone_is_not_slowed_by_the_other_idle_one():
     assert records.loc["r0"].tpot_s == pytest.approx(alone.tpot_s, rel=1e-12)
 
 
+def test_a_process_busy_for_part_of_a_step_counts_by_that_part():
+    # A lone stream: its API server works 10% of each step (1.5 + 0.1 cores wanted of 2: no slowdown); counted as a
+    # whole core for the step it would be 2.5 of 2 and every step 1.25x longer.
+    base, _, _ = one(output=20)
+    work = base.tpot_s / 10
+    plain, _, _ = one(output=20, serving=ServingCosts(api_step_s=work))
+    hosted, _, _ = one(output=20, serving=ServingCosts(api_step_s=work, host_cores=2, engine_cpu=1.5))
+    assert hosted.tpot_s == pytest.approx(plain.tpot_s, rel=1e-9)
+    # the same API server busy for most of each step: the steps slow down
+    busy, _, _ = one(output=20, serving=ServingCosts(api_step_s=8 * work, host_cores=2, engine_cpu=1.5))
+    plain_busy, _, _ = one(output=20, serving=ServingCosts(api_step_s=8 * work))
+    assert busy.tpot_s > plain_busy.tpot_s * 1.1
+
+
 # -- whole runs ----------------------------------------------------------------------------------------------------
 def test_a_served_run_accounts_for_every_request_and_is_deterministic():
     costs = ServingCosts(frontend_s=0.01, token_s=5e-4, response_s=0.002, step_s=5e-4, kv_rule="example_connector",
@@ -248,6 +271,7 @@ def test_a_served_run_accounts_for_every_request_and_is_deterministic():
     ("kv_rule", "nfs", "serving.kv_rule: expected one of"),
     ("host_cores", 1.5, "serving.host_cores"),
     ("engine_cpu", 0.0, "serving.engine_cpu must be > 0"),
+    ("step_factor", 0.0, "serving.step_factor must be > 0"),
 ])
 def test_bad_serving_values_fail_naming_the_field(field, value, words):
     with pytest.raises(ValueError, match=words.replace(".", r"\.")):

@@ -11,8 +11,10 @@ nothing here runs. When one is on, every instance is a ``ServedInstance``:
   the API server has worked through it; a finished phase adds ``response_s``.
   The proxy's policy sees requests in the front-end as waiting, and answers still being delivered as running (as
   the real proxy counts them in flight).
-- **Engine step**: ``step_s`` more per step than the cost model gives (engine-core to worker IPC, scheduling,
-  output serialisation of a served engine).
+- **Engine step**: ``step_factor`` times the cost model's step plus ``step_s`` (engine-core to worker IPC,
+  scheduling, output serialisation of a served engine; the factor: the same forward computed in a served engine's
+  worker process, beside its engine core's polling, runs slower than in the in-process loop a step table is
+  measured in).
 - **KV connector**: ``kv_save_s + kv_save_per_byte_s * bytes`` in the prefill step that starts a PD request (vLLM's
   ExampleConnector writes each layer's KV to files during the forward), ``kv_load_s + kv_load_per_byte_s * bytes``
   in the decode step that admits it. ``kv_rule="example_connector"``: decode gets the KV of the connector's block
@@ -22,7 +24,9 @@ nothing here runs. When one is on, every instance is a ``ServedInstance``:
 - **Host CPU** (``host_cores`` > 0): every instance's engine and API server, the proxy and ``background_cores`` of
   other load share the machine's cores. A step, or an API server's job, starting when the processes wanting CPU
   want more than there are cores, takes longer by (demand / cores): processor sharing, as the kernel time-slices,
-  evaluated when the work starts. A stepping engine wants ``engine_cpu`` cores, a working API server or proxy one.
+  evaluated when the work starts. A stepping engine wants ``engine_cpu`` cores; an API server or the proxy one core
+  for the part of the work's span its queued work covers (1 ms of API work does not slow a 7 ms step as a whole
+  core would).
   (Not a FIFO ``simpy.Resource`` of cores: that would let a decode run hold a core for its whole length and make
   front-end work wait behind it, which no scheduler does.)
 
@@ -52,6 +56,7 @@ class ServingCosts:
     token_s: float = 0.0
     api_step_s: float = 0.0
     step_s: float = 0.0
+    step_factor: float = 1.0
     kv_save_s: float = 0.0
     kv_save_per_byte_s: float = 0.0
     kv_load_s: float = 0.0
@@ -76,6 +81,9 @@ class ServingCosts:
                 raise ValueError(f"serving.{f.name} must be >= 0, got {value}")
         if not isinstance(self.host_cores, int):
             raise ValueError(f"serving.host_cores: expected a whole number of cores, got {self.host_cores!r}")
+        if self.step_factor <= 0:
+            raise ValueError(f"serving.step_factor must be > 0 (a served step over the cost model's), got "
+                             f"{self.step_factor}")
         if self.engine_cpu <= 0:
             raise ValueError(f"serving.engine_cpu must be > 0 (cores a stepping engine wants), got {self.engine_cpu}")
 
@@ -133,7 +141,9 @@ class Fifo:
 
 class HostCPU:
     """The machine's cores shared by every served instance's engine and API server, the proxy, and background load:
-    ``stretch`` is how much longer work starting now takes (1 while the demand fits the cores)."""
+    ``stretch`` is how much longer work starting now takes (1 while the demand fits the cores). A stepping engine
+    counts whole; an API server or the proxy by the share of that work's span its queued work covers (an API server
+    with 1 ms of work left does not slow a 7 ms step as a whole core would)."""
 
     def __init__(self, costs: ServingCosts, proxy: Fifo) -> None:
         self.cores = costs.host_cores
@@ -142,18 +152,27 @@ class HostCPU:
         self.proxy = proxy
         self.instances: list[ServedInstance] = []
 
-    def stretch(self, now: float, asking, engine: bool) -> float:
-        """For an engine step (``engine``) or an API job of instance ``asking`` (None: the proxy) starting ``now``."""
+    def stretch(self, now: float, asking, engine: bool, work: float) -> float:
+        """For an engine step (``engine``) or an API job of instance ``asking`` (None: the proxy) of ``work``
+        seconds (unstretched) starting ``now``."""
         if not self.cores:
             return 1.0
+        end = now + work
+
+        def share(start: float, stop: float) -> float:  # of [now, end] that [start, stop] covers
+            if work <= 0.0:
+                return 1.0 if start <= now < stop else 0.0
+            covered = min(stop, end) - max(start, now)
+            return covered / work if covered > 0.0 else 0.0
+
         demand = self.background + (self.engine_cpu if engine else 1.0)
         for inst in self.instances:
-            if inst.busy and not (engine and inst is asking):
+            if inst.busy and not (engine and inst is asking):  # a stepping engine goes on stepping: all of it
                 demand += self.engine_cpu
             if inst.api.free_at > now and not (not engine and inst is asking):
-                demand += 1.0
+                demand += share(now, inst.api.free_at)
         if asking is not None and self.proxy.free_at > now:
-            demand += 1.0
+            demand += share(now, self.proxy.free_at)
         return demand / self.cores if demand > self.cores else 1.0
 
 
@@ -191,9 +210,9 @@ class ServedInstance(Instance):
     def _front_end(self, seq) -> float:
         now = self.env.now
         s = self.serving
-        t = self.proxy.add(now, s.proxy_s, self.host.stretch(now, None, False)) if s.proxy_s else now
+        t = self.proxy.add(now, s.proxy_s, self.host.stretch(now, None, False, s.proxy_s)) if s.proxy_s else now
         work = s.frontend_s + s.frontend_per_token_s * seq.prompt
-        return self.api.add(t, work, self.host.stretch(t, self, False))
+        return self.api.add(t, work, self.host.stretch(t, self, False, work))
 
     def submit(self, seq) -> None:
         done = self._front_end(seq)
@@ -245,19 +264,20 @@ class ServedInstance(Instance):
         super()._time(plan, now)
         run = self.run
         s = self.serving
-        a = run.a + s.step_s
+        f = s.step_factor
+        a = run.a * f + s.step_s
         if plan.chunks and self.saves:
             for seq, _c in plan.chunks:  # a PD request's first step here: the connector writes its KV
                 if not seq.local and seq.t_prefill_start == now:
                     stored, _ = s.connector_tokens(seq.prompt, self.block_size)
                     a += s.kv_save_s + s.kv_save_per_byte_s * stored * self.kv_bytes_per_token
         if self._joining:
-            a += self._joining_time(plan) - run.a
-        stretch = self.host.stretch(now, self, True)
-        self.run = run = DecodeRun(run.t0, a * stretch, run.b * stretch, run.k)
+            a += self._joining_time(plan, f) - run.a * f
+        stretch = self.host.stretch(now, self, True, a)
+        self.run = run = DecodeRun(run.t0, a * stretch, run.b * f * stretch, run.k)
         return run.duration
 
-    def _joining_time(self, plan) -> float:
+    def _joining_time(self, plan, factor: float) -> float:
         """The admitting step of the joining remote requests as vLLM runs it: their missing prompt tokens as prefill
         chunks beside the other sequences' decode tokens, plus reading their KV."""
         s, bytes_per_token = self.serving, self.kv_bytes_per_token
@@ -273,19 +293,19 @@ class ServedInstance(Instance):
             n -= 1
             ctx -= seq.prompt + seq.generated
             load += s.kv_load_s + s.kv_load_per_byte_s * loaded * bytes_per_token
-        return self.cost.step_time(pt, pa, pc, n, max(ctx, 0.0), 1.0) + load
+        return self.cost.step_time(pt, pa, pc, n, max(ctx, 0.0), 1.0) * factor + load
 
     def _complete(self, now: float) -> None:
         run, plan, s = self.run, self.plan, self.serving
         joiners = list(self.sched.first_pending)  # remote requests whose first token is this run's first step
         chunk_done = [seq for seq, c in plan.chunks if seq.computed + c >= seq.prefill_target]
         tokens = plan.decode_seqs + len(chunk_done)  # one output token per sequence per step
-        api_stretch = self.host.stretch(now, self, False)
         work = s.api_step_s + s.token_s * tokens if tokens else 0.0
+        api_stretch = self.host.stretch(now, self, False, work)
         first, last = self.api.add_steps(run.first_step_end, now, run.k, work, api_stretch)
         if s.proxy_token_s:  # the proxy relays every chunk
-            first, last = self.proxy.add_steps(first, last, run.k, s.proxy_token_s * tokens,
-                                               self.host.stretch(first, None, False))
+            relay = s.proxy_token_s * tokens
+            first, last = self.proxy.add_steps(first, last, run.k, relay, self.host.stretch(first, None, False, relay))
         self._in_complete = True
         try:
             super()._complete(now)

