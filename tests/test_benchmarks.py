@@ -126,6 +126,21 @@ def test_operator_profile(tmp_path):
     assert len([line for line in table if not line.startswith("#")]) == figures["rows"] + 1
 
 
+@pytest.mark.vllm
+def test_fidelity_cpu_quick():
+    pytest.importorskip("vllm")
+    pytest.importorskip("transformers")
+    out = run("benchmarks/fidelity.py", "--case", "cpu", "--quick", timeout=900)
+    figures = last_json(out)
+    assert figures["cases"] == ["colocated"] and figures["policy_ranking_agrees"] is None  # one policy at --quick
+    assert math.isfinite(figures["max_abs_error_pct"]) and math.isfinite(figures["real_spread_pct"])
+    rows = [ln.split() for ln in out.splitlines() if ln.startswith("colocated ")]
+    metrics = {r[3] for r in rows}
+    assert {"ttft_p50", "ttft_p90", "tpot_p50", "tpot_p90", "e2e_p50", "e2e_p90", "output_tokens_per_s"} <= metrics
+    assert all(float(r[4]) > 0 and float(r[6]) > 0 for r in rows)  # real and simulated figures
+    assert "load average" in out
+
+
 def test_sweep_speed():
     figures = last_json(run("benchmarks/sweep_speed.py", "--tiny", "--no-overhead", timeout=900))
     for launcher in ("joblib", "ray"):  # every point of the sweep ran and completed under both launchers
