@@ -46,9 +46,8 @@ PATHS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
 PREFILL_PARAMS = {"do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None,
                   "remote_block_ids": None, "remote_host": None, "remote_port": None}
 _UPSTREAM_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
-
-
 _DONE = b"data: [DONE]\n\n"  # the last event of an OpenAI stream (vLLM sends nothing after it)
+
 
 class _Attempt:
     """One request's time at one engine, from sending to its last byte. Its task is cancelled when the engine
