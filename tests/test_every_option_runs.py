@@ -13,9 +13,11 @@ from omnisim.sim import Simulation
 R1 = ["experiment=omniinfer_r1_7p1d"]
 MOE = [*R1, "placement=omni_placement", "expert_load=zipf", "rebalance=omni"]
 TINY = ["experiment=cpu_tiny_1p1d", "backend=sim"]
+TINY_ROOFLINE = [*TINY, "cost=roofline"]  # the CPU cluster with another model: its step table is the tiny model's
 BASES = {
     "placement": [MOE], "expert_load": [MOE], "rebalance": [MOE],
-    "model": [[], R1, TINY], "hardware": [[], R1, TINY], "cluster": [[], R1, TINY], "cost": [[], TINY],
+    "model": [[], R1, TINY, TINY_ROOFLINE], "hardware": [[], R1, TINY, TINY_ROOFLINE],
+    "cluster": [[], R1, TINY, TINY_ROOFLINE], "cost": [[], TINY],
     "attention": [R1],  # OmniAttn's patterns are DeepSeek-R1's, on its PD cluster
     "serving": [TINY, []],  # measured on the tiny CPU model; they apply to any setup
 }
