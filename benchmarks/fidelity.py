@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import serving_costs  # noqa: E402
-from serving_costs import log, servers, wait_quiet  # noqa: E402
+from serving_costs import config, log, servers, wait_quiet  # noqa: E402
 
 from backends.vllm.host_load import HostLoad  # noqa: E402
 
@@ -82,15 +82,6 @@ def cases(quick: bool) -> list[dict]:
     ]
 
 
-def compose(experiment: str, *overrides: str):
-    from hydra import compose as hydra_compose, initialize_config_dir
-
-    from omnisim.app import CONF_DIR
-
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return hydra_compose("config", overrides=[f"experiment={experiment}", *overrides])
-
-
 def reset_caches(launches, work_dirs: list[Path]) -> None:
     """Empty every server's prefix cache (vLLM's dev-mode endpoint) and the ExampleConnector's files, so a repeat
     starts as cold as the simulator does."""
@@ -108,7 +99,7 @@ def real_run(case: dict, run: dict, launches, pids: dict, kv_dirs: list[Path], o
     from omnisim.app import run_experiment
 
     base_port = min(x.port for x in launches)
-    cfg = compose(case["experiment"], "backend=vllm", "backend.start_servers=false", f"backend.base_port={base_port}",
+    cfg = config(case["experiment"], "backend=vllm", "backend.start_servers=false", f"backend.base_port={base_port}",
                   f"proxy={run['proxy']}", *run["overrides"])
     reset_caches(launches, kv_dirs)
     wait_quiet()
@@ -122,7 +113,7 @@ def real_run(case: dict, run: dict, launches, pids: dict, kv_dirs: list[Path], o
 def sim_run(case: dict, run: dict, serving: str, background: float, out: Path) -> dict:
     from omnisim.app import run_experiment
 
-    cfg = compose(case["experiment"], "backend=sim", "backend.progress=false", f"proxy={run['proxy']}",
+    cfg = config(case["experiment"], "backend=sim", "backend.progress=false", f"proxy={run['proxy']}",
                   f"serving={serving}", f"serving.background_cores={background:.4f}", *run["overrides"])
     return run_experiment(cfg, out)
 

@@ -6,8 +6,9 @@ weights, writes them as a table with what they were measured on, and prints the 
     python benchmarks/operator_profile.py --model tiny_llama --hardware cpu --quick                 # anywhere
 
 Written for a lent GPU (one prepared run: PyTorch only, no vLLM, no network); it runs on a CPU too, which is how CI
-checks it, and on an Ascend NPU with ``--device npu`` (torch_npu; checked before anything runs, tested up to there). Collectives need several devices: their coefficients come from public NCCL/HCCL figures (conf/hardware
-names each), not from here. Times are medians of ``--repeats`` runs after a warm-up, synchronised per call on CUDA.
+checks it, and on an Ascend NPU with ``--device npu`` (torch_npu; checked before anything runs, tested up to there).
+Collectives need several devices: their coefficients come from public NCCL/HCCL figures (conf/hardware names each),
+not from here. Times are medians of ``--repeats`` runs after a warm-up, synchronised per call on CUDA and NPU.
 The roofline figure per operator is the hardware profile's: smooth(FLOPs / (peak * efficiency), bytes / (HBM *
 efficiency)) + one kernel's latency (omnisim.cost.RooflineModel's per-operator rule). The last line is a JSON object:
 per operator kind the median and worst error (roofline vs measured, %), the rows and the device.

@@ -80,17 +80,22 @@ COUNTERS = (("vllm:prompt_tokens_by_source_total", "external_kv_transfer"),
 
 
 # -- servers ---------------------------------------------------------------------------------------------------------
-def compose(experiment: str, *overrides: str, backend: str = "vllm"):
-    """(experiment, backend) of conf/experiment/EXPERIMENT.yaml on ``backend`` (vllm: tiny models in .models/)."""
+def config(experiment: str, *overrides: str):
+    """The app's config of conf/experiment/EXPERIMENT.yaml with ``overrides``."""
     from hydra import compose as hydra_compose, initialize_config_dir
 
-    from omnisim.app import CONF_DIR, build_experiment
+    from omnisim.app import CONF_DIR
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return hydra_compose("config", overrides=[f"experiment={experiment}", *overrides])
+
+
+def compose(experiment: str, *overrides: str, backend: str = "vllm"):
+    """(experiment, backend) of conf/experiment/EXPERIMENT.yaml on ``backend`` (vllm: tiny models in .models/)."""
+    from omnisim.app import build_experiment
 
     where = [f"backend.model_cache_dir={ROOT / '.models'}"] if backend == "vllm" else []
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = hydra_compose("config", overrides=[f"experiment={experiment}", f"backend={backend}", *where,
-                                                 *overrides])
-    return build_experiment(cfg)
+    return build_experiment(config(experiment, f"backend={backend}", *where, *overrides))
 
 
 @contextlib.contextmanager

@@ -87,7 +87,8 @@ class LocalRayHead:
         self.temp_dir = tempfile.mkdtemp(prefix="omray-", dir="/tmp")
         log = Path(self.temp_dir, "head.log")
         # the ray CLI of this interpreter, whatever PATH holds (a pyenv shim may point elsewhere)
-        cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(self.port),
+        cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", "--node-ip-address",
+               "127.0.0.1", "--port", str(self.port),
                "--num-cpus", str(self.num_cpus), "--temp-dir", self.temp_dir, "--include-dashboard", "false",
                "--disable-usage-stats", "--ray-client-server-port", str(free_port()),
                "--dashboard-agent-listen-port", str(free_port())]

@@ -283,7 +283,7 @@ class PDProtocol:
                         await response.write(chunk)
                     except (ConnectionError, RuntimeError):  # the client left: drop the upstream request too
                         return self._client_left(endpoint, resp, response)
-                    tail = (tail + chunk)[-len(_DONE):]
+                    tail = (tail + chunk[-len(_DONE):])[-len(_DONE):]  # [DONE] may straddle two chunks
                     if tail == _DONE:  # the answer is whole: a client may close now, before the upstream ends it
                         break
                     attempt.deadline = self.clock() + idle

@@ -157,23 +157,21 @@ class HostCPU:
         seconds (unstretched) starting ``now``."""
         if not self.cores:
             return 1.0
-        end = now + work
-
-        def share(start: float, stop: float) -> float:  # of [now, end] that [start, stop] covers
-            if work <= 0.0:
-                return 1.0 if start <= now < stop else 0.0
-            covered = min(stop, end) - max(start, now)
-            return covered / work if covered > 0.0 else 0.0
-
         demand = self.background + (self.engine_cpu if engine else 1.0)
         for inst in self.instances:
             if inst.busy and not (engine and inst is asking):  # a stepping engine goes on stepping: all of it
                 demand += self.engine_cpu
             if inst.api.free_at > now and not (not engine and inst is asking):
-                demand += share(now, inst.api.free_at)
+                demand += _share(inst.api.free_at - now, work)
         if asking is not None and self.proxy.free_at > now:
-            demand += share(now, self.proxy.free_at)
+            demand += _share(self.proxy.free_at - now, work)
         return demand / self.cores if demand > self.cores else 1.0
+
+
+def _share(left: float, work: float) -> float:
+    """The part of ``work`` seconds starting now that a process with ``left`` (> 0) seconds of queued work is busy
+    for."""
+    return 1.0 if left >= work else left / work
 
 
 class ServedInstance(Instance):
