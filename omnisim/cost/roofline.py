@@ -202,19 +202,49 @@ class RooflineModel:
     # ---- the hot path: called once per engine step; keep it to plain float arithmetic --------------------------
     def step_time(self, prefill_tokens: int, prefill_attention: float, prefill_context: int,
                   decode_seqs: int, decode_context: int, moe_imbalance: float = 1.0) -> float:
+        tokens = prefill_tokens + (decode_seqs * self._q if self._mtp else decode_seqs)
+        return self._time(prefill_tokens, prefill_attention, prefill_context, decode_seqs, decode_context,
+                          decode_seqs + 1 if prefill_tokens else decode_seqs, tokens, moe_imbalance, 0,
+                          not prefill_tokens)
+
+    def rank_step_times(self, ranks, moe_imbalance: float = 1.0) -> list[float]:
+        """One synchronised step of DP ranks that schedule their own batches (cluster dp_mode=ranks): ``ranks`` holds
+        each busy rank's (prefill_tokens, prefill_attention, prefill_context, decode_seqs, decode_context); returns
+        each rank's time, and the step takes the largest. Every MoE layer's dispatch and combine joins all ranks:
+        a rank's time is its own attention, dense layers, kernels and engine overheads, with the experts computing
+        every rank's tokens and the all-to-all moving the larger of what the busiest device receives and what this
+        rank sends."""
+        dp, q = self.parallel.dp, self._q
+        total = 0
+        decode_only = True
+        for pt, _pa, _pc, n, _ctx in ranks:
+            total += pt + n * q
+            if pt:
+                decode_only = False
+        # a rank's batch in the instance-wide units the coefficients use (as if every rank had it)
+        return [self._time(dp * pt, dp * pa, dp * pc, dp * n, dp * ctx, dp * (n + 1 if pt else n), total,
+                           moe_imbalance, dp * (pt + n * q), decode_only) for pt, pa, pc, n, ctx in ranks]
+
+    def _time(self, prefill_tokens, prefill_attention, prefill_context, decode_seqs, decode_context, seqs,
+              expert_tokens, moe_imbalance, sent, decode_only) -> float:
+        """step_time's arithmetic with the MoE layers' inputs given apart: ``expert_tokens`` the tokens the experts
+        compute (over all ranks), ``sent`` the tokens this rank dispatches (the all-to-all moves the larger of that
+        and the busiest device's ``expert_tokens * moe_imbalance``), ``seqs`` the sequences the engine handles (a
+        prefill is one); ``decode_only``: no rank prefills."""
         sm = self._smooth
-        seqs = decode_seqs + 1 if prefill_tokens else decode_seqs  # engine work per sequence (a prefill is one)
-        per_token = self._mtp and decode_seqs and not prefill_tokens
+        per_token = self._mtp and decode_seqs and decode_only
+        lm_extra = seqs - decode_seqs  # one logit per prefill (per micro-batch, as breakdown() counts)
         mb = self.micro_batches
         if mb > 1:  # each micro-batch carries 1/mb of the step's work
             inv = self._mb_inv
             prefill_tokens, prefill_attention, prefill_context = \
                 prefill_tokens * inv, prefill_attention * inv, prefill_context * inv
             decode_seqs, decode_context = decode_seqs * inv, decode_context * inv
+            expert_tokens, sent = expert_tokens * inv, sent * inv
         queries = decode_seqs * self._q if self._mtp else decode_seqs  # MTP: k + 1 query tokens per sequence
         tokens = prefill_tokens + queries
         total = sm(tokens * self._dense_flop_s, self._dense_weight_s) \
-            + sm((queries + 1 if prefill_tokens else queries) * self._lm_flop_s, self._lm_weight_s) \
+            + sm((queries + lm_extra) * self._lm_flop_s, self._lm_weight_s) \
             + tokens * self._elem_s + self._fixed_s
         if prefill_tokens:
             total += sm(prefill_attention * self._prefill_pair_s + (prefill_context - prefill_tokens) * self._kv_up_s,
@@ -224,12 +254,12 @@ class RooflineModel:
         comm = tokens * self._ar_s + self._ar_latency_s if self._ar_s else 0.0
         if self._moe_on:
             if self._ep_on:
-                load = tokens * moe_imbalance
-                comm += load * self._a2a_s + self._a2a_latency_s
+                load = expert_tokens * moe_imbalance
+                comm += (load if load > sent else sent) * self._a2a_s + self._a2a_latency_s
             else:
-                load = tokens
+                load = expert_tokens
             total += sm(load * self._moe_flop_s,
-                        self._moe_weight_s * (1.0 - self._expert_miss ** (tokens / self._moe_token_div)))
+                        self._moe_weight_s * (1.0 - self._expert_miss ** (expert_tokens / self._moe_token_div)))
         if self._mtp and decode_seqs:  # MTP's draft: one layer and the LM head per draft token
             total += (self._q - 1) * (sm(decode_seqs * self._lm_flop_s, self._lm_weight_s) + total * self._inv_layers)
         if mb > 1:  # a two-stage pipeline of mb micro-batches: max(C, K) + min(C, K) / mb
