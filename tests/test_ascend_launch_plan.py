@@ -74,6 +74,8 @@ def test_omniinfer_r1_7p1d_shape(tmp_path):
     for part, x in enumerate(decode):
         assert flag(x.argv, "--data-parallel-size") == "32" and flag(x.argv, "--data-parallel-size-local") == "8"
         assert flag(x.argv, "--data-parallel-address") == NODES[7]
+        # vLLM's --max-num-seqs is per DP engine core: the decode group's seats per rank, whichever dp_mode
+        assert flag(x.argv, "--max-num-seqs") == str(cluster.decode.rank_max_num_seqs)
         assert ("--headless" in x.argv) == (part > 0)
         assert flag(x.argv, "--data-parallel-start-rank") == (str(8 * part) if part else None)
         assert json.loads(flag(x.argv, "--additional-config")) == {"eplb_config": eplb}

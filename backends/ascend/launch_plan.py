@@ -243,7 +243,7 @@ def plan_instances(cluster: ClusterSpec, settings: AscendSettings) -> tuple[Inst
                 "--model", settings.model, "--served-model-name", settings.model_name,
                 "--host", settings.bind_host, "--port", str(port), "--seed", str(settings.seed),
                 "--trust-remote-code",
-                "--max-model-len", str(group.max_model_len), "--max-num-seqs", str(group.max_num_seqs),
+                "--max-model-len", str(group.max_model_len), "--max-num-seqs", str(group.rank_max_num_seqs),
                 "--max-num-batched-tokens", str(group.max_num_batched_tokens),
                 "--block-size", str(group.block_size),
                 "--gpu-memory-utilization", str(group.gpu_memory_utilization),
