@@ -4,6 +4,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+DP_MODES = ("split", "ranks")
+
+
 @dataclass(frozen=True)
 class InstanceGroup:
     """``count`` identical engine instances, each on ``tp * dp`` devices.
@@ -12,6 +15,12 @@ class InstanceGroup:
     layers (1 for dense models; at most tp * dp). Engine limits follow vLLM's names.
     ``kv_capacity_tokens`` overrides the capacity derived from device memory (0 = derive). As in vLLM, an instance
     whose KV cannot hold one ``max_model_len`` sequence does not start, and longer requests are rejected.
+    ``dp_mode`` (dp > 1): "split" runs one scheduler whose batch is spread evenly over the ranks (``max_num_seqs``,
+    ``max_num_batched_tokens`` and the KV are the instance's); "ranks" runs each DP rank as its own engine core, as
+    vLLM does: its own scheduler, KV (the instance's split evenly) and limits (``max_num_seqs`` and
+    ``max_num_batched_tokens`` are then per rank, vLLM's meaning), requests given to the rank with the least
+    ``4 * waiting + running`` (vLLM's DP load balancer), and every step waits for the slowest rank (the MoE layers'
+    collectives join all ranks).
     """
 
     count: int = 1
@@ -25,6 +34,7 @@ class InstanceGroup:
     kv_capacity_tokens: int = 0
     max_model_len: int = 32768
     enable_prefix_caching: bool = True
+    dp_mode: str = "split"
 
     def __post_init__(self) -> None:
         for name in ("count", "tp", "dp", "ep", "max_num_seqs", "max_num_batched_tokens", "block_size", "max_model_len"):
@@ -36,6 +46,18 @@ class InstanceGroup:
             raise ValueError(f"cluster: gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.kv_capacity_tokens < 0:
             raise ValueError(f"cluster: kv_capacity_tokens must be >= 0, got {self.kv_capacity_tokens}")
+        if self.dp_mode not in DP_MODES:
+            raise ValueError(f"cluster: dp_mode must be one of {', '.join(DP_MODES)}, got {self.dp_mode!r}")
+
+    @property
+    def engine_cores(self) -> int:
+        """Schedulers one instance runs: its dp ranks with dp_mode=ranks, else one."""
+        return self.dp if self.dp_mode == "ranks" else 1
+
+    @property
+    def rank_max_num_seqs(self) -> int:
+        """``--max-num-seqs`` of one of vLLM's DP engine cores for this group (split: the instance's share)."""
+        return self.max_num_seqs if self.dp_mode == "ranks" else -(-self.max_num_seqs // self.dp)
 
     @property
     def devices(self) -> int:

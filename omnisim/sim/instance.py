@@ -38,13 +38,8 @@ class Instance:
         self.egress = KVLinkQueue(link)  # KV this instance sends, one transfer after another
         self.kv_bytes_per_token = kv_bytes_per_token
         self.block_size = group.block_size
-        self.pools = pools = None if attention is None else attention.decode_pools(
-            num_blocks, group.block_size, layers, where=f"cluster.{role.value}")
-        self.bm = BlockManager(num_blocks if pools is None else pools.full_blocks, group.block_size, kv_listener)
-        self.sched = Scheduler(instance_id, self.bm, self, max_num_seqs=group.max_num_seqs,
-                               max_num_batched_tokens=group.max_num_batched_tokens,
-                               enable_prefix_caching=group.enable_prefix_caching, reserve_tokens=reserve_tokens,
-                               max_run_steps=max_run_steps, policy=engine_policy, attention=pools)
+        self.engine_args = (group, reserve_tokens, max_run_steps, engine_policy, attention, layers)
+        self.pools, self.bm, self.sched = self._engine(instance_id, num_blocks, kv_listener)
         self.max_seqs = self.sched.max_seqs
         # the step (or run of decode steps) in flight
         self.pending = None
@@ -61,6 +56,18 @@ class Instance:
         self._state: InstanceState | None = None
         self._timeout = env.timeout
         self._done_cb = self._done  # one bound method, not one per step
+
+    def _engine(self, name: str, num_blocks: int, kv_listener) -> tuple:
+        """(OmniAttn pools or None, block manager, scheduler) of one engine core with ``num_blocks`` KV blocks."""
+        group, reserve_tokens, max_run_steps, engine_policy, attention, layers = self.engine_args
+        pools = None if attention is None else attention.decode_pools(
+            num_blocks, group.block_size, layers, where=f"cluster.{self.role.value}")
+        bm = BlockManager(num_blocks if pools is None else pools.full_blocks, group.block_size, kv_listener)
+        sched = Scheduler(name, bm, self, max_num_seqs=group.max_num_seqs,
+                          max_num_batched_tokens=group.max_num_batched_tokens,
+                          enable_prefix_caching=group.enable_prefix_caching, reserve_tokens=reserve_tokens,
+                          max_run_steps=max_run_steps, policy=engine_policy, attention=pools)
+        return pools, bm, sched
 
     # -- what the proxy sees -------------------------------------------------------------------------------------
     def state(self) -> InstanceState:

@@ -11,6 +11,7 @@ from omnisim.core import PrefixIndex, Role
 from omnisim.experiment import Experiment, RunResult
 from omnisim.metrics import records_frame
 from omnisim.sim.closed_loop import ClosedLoopArrivals
+from omnisim.sim.dp_instance import DPInstance
 from omnisim.sim.instance import Instance
 from omnisim.sim.proxy_driver import ProxyDriver
 from omnisim.sim.timeline import Timeline
@@ -56,16 +57,24 @@ class Simulation:
                                  f"{model.name} (add redundant slots with placement= and rebalance=)")
             cost = experiment.cost(model=model, hardware=experiment.hardware, parallel=group.parallelism)
             capacity = group.kv_capacity(model, experiment.hardware)
-            if capacity < group.max_model_len:
+            cores = group.engine_cores
+            if capacity // cores < group.max_model_len:
+                held = f"{capacity} tokens" if cores == 1 else f"{capacity // cores} tokens per DP rank"
                 raise ValueError(
-                    f"cluster.{role}: the KV cache holds {capacity} tokens, less than one max_model_len="
+                    f"cluster.{role}: the KV cache holds {held}, less than one max_model_len="
                     f"{group.max_model_len} sequence (raise gpu_memory_utilization or tp/dp, or lower max_model_len)")
+            kind = make
+            if cores > 1:
+                if served:
+                    raise ValueError(f"cluster.{role}.dp_mode=ranks: the serving-cost model (serving=) covers "
+                                     f"instances of one engine core only; use serving=none or dp_mode=split")
+                kind = DPInstance
             # The engine policy orders prefills on prefill and mixed instances; decode instances get prompt KV from
             # prefill (they only recompute preempted requests) and OmniInfer refuses TFAS on a kv_consumer.
             engine_policy = experiment.engine_policy if role != "decode" else None
             for i in range(group.count):
                 iid = f"{role}-{i}"
-                inst = make(env, iid, _ROLES[role], group, cost, capacity // group.block_size,
+                inst = kind(env, iid, _ROLES[role], group, cost, capacity // group.block_size,
                             model.kv_bytes_per_token, cluster.kv_link, self.driver,
                             moe=moe_factory(role, group, i) if moe_factory else None,
                             reserve_tokens=reserve_tokens, max_run_steps=max_run_steps,
