@@ -4,6 +4,8 @@
                                             # Azure-conversation lengths, Poisson 4 req/s   (target >= 30,000 req/CPU-s)
   python benchmarks/sim_speed.py --case b   # DeepSeek-R1 7P1D on 910C, the Azure conversation trace at 10x its rate,
                                             # tiled to fill one simulated hour              (target < 60 s wall, < 2 GB)
+  python benchmarks/sim_speed.py --case b cluster.decode.dp_mode=ranks cluster.decode.max_num_seqs=32
+                                            # the same with the decode instance's 32 DP ranks as engine cores
 
 Configs are composed from conf/ exactly as `omnisim` composes them. The timed part is the whole simulation: workload
 generation or trace replay, every engine step, and the records DataFrame; not imports or config composition.
@@ -59,6 +61,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-requests", type=int, default=0, help="case a: fewer requests (a smoke test's size)")
     ap.add_argument("--duration-s", type=float, default=3600.0, help="case b: simulated seconds of tiled trace")
+    ap.add_argument("overrides", nargs="*", help="more Hydra overrides, applied after the case's")
     args = ap.parse_args()
     if args.max_requests < 0 or args.duration_s <= 0:
         ap.error("--max-requests must be >= 0 and --duration-s > 0")
@@ -66,6 +69,7 @@ def main() -> None:
         overrides = [f"seed={args.seed}", *CASES[args.case]]
         if args.max_requests and args.case == "a":
             overrides.append(f"workload.max_requests={args.max_requests}")
+        overrides += args.overrides
         cfg = compose("config", overrides=overrides)
     experiment, _ = build_experiment(cfg)
     if args.case == "b":
