@@ -4,6 +4,8 @@ weights, writes them as a table with what they were measured on, and prints the 
 
     python benchmarks/operator_profile.py --model llama2_70b --tp 2 --hardware a100 --out tables/   # on a GPU
     python benchmarks/operator_profile.py --model tiny_llama --hardware cpu --quick                 # anywhere
+    python benchmarks/operator_profile.py --model llama2_70b --tp 2 --hardware a100 \
+        --vidur vidur/data/profiling/compute/a100/meta-llama/Llama-2-70b-hf     # against Vidur's published A100 times
 
 Written for a lent GPU (one prepared run: PyTorch only, no vLLM, no network); it runs on a CPU too, which is how CI
 checks it, and on an Ascend NPU with ``--device npu`` (torch_npu; checked before anything runs, tested up to there).
@@ -11,7 +13,9 @@ Collectives need several devices: their coefficients come from public NCCL/HCCL 
 not from here. Times are medians of ``--repeats`` runs after a warm-up, synchronised per call on CUDA and NPU.
 The roofline figure per operator is the hardware profile's: smooth(FLOPs / (peak * efficiency), bytes / (HBM *
 efficiency)) + one kernel's latency (omnisim.cost.RooflineModel's per-operator rule). The last line is a JSON object:
-per operator kind the median and worst error (roofline vs measured, %), the rows and the device.
+per operator kind the median and worst error (roofline vs measured, %), the rows and the device. ``--vidur DIR``
+times nothing: it reads the kernel times Vidur published for that model (benchmarks/vidur_profile.py says which),
+an independent check of the roofline on hardware this project has no access to.
 """
 from __future__ import annotations
 
@@ -166,9 +170,13 @@ def main(argv: list[str] | None = None) -> int:
                    "at barriers whenever another process runs)")
     p.add_argument("--quick", action="store_true", help="a few small shapes (a smoke test)")
     p.add_argument("--out", type=Path, help="directory for operators_MODEL_HARDWARE.csv")
+    p.add_argument("--vidur", type=Path, metavar="DIR", help="compare against Vidur's published profile of the model "
+                   "in DIR (mlp.csv, attention.csv) instead of timing anything")
     args = p.parse_args(argv)
     if args.tp < 1 or args.repeats < 1:
         p.error("--tp and --repeats must be >= 1")
+    if args.vidur is not None:
+        return from_vidur(p, args)
     if args.device == "npu":
         npu_preflight(p)
     import torch
@@ -183,8 +191,32 @@ def main(argv: list[str] | None = None) -> int:
     rows = profile(model, args.tp, device, args.quick, args.repeats)
     name = torch.cuda.get_device_name() if device == "cuda" else torch.npu.get_device_name() if device == "npu" \
         else (platform.processor() or platform.machine())
+    engine = f"torch {torch.__version__} (plain PyTorch operators, bf16, random weights)"
+    return report(args, rows, hw, model, name, engine, began)
+
+
+def from_vidur(p, args) -> int:
+    """--vidur DIR: the roofline against Vidur's published kernel times of the model."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from vidur_profile import vidur_rows
+
+    model, hw = load("model", args.model), load("hardware", args.hardware)
+    began = time.time()
+    try:
+        rows = vidur_rows(args.vidur, model, hw, args.tp)
+    except (OSError, ValueError) as e:
+        p.error(str(e))
+    if not rows:
+        p.error(f"--vidur {args.vidur}: no rows at power-of-two sizes for --tp {args.tp}")
+    return report(args, rows, hw, model, f"Vidur profile {args.vidur}", "Vidur's published profile (CUDA events)",
+                  began)
+
+
+def report(args, rows: list[dict], hw, model, name: str, engine: str, began: float) -> int:
+    """Prices every row by the roofline, prints the table and the JSON summary, writes --out."""
     for row in rows:
-        row["roofline_s"] = roofline_s(row, hw, model.dtype_bytes)
+        if "roofline_s" not in row:
+            row["roofline_s"] = roofline_s(row, hw, model.dtype_bytes)
         row["error_pct"] = (row["roofline_s"] / row["seconds"] - 1.0) * 100.0
     summary = {}
     for op in sorted({r["op"] for r in rows}):
@@ -200,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         path = args.out / f"operators_{args.model}_{args.hardware}.csv"
         with path.open("w", newline="") as f:
-            f.write(f"# engine: torch {torch.__version__} (plain PyTorch operators, bf16, random weights)\n"
+            f.write(f"# engine: {engine}\n"
                     f"# model: {args.model}\n# hardware: {args.hardware} (device: {name})\n"
                     f"# parallel: tp={args.tp} dp=1 ep=1\n# date: {time.strftime('%Y-%m-%d')}\n"
                     f"# command: python benchmarks/operator_profile.py {' '.join(sys.argv[1:])}\n")

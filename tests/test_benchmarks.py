@@ -151,3 +151,47 @@ def test_sweep_speed():
     cap = figures["capacity"]
     assert 2 <= cap["runs"] <= 4 and cap["rate_per_s"] > 0 and cap["attainment"] >= 0.9
     assert figures["load_before"] and figures["load_after"]  # the load the wall times were taken under
+
+
+def _vidur_mlp(path: Path, n_embd: int = 8192, tp: int = 2) -> None:
+    """A Vidur-format mlp.csv for Llama-2-70B's shapes: the columns Vidur writes, the times a layer-sized roofline
+    would give (ms), with a repeated shape, a non-power-of-two row and another tp's rows that must be left out."""
+    ops = ["emb", "input_layernorm", "attn_pre_proj", "attn_rope", "attn_post_proj", "post_attention_layernorm",
+           "mlp_up_proj", "mlp_act", "mlp_down_proj", "add"]
+    header = [f"time_stats.{op}.{s}" for op in ops for s in ("min", "max", "mean", "median", "std")] + [
+        "n_head", "n_kv_head", "n_embd", "n_expanded_embd", "vocab_size", "use_gated_mlp", "num_tokens",
+        "num_tensor_parallel_workers"]
+    lines = [",".join(header)]
+    for t, workers, scale in ((1, tp, 1.0), (1, tp, 1.2), (3, tp, 1.0), (64, tp, 1.0), (64, 4, 9.0)):
+        ms = {op: 0.01 * scale for op in ops}
+        ms.update(attn_pre_proj=0.06 * scale, attn_post_proj=0.05 * scale, mlp_up_proj=0.3 * scale,
+                  mlp_down_proj=0.15 * scale)
+        lines.append(",".join([f"{ms[op]}" for op in ops for _ in range(5)]
+                              + ["64", "8", str(n_embd), "28672", "32000", "True", str(t), str(workers)]))
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_operator_profile_against_vidur_profile(tmp_path):
+    _vidur_mlp(tmp_path / "mlp.csv")
+    figures = last_json(run("benchmarks/operator_profile.py", "--model", "llama2_70b", "--tp", "2", "--hardware",
+                            "a100", "--vidur", str(tmp_path), "--out", str(tmp_path / "out")))
+    # two power-of-two token counts at tp 2 (the repeated shape is one row): 4 GEMMs and one layer each
+    assert figures["ops"]["gemm"]["rows"] == 8 and figures["ops"]["layer_dense"]["rows"] == 2
+    table = (tmp_path / "out" / "operators_llama2_70b_a100.csv").read_text().splitlines()
+    rows = [line.split(",") for line in table if not line.startswith("#")]
+    col = rows[0].index
+    layer = [r for r in rows[1:] if r[col("op")] == "layer_dense" and r[col("m")] == "1"][0]
+    # the median of the repeated runs, summed over the layer's nine operators (not the embedding), in seconds
+    assert float(layer[col("seconds")]) == pytest.approx(1.1 * (0.06 + 0.05 + 0.3 + 0.15 + 5 * 0.01) * 1e-3)
+    assert -50 < float(layer[col("error_pct")]) < 50  # priced by the cost model at the layer's own shapes
+
+
+def test_operator_profile_vidur_refuses_another_models_profile(tmp_path):
+    _vidur_mlp(tmp_path / "mlp.csv", n_embd=4096)
+    proc = subprocess.run([sys.executable, "benchmarks/operator_profile.py", "--model", "llama2_70b", "--tp", "2",
+                           "--hardware", "a100", "--vidur", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2 and "n_embd is [4096], model 'llama2_70b' has 8192" in proc.stderr
+    (tmp_path / "mlp.csv").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:00\nsize 10\n")
+    proc = subprocess.run([sys.executable, "benchmarks/operator_profile.py", "--model", "llama2_70b", "--tp", "2",
+                           "--hardware", "a100", "--vidur", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2 and "a Git LFS pointer" in proc.stderr
