@@ -15,6 +15,8 @@ class BurstyLoad:
 
     def __init__(self, base: ExpertLoadModel, rate_per_s: float = 0.02, duration_s: float = 20.0, experts: int = 4,
                  boost: float = 6.0, layer_fraction: float = 1.0, seed: int = 0) -> None:
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"bursty: seed must be an integer >= 0, got {seed!r}")
         if rate_per_s < 0 or duration_s <= 0 or experts < 1 or boost < 1 or not 0 < layer_fraction <= 1:
             raise ValueError("bursty: need rate_per_s >= 0, duration_s > 0, experts >= 1, boost >= 1, "
                              "0 < layer_fraction <= 1")

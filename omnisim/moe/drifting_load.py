@@ -16,6 +16,8 @@ class DriftingLoad:
 
     def __init__(self, exponent: float = 0.6, exponent_spread: float = 0.0, hot_set: int = 16,
                  changed_per_period: int = 4, period_s: float = 60.0, blend_steps: int = 10, seed: int = 0) -> None:
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"drifting: seed must be an integer >= 0, got {seed!r}")
         if exponent < 0 or exponent_spread < 0:
             raise ValueError("drifting: exponent and exponent_spread must be >= 0")
         if hot_set < 1 or not 0 <= changed_per_period <= hot_set:

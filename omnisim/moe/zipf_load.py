@@ -22,6 +22,10 @@ class ZipfLoad:
     another draw of hot sets for the same seed (e.g. one per kind of request in a ``MixedLoad``)."""
 
     def __init__(self, exponent: float = 0.6, exponent_spread: float = 0.0, variant: int = 0, seed: int = 0) -> None:
+        if isinstance(variant, bool) or not isinstance(variant, int) or variant < 0:
+            raise ValueError(f"zipf: variant must be an integer >= 0, got {variant!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"zipf: seed must be an integer >= 0, got {seed!r}")
         if exponent < 0 or exponent_spread < 0:
             raise ValueError(f"zipf: exponent and exponent_spread must be >= 0, got {exponent}, {exponent_spread}")
         self.exponent = exponent
