@@ -38,6 +38,8 @@ figures taken on a busy machine are brought back to a quiet one the way the simu
 - kv_rule: example_connector when the tokens decode reports loading equal the connector's rule at every L
   (omnisim.sim.serving: align(L - 1) tokens when the keys agree, else none).
 - proxy_s, proxy_token_s: proxied minus direct, TTFT and inter-token time (medians).
+- new_shape_s: from the step table's session (cost_calibration.py): an in-process prefill of a token count the
+  engine has not run before, minus the same prefill again (median of 12 lengths).
 - host_cores: this machine's core count. background_cores is left 0: fidelity.py sets what it measures per run.
 Writes conf/serving/vllm_cpu.yaml with a provenance header (engine version, model, date, command, load averages
 and background demand during each part) and the evidence in benchmarks/serving_costs_evidence.json. Needs vllm-cpu
@@ -187,6 +189,22 @@ class ProcCPU:
         return out
 
 
+IDLE_WINDOW_S, IDLE_WINDOWS = 0.25, 8  # how the CPU of an engine that has just gone idle is sampled
+
+
+def idle_cores(pid: int) -> list[float]:
+    """The cores an engine's processes (EngineCore + Worker) use in each of IDLE_WINDOWS windows of IDLE_WINDOW_S
+    from now, with nothing to do (vLLM's shm queues keep polling a while after their last message)."""
+    proc = ProcCPU(pid)
+    out = []
+    for _ in range(IDLE_WINDOWS):
+        c0, t0 = proc.read(), time.perf_counter()
+        time.sleep(IDLE_WINDOW_S)
+        c1, t1 = proc.read(), time.perf_counter()
+        out.append((c1["core"] - c0["core"] + c1["worker"] - c0["worker"]) / (t1 - t0))
+    return out
+
+
 # -- requests --------------------------------------------------------------------------------------------------------
 class Client:
     """Requests to one server (or the proxy), timed on this process's monotonic clock."""
@@ -237,6 +255,16 @@ async def concurrent(client: Client, jobs: list[tuple[str, int, int, bool]]) -> 
 
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
         return list(await asyncio.gather(*(client.send(session, u, client.prompt(L), n, s) for u, L, n, s in jobs)))
+
+
+async def concurrent_sequences(client: Client, specs: dict[str, list[tuple[int, int, bool]]]) -> list[list[dict]]:
+    """Each server's ``specs`` (prompt, max_tokens, stream) one after another, all servers at once."""
+    import aiohttp
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        async def one(url, items):
+            return [await client.send(session, url, client.prompt(L), n, s) for L, n, s in items]
+        return list(await asyncio.gather(*(one(u, items) for u, items in specs.items())))
 
 
 def itl(r: dict) -> float:
@@ -378,7 +406,7 @@ def derive(m: dict, exps: dict, cost, block: int, kv_bytes_per_token: float, hos
         errs += [math.log(sim_tpot(trial, exps["one"], b, bg["batch"], 64) / itl_b) for b, itl_b in batches.items()]
         return sum(e * e for e in errs), trial, errs
 
-    grid = [round(1.0 + 0.02 * i, 2) for i in range(51)]  # 1.00 .. 2.00
+    grid = [round(1.0 + 0.02 * i, 2) for i in range(151)]  # 1.00 .. 4.00 (a fast machine: served overheads weigh more)
     fits = {f: fit(f) for f in grid}
     best = min(grid, key=lambda f: fits[f][0])
     base = fits[best][1]
@@ -573,12 +601,13 @@ def measure_colocated(m: dict, meta: dict, repeats: int, quick: bool, lengths, o
             save()
         if "contention" not in m:
             # 4. contention: one stream on one server (the other idle), then one on each at once
-            one, two, one_e, two_e, cores_alone, bg1, bg2 = [], [], [], [], [], [], []
+            one, two, one_e, two_e, cores_alone, bg1, bg2, idle = [], [], [], [], [], [], [], []
             for _ in range(repeats):
                 wait_quiet()
                 time.sleep(1.5)  # both servers idle, their shm queues no longer polling
                 with Probe({a: pid_a, b: pids["mixed-1"]}) as p:
                     rs = asyncio.run(concurrent(client, [(a, 64, 128, True)]))
+                idle.append(idle_cores(pid_a))  # right after the stream: the engine's CPU while it idles
                 one.append(itl(rs[0]))
                 one_e.append(hist_mean(p.metrics[a], "vllm:inter_token_latency_seconds"))
                 cores_alone.append((p.cpu_s[a]["core"] + p.cpu_s[a]["worker"]) / p.wall)
@@ -594,6 +623,7 @@ def measure_colocated(m: dict, meta: dict, repeats: int, quick: bool, lengths, o
                                "two_itls": two, "one_engine_itl": med(one_e), "two_engine_itl": med(two_e),
                                "one_engine_itls": one_e, "two_engine_itls": two_e,
                                "engine_cores_alone": med(cores_alone),
+                               "idle_cores": [med(w) for w in zip(*idle)], "idle_window_s": IDLE_WINDOW_S,
                                "one_background": statistics.mean(bg1), "two_background": statistics.mean(bg2)}
             log(f"contention: {m['contention']}")
 
@@ -667,8 +697,22 @@ def measure_step_table(path: Path) -> None:
     import subprocess
 
     log(f"measuring engine steps into {path}")
+    out = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path  # the table records its command
     subprocess.run([sys.executable, str(ROOT / "benchmarks/cost_calibration.py"), "--model", "tiny_llama",
-                    "--out", str(path)], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+                    "--out", str(out)], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+
+
+def new_shape_s(path: Path) -> float:
+    """The step table's ``# new_shape_s:`` line (cost_calibration.py measures it with the steps; 0 in an older
+    table that lacks it)."""
+    for line in path.read_text().splitlines():
+        key, _, value = line.lstrip("# ").partition(":")
+        if line.startswith("#") and key == "new_shape_s":
+            try:
+                return float(value.split()[0])
+            except (IndexError, ValueError):
+                raise ValueError(f"{path}: bad new_shape_s line {line!r}") from None
+    return 0.0
 
 
 # -- output ----------------------------------------------------------------------------------------------------------
@@ -681,6 +725,8 @@ FIELDS_DOC = {
     "background_cores": "other processes' CPU demand: 0 here, fidelity.py gives what it measured",
     "step_s": "per engine step beyond the cost model (engine-core <-> worker IPC, scheduling, output serialisation)",
     "step_factor": "a served engine's step over the step table's (the same forward in a served worker process)",
+    "new_shape_s": "a step of a token count the engine has not run before, once (kernels built per GEMM shape)",
+    "warm_tokens": "token counts up to this were run before the simulation (0: a fresh server)",
     "kv_save_s": "ExampleConnector save in the prefill step: fixed",
     "kv_save_per_byte_s": "and per byte written",
     "kv_load_s": "ExampleConnector load in decode's first step for the request: fixed",
@@ -759,6 +805,7 @@ def main(argv: list[str] | None = None) -> None:
     cost = one.cost(model=one.model, hardware=one.hardware, parallel=Parallelism())
     coeffs, ev = derive(m, {"one": one, "two": two}, cost, meta["block"], one.model.kv_bytes_per_token,
                         host_cores=os.cpu_count() or 1)
+    coeffs = {**coeffs, "new_shape_s": new_shape_s(STEP_TABLE), "warm_tokens": 0}
     parts = m["loads"].values()
     loads = [x for part in parts for x in (part["loadavg_1m_start"], part["loadavg_1m_end"])]
     load_range = {"min": min(loads), "max": max(loads), "background": m["background"]}

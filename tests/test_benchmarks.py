@@ -92,6 +92,22 @@ def test_cost_calibration():
     assert "relative rms error" in out
     rows = [ln for ln in out.splitlines() if re.match(r"^\s*\d+\s+\d+\s+\d+(\.\d+)?\s+\d+\.\d+", ln)]
     assert len(rows) >= 12 and all(numbers(r)[3] > 0 for r in rows)  # measured ms
+    new_shape = [ln for ln in out.splitlines() if ln.startswith("new_shape_s:")]
+    assert len(new_shape) == 1 and numbers(new_shape[0])[0] >= 0  # a never-seen token count's first step
+
+
+def test_serving_costs_reads_new_shape_s_from_the_step_table(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from serving_costs import new_shape_s
+
+    table = tmp_path / "t.csv"
+    table.write_text("# model: tiny_llama\n# new_shape_s: 0.0042 (a step of a token count ...)\nprefill_tokens\n")
+    assert new_shape_s(table) == 0.0042
+    table.write_text("# model: tiny_llama\nprefill_tokens\n")  # a table from before the measurement
+    assert new_shape_s(table) == 0.0
+    table.write_text("# new_shape_s: fast\n")
+    with pytest.raises(ValueError, match="bad new_shape_s line"):
+        new_shape_s(table)
 
 
 def test_omniinfer_repro():
