@@ -38,6 +38,17 @@ class Workload:
             yield Request(f"r{i}", t, p, rng.randint(*self.output), hashes, 512 if hashes else 0)
 
 
+class Listed:
+    """A workload of the given (arrival, prompt, output) requests."""
+
+    def __init__(self, *reqs):
+        self.reqs = reqs
+
+    def requests(self):
+        for i, (t, p, o) in enumerate(self.reqs):
+            yield Request(f"r{i}", t, p, o)
+
+
 def pd_cluster(p=2, d=1, p_kv=200_000, d_kv=100_000, **kw) -> ClusterSpec:
     return ClusterSpec(prefill=InstanceGroup(count=p, kv_capacity_tokens=p_kv, max_model_len=8192, **kw),
                        decode=InstanceGroup(count=d, kv_capacity_tokens=d_kv, max_model_len=8192, **kw))

@@ -18,16 +18,7 @@ from omnisim.app import compose_option
 from omnisim.cost import Parallelism, RooflineModel
 from omnisim.sim import Simulation
 from omnisim.sim.dp_instance import CacheUnion, DPInstance, rank_step_times
-from tests.sim_fixtures import AffineCost, Workload, experiment
-
-
-class Listed:
-    def __init__(self, *reqs):
-        self.reqs = reqs
-
-    def requests(self):
-        for i, (t, p, o) in enumerate(self.reqs):
-            yield Request(f"r{i}", t, p, o)
+from tests.sim_fixtures import AffineCost, Listed, Workload, experiment
 
 
 def ranks_group(dp=4, **kw) -> InstanceGroup:

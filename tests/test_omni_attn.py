@@ -16,11 +16,10 @@ import pandas as pd
 import pytest
 
 from omnisim.attention import DecodePools, OmniAttn
-from omnisim.core import Request
 from omnisim.experiment import Experiment
 from omnisim.policies import RoundRobin
 from omnisim.sim import Simulation
-from tests.sim_fixtures import AffineCost, Workload, colocated, pd_cluster
+from tests.sim_fixtures import AffineCost, Listed, Workload, colocated, pd_cluster
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = 4
@@ -39,17 +38,6 @@ def experiment(cluster, workload, attention=SPEC, seed=0) -> Experiment:
 def run(exp, **kw):
     sim = Simulation(exp, **kw)
     return sim, sim.run()
-
-
-class Listed:
-    """A workload of the given (arrival, prompt, output) requests."""
-
-    def __init__(self, *reqs):
-        self.reqs = reqs
-
-    def requests(self):
-        for i, (t, p, o) in enumerate(self.reqs):
-            yield Request(f"r{i}", t, p, o)
 
 
 def ac(context: int) -> float:
