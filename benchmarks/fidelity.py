@@ -14,8 +14,10 @@ Calibration and validation are disjoint: the serving costs come from single requ
 (serving_costs.py), the step times from in-process engine steps (cost_calibration.py); the loads here (rates,
 lengths, seeds, the routing policies) are used for nothing but this comparison.
 
-Each real run is repeated (prefix caches and the connector's files cleared in between); the simulator runs once
-(it is deterministic) with ``serving.background_cores`` = the CPU that other processes used during the real runs
+Every server first runs one prefill of each length 1..WARM_TOKENS (eager PyTorch builds kernels per GEMM shape on
+first use; the simulator is told, serving.warm_tokens). Each real run is repeated (prefix caches and the
+connector's files cleared in between); the simulator runs once (it is deterministic) with
+``serving.background_cores`` = the CPU that other processes used during the real runs
 (measured from /proc/stat minus our processes), so it is told how busy the machine was, not fitted to it.
 Printed: per case, workload and policy, TTFT / TPOT / E2E p50 and p90 and output tokens/s, real (median of the
 repeats) and its spread (largest distance of a repeat from that median, in %), sim, and the error in %; load
