@@ -202,6 +202,26 @@ def test_operator_profile_against_vidur_profile(tmp_path):
     assert -50 < float(layer[col("error_pct")]) < 50  # priced by the cost model at the layer's own shapes
 
 
+def test_operator_profile_reads_vidurs_attention_profile_when_present(tmp_path):
+    _vidur_mlp(tmp_path / "mlp.csv")
+    header = ["time_stats.attn_prefill.median", "time_stats.attn_decode.median", "time_stats.attn_kv_cache_save.median",
+              "n_embd", "n_q_head", "n_kv_head", "block_size", "num_tensor_parallel_workers", "max_model_len",
+              "batch_size", "prefill_chunk_size", "kv_cache_size", "is_prefill", "attention_backend"]
+    rows = [  # prefill: one sequence, chunk after a cached prefix; decode: batch x context; one row of another tp
+        ("0.05", "", "0.01", 8192, 64, 8, 16, 2, 4096, 1, 512, 0, True, "FLASHINFER"),
+        ("0.09", "", "0.01", 8192, 64, 8, 16, 2, 4096, 1, 512, 1024, True, "FLASHINFER"),
+        ("0.07", "", "0.01", 8192, 64, 8, 16, 2, 4096, 1, 500, 0, True, "FLASHINFER"),  # not a power of two
+        ("", "0.02", "0.01", 8192, 64, 8, 16, 2, 4096, 8, 0, 2048, False, "FLASHINFER"),
+        ("", "0.03", "0.01", 8192, 64, 8, 16, 4, 4096, 8, 0, 2048, False, "FLASHINFER"),
+    ]
+    (tmp_path / "attention.csv").write_text("\n".join([",".join(header)]
+                                                      + [",".join(map(str, r)) for r in rows]) + "\n")
+    figures = last_json(run("benchmarks/operator_profile.py", "--model", "llama2_70b", "--tp", "2", "--hardware",
+                            "a100", "--vidur", str(tmp_path)))
+    assert figures["ops"]["prefill_attention"]["rows"] == 2 and figures["ops"]["decode_attention"]["rows"] == 1
+    assert all(math.isfinite(v["median_error_pct"]) for v in figures["ops"].values())
+
+
 def test_operator_profile_vidur_refuses_another_models_profile(tmp_path):
     _vidur_mlp(tmp_path / "mlp.csv", n_embd=4096)
     proc = subprocess.run([sys.executable, "benchmarks/operator_profile.py", "--model", "llama2_70b", "--tp", "2",
