@@ -9,10 +9,11 @@ import dataclasses
 import numpy as np
 import pandas as pd
 import pytest
+import simpy
 from hydra.utils import instantiate
 
 from omnisim.cluster import ClusterSpec, InstanceGroup
-from omnisim.core import Request
+from omnisim.core import Request, Role
 from omnisim.core.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
 from omnisim.app import compose_option
 from omnisim.cost import Parallelism, RooflineModel
@@ -201,16 +202,87 @@ def test_bad_dp_mode_and_unsupported_combinations_fail_naming_the_field():
     assert dataclasses.replace(g, dp_mode="split").rank_max_num_seqs == 32
 
 
-def test_backends_that_cannot_run_ranks_refuse_them():
-    from backends.emulator.backend import EmulatorBackend
+def test_the_serving_cost_model_refuses_ranks():
     from omnisim.sim.serving import ServingCosts
 
-    cluster = ClusterSpec(mixed=ranks_group(dp=2))
-    with pytest.raises(ValueError, match=r"cluster.mixed.dp_mode=ranks: the emulator runs one engine core"):
-        EmulatorBackend().fleet(experiment(cluster))
-    exp = dataclasses.replace(experiment(cluster), serving=ServingCosts(api_step_s=0.001))
+    exp = dataclasses.replace(experiment(ClusterSpec(mixed=ranks_group(dp=2))), serving=ServingCosts(api_step_s=0.001))
     with pytest.raises(ValueError, match=r"cluster.mixed.dp_mode=ranks: the serving-cost model"):
         Simulation(exp)
+
+
+def applied(trace):
+    """A rank's Scheduler.trace with each plan's steps as applied: a rank's run of decode steps ends where the
+    synchronised run of all ranks ended (its next plan's first step), not where its own plan would have."""
+    return [(start, (trace[i + 1][0] - start) if i + 1 < len(trace) else k, chunks, running)
+            for i, (start, k, chunks, running) in enumerate(trace)]
+
+
+def test_the_emulator_runs_ranks_as_the_simulator_does():
+    # The same waves through the simulator's DPInstance and the emulator's engine with 3 ranks: every rank schedules
+    # the same steps (chunked prefill, prefix hits, preemption in a small KV), the load balancer places every request
+    # alike, and a step lasts as long as its slowest rank.
+    import asyncio
+
+    from backends.common.tokens import block_hashes
+    from backends.emulator import EmulatedEngine
+    from omnisim.engine import Sequence
+    from tests.test_emulator import generate
+    from tests.test_engine_equivalence import _expand, _waves
+
+    block, dp, kv = 16, 3, 3 * 384
+    group = InstanceGroup(dp=dp, dp_mode="ranks", max_num_seqs=6, max_num_batched_tokens=96, block_size=block,
+                          kv_capacity_tokens=kv)
+    waves = _waves(1)
+    env = simpy.Environment()
+
+    class Driver:
+        done = []
+
+        def finished(self, seq, _inst):
+            self.done.append(seq)
+
+    inst = DPInstance(env, "mixed-0", Role.MIXED, group, AffineCost(), kv // block, 1.0, None, Driver(),
+                      reserve_tokens=block)
+    for r in inst.ranks:
+        r.trace = []
+    seqs = []
+
+    def submit(wave, first):
+        for j, (tokens, max_tokens) in enumerate(wave):
+            seq = Sequence(Request(str(first + j), env.now, len(tokens), max_tokens, block_hashes(tokens, block),
+                                   block), block)
+            seqs.append(seq)
+            inst._rank_for(seq).submit(seq)
+        inst._wake()
+
+    first = 0
+    for w, wave in enumerate(waves):
+        env.timeout(w * 100.0).callbacks.append(lambda _e, wave=wave, first=first: submit(wave, first))
+        first += len(wave)
+    env.run()
+    sim_seqs = {s.id: (s.preemptions, s.cached, s.generated) for s in seqs}
+
+    async def emulate():
+        engine = EmulatedEngine(AffineCost(), max_num_seqs=6, max_num_batched_tokens=96, block_size=block,
+                                kv_capacity_tokens=kv, time_scale=0.0, ranks=dp)
+        for r in engine.ranks:
+            r.trace = []
+        await engine.start()
+        out = {}
+        for wave in waves:
+            batch = [engine.make_sequence(f"c{i}", tokens, max_tokens) for i, (tokens, max_tokens) in enumerate(wave)]
+            await generate(engine, *batch)
+            out.update({q.core.id: (q.preemptions, q.cached_tokens, q.generated) for q in batch})
+        await engine.stop()
+        return engine, out
+
+    engine, emu_seqs = asyncio.run(asyncio.wait_for(emulate(), 60))
+    assert engine.max_num_seqs == 18 and engine.pool.num_blocks == 384 // block
+    for sim_rank, emu_rank in zip(inst.ranks, engine.ranks):
+        assert _expand(applied(sim_rank.trace)) == _expand(emu_rank.trace)
+    assert sim_seqs == emu_seqs and len(Driver.done) == len(seqs)
+    assert all(r.trace for r in engine.ranks)  # every rank got work
+    assert sum(p for p, _, _ in sim_seqs.values()) > 0 and sum(c for _, c, _ in sim_seqs.values()) > 0
 
 
 def test_omniinfers_r1_decode_as_32_engine_cores_runs_exactly_in_closed_form():

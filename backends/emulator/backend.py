@@ -57,10 +57,6 @@ class EmulatorBackend:
         cluster, model, hardware = experiment.cluster, experiment.model, experiment.hardware
         if experiment.attention is not None:  # OmniAttn on decode engines, as the simulator runs it
             experiment.attention.check_deployment(cluster, model.layers)
-        for role, g in cluster.groups():
-            if g.engine_cores > 1:
-                raise ValueError(f"cluster.{role}.dp_mode=ranks: the emulator runs one engine core per instance; "
-                                 f"use backend=sim for DP ranks as separate engine cores, or dp_mode=split")
         # The experiment's engine policy on prefill and mixed engines, as in the simulator (omnisim.sim.simulation).
         groups = [EngineGroup(role, g.count, experiment.cost(model=model, hardware=hardware, parallel=g.parallelism),
                               max_num_seqs=g.max_num_seqs, max_num_batched_tokens=g.max_num_batched_tokens,
@@ -68,7 +64,7 @@ class EmulatorBackend:
                               enable_prefix_caching=g.enable_prefix_caching,
                               engine_policy=experiment.engine_policy if role != "decode" else None,
                               attention=experiment.attention if role == "decode" else None,
-                              layers=getattr(model, "layers", 0))
+                              layers=getattr(model, "layers", 0), ranks=g.engine_cores)
                   for role, g in cluster.groups()]
         kv_bytes = model.kv_bytes_per_token
         return Fleet(groups, time_scale=self.time_scale, kv_events=self.prefix_source == "kv_events",

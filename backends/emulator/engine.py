@@ -21,6 +21,7 @@ from omnisim.core import Request
 from omnisim.core.kv_events import KVEvent
 from omnisim.engine import BlockManager, KVLinkQueue, Scheduler
 from omnisim.engine import Sequence as CoreSequence
+from omnisim.sim.dp_instance import CacheUnion, rank_step_times
 
 
 @dataclass(eq=False)
@@ -40,6 +41,7 @@ class EngineSequence:
     finish_s: float | None = None
     reported: int = 0  # generated tokens already counted in the engine's stats
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+    sched: Any = None  # the scheduler (DP rank) holding it, once added
 
     @property
     def num_prompt(self) -> int:
@@ -47,7 +49,7 @@ class EngineSequence:
 
     @property
     def generated(self) -> int:
-        return self.engine.sched.generated(self.core)
+        return (self.sched or self.engine.sched).generated(self.core)
 
     @property
     def cached_tokens(self) -> int:
@@ -95,11 +97,16 @@ class EmulatedEngine:
     def __init__(self, step_time_model: Any, *, max_num_seqs: int = 256, max_num_batched_tokens: int = 8192,
                  block_size: int = 16, kv_capacity_tokens: int = 1 << 20, enable_prefix_caching: bool = True,
                  time_scale: float = 1.0, moe_imbalance: float = 1.0, engine_policy=None, attention=None,
-                 layers: int = 0):
+                 layers: int = 0, ranks: int = 1):
         """``attention``: an ``omnisim.attention.OmniAttn`` on this (decode) engine of a ``layers``-layer model, as
         the simulator applies it: the KV pool is the full layers' one, seats are capped by the compressed layers'
         pool, prefix caching is off, decode steps are timed at the per-layer-averaged attention context and a
-        pulled prompt moves only the compressed layers' windows."""
+        pulled prompt moves only the compressed layers' windows. ``ranks`` > 1: DP ranks as separate engine cores,
+        as the simulator's ``dp_mode=ranks`` runs them (omnisim.sim.dp_instance): each its own scheduler with
+        ``max_num_seqs`` and ``max_num_batched_tokens`` and an even share of the KV, requests given to the rank with
+        the least 4 * waiting + running, every step as long as the slowest rank's."""
+        if isinstance(ranks, bool) or not isinstance(ranks, int) or ranks < 1:
+            raise ValueError(f"ranks must be an integer >= 1, got {ranks!r}")
         if time_scale < 0:
             raise ValueError(f"time_scale must be >= 0, got {time_scale}")
         if max_num_seqs < 1 or max_num_batched_tokens < 1 or block_size < 1:
@@ -113,17 +120,28 @@ class EmulatedEngine:
         self.time_scale = time_scale
         self.moe_imbalance = moe_imbalance
         self.kv_capacity_tokens = kv_capacity_tokens
-        self.pools = pools = None if attention is None else attention.decode_pools(
-            kv_capacity_tokens // block_size, block_size, layers, where="cluster.decode")
-        self.pool = BlockManager(kv_capacity_tokens // block_size if pools is None else pools.full_blocks, block_size)
-        if pools is not None:  # what the proxy is told: the context the full layers' pool holds
-            self.kv_capacity_tokens = pools.full_blocks * block_size
-        # vLLM grows a decoding request's KV block by block: reserve one block ahead, not the simulator's 256 tokens
-        self.sched = Scheduler("emulated", self.pool, self, max_num_seqs=max_num_seqs,
-                               max_num_batched_tokens=max_num_batched_tokens,
-                               enable_prefix_caching=enable_prefix_caching, reserve_tokens=block_size,
-                               max_run_steps=1, policy=engine_policy, attention=pools)
-        self.max_num_seqs = self.sched.max_seqs
+        blocks = kv_capacity_tokens // block_size // ranks  # one rank's
+        if blocks < 1:
+            raise ValueError(f"kv capacity: need at least one KV block per DP rank, got {kv_capacity_tokens} tokens "
+                             f"for {ranks} ranks")
+        self.ranks: list[Scheduler] = []
+        self.rank_pools: list[BlockManager] = []
+        for r in range(ranks):
+            pools = None if attention is None else attention.decode_pools(blocks, block_size, layers,
+                                                                          where="cluster.decode")
+            pool = BlockManager(blocks if pools is None else pools.full_blocks, block_size)
+            # vLLM grows a decoding request's KV block by block: reserve one block ahead, not the simulator's 256
+            self.ranks.append(Scheduler("emulated" if ranks == 1 else f"emulated/dp{r}", pool, self,
+                                        max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                                        enable_prefix_caching=enable_prefix_caching, reserve_tokens=block_size,
+                                        max_run_steps=1, policy=engine_policy, attention=pools))
+            self.rank_pools.append(pool)
+        self.sched, self.pool = self.ranks[0], self.rank_pools[0]  # rank 0's (the only one without DP ranks)
+        self.pools = pools
+        if pools is not None:  # what the proxy is told: the context the full layers' pools hold
+            self.kv_capacity_tokens = pools.full_blocks * block_size * ranks
+        self.max_num_seqs = sum(r.max_seqs for r in self.ranks)
+        self._listener = None
         self.stats = EngineStats()
         self._seqs: dict[str, EngineSequence] = {}  # core id -> request, while the engine holds it
         self._links: dict[EngineSequence, KVLinkQueue] = {}  # remote requests -> the link their KV comes over
@@ -137,25 +155,36 @@ class EmulatedEngine:
     # -- what the HTTP layer reads ------------------------------------------------------------------------------
     @property
     def kv_listener(self) -> Callable[[Sequence[KVEvent]], None] | None:
-        return self.pool.listener
+        return self._listener
 
     @kv_listener.setter
     def kv_listener(self, listener: Callable[[Sequence[KVEvent]], None] | None) -> None:
-        """Receives every batch of KV events (BlockStored / BlockRemoved) the block manager publishes."""
-        self.pool.listener = listener
+        """Receives every batch of KV events (BlockStored / BlockRemoved) the block managers publish (with DP ranks:
+        a block is stored while any rank holds it)."""
+        self._listener = listener
+        if len(self.rank_pools) == 1 or listener is None:
+            for pool in self.rank_pools:
+                pool.listener = listener
+            return
+        union = CacheUnion(listener, len(self.rank_pools))
+        for r, pool in enumerate(self.rank_pools):
+            pool.listener = union.rank(r)
 
     @property
     def running(self) -> list[EngineSequence]:
-        s = self.sched
-        return [self._seqs[c.id] for c in (*s.prefilling, *s.running.values())]
+        return [self._seqs[c.id] for s in self.ranks for c in (*s.prefilling, *s.running.values())]
 
     @property
     def waiting(self) -> list[EngineSequence]:
-        s = self.sched
-        return [self._seqs[c.id] for c in (*s.waiting, *s.remote, *s.ready)]
+        return [self._seqs[c.id] for s in self.ranks for c in (*s.waiting, *s.remote, *s.ready)]
 
     def kv_usage(self) -> float:
-        return self.sched.kv_usage()
+        return sum(r.kv_usage() for r in self.ranks) / len(self.ranks)
+
+    def _rank_for(self) -> Scheduler:
+        """vLLM's DP load balancer: the rank with the least 4 * waiting + running (the first of equals)."""
+        return min(self.ranks, key=lambda r: 4 * (len(r.waiting) + len(r.remote) + r.transferring + len(r.ready))
+                   + len(r.running) + len(r.prefilling))
 
     # -- clock: emulated seconds since start -------------------------------------------------------------------
     def now(self) -> float:
@@ -203,19 +232,20 @@ class EmulatedEngine:
         seq.arrival_s = now = self.now()
         seq.core.t_prefill_dispatch = now
         self._seqs[seq.core.id] = seq
+        seq.sched = sched = self.sched if len(self.ranks) == 1 else self._rank_for()
         if seq.remote_kv:
             self.stats.kv_loaded += 1
             self._links[seq] = link
-            self.sched.submit_remote(seq.core)
+            sched.submit_remote(seq.core)
         else:
-            self.sched.submit(seq.core)
+            sched.submit(seq.core)
         self._wake.set()
 
     def abort(self, seq: EngineSequence) -> None:
         """Drop a sequence (client gone): frees its blocks at once (a transfer in flight frees them on arrival)."""
         if seq.done:
             return
-        self.sched.abort(seq.core, self.now())
+        (seq.sched or self.sched).abort(seq.core, self.now())
         self.stats.aborted += 1
         self._end(seq, "aborted", self.now())
 
@@ -229,7 +259,7 @@ class EmulatedEngine:
         seq = self._seqs[core.id]
         link = self._links.pop(seq, None)
         if link is None:
-            self.sched.kv_arrived(core)
+            seq.sched.kv_arrived(core)
             return
         now = self.now()
         tokens = core.prompt if self.pools is None else self.pools.attention_context(core.prompt)
@@ -241,9 +271,9 @@ class EmulatedEngine:
     async def _transfer(self, seq: EngineSequence, delay_s: float) -> None:
         await asyncio.sleep(delay_s * self.time_scale)
         seq.core.t_kv_end = self.now()
-        self.sched.kv_arrived(seq.core)
+        seq.sched.kv_arrived(seq.core)
         if seq.done:  # aborted while its KV was in flight
-            self.sched.abort(seq.core, self.now())
+            seq.sched.abort(seq.core, self.now())
         self._wake.set()
 
     def prefilled(self, core: CoreSequence) -> None:  # pragma: no cover - emulated engines prefill locally
@@ -258,15 +288,14 @@ class EmulatedEngine:
     # -- the loop ----------------------------------------------------------------------------------------------
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
-        sched = self.sched
         idle = True
         while True:
             if idle:
                 start = self.now()
             else:  # steps of a busy period follow each other at their modelled ends
                 start = (self._deadline - self._t0) / self.time_scale if self.time_scale > 0 else self.now()
-            plan = sched.schedule(start)
-            if plan is None:  # idle: never spin
+            plans = [(r, plan) for r in self.ranks if (plan := r.schedule(start)) is not None]
+            if not plans:  # idle: never spin
                 idle = True
                 self._wake.clear()
                 await self._wake.wait()
@@ -274,8 +303,15 @@ class EmulatedEngine:
             if idle:  # a busy period starts now
                 idle = False
                 self._deadline = loop.time()
-            step_s = float(self.model.step_time(plan.prefill_tokens, plan.prefill_attention, plan.prefill_context,
-                                                plan.decode_seqs, plan.attention_context, self.moe_imbalance))
+            if len(self.ranks) == 1:
+                plan = plans[0][1]
+                step_s = float(self.model.step_time(plan.prefill_tokens, plan.prefill_attention,
+                                                    plan.prefill_context, plan.decode_seqs, plan.attention_context,
+                                                    self.moe_imbalance))
+            else:  # every rank waits for the slowest at the MoE layers' collectives
+                step_s = float(max(rank_step_times(self.model, len(self.ranks), [
+                    (p.prefill_tokens, p.prefill_attention, p.prefill_context, p.decode_seqs, p.attention_context)
+                    for _, p in plans], self.moe_imbalance)))
             self.stats.steps += 1
             self.stats.busy_s += step_s
             # Steps of a busy period end at exact multiples of the model's times: a late wake-up (timer
@@ -284,11 +320,12 @@ class EmulatedEngine:
             await asyncio.sleep(max(0.0, self._deadline - loop.time()))
             # Stamp the step's modelled end, not the (possibly late) wake-up time.
             end = (self._deadline - self._t0) / self.time_scale if self.time_scale > 0 else self.now()
-            preempted = sched.n_preemptions
-            sched.complete(plan, 1, end, end)
-            self.stats.preemptions += sched.n_preemptions - preempted
-            for core in sched.running.values():
-                self._count(self._seqs[core.id])
+            for sched, plan in plans:
+                preempted = sched.n_preemptions
+                sched.complete(plan, 1, end, end)
+                self.stats.preemptions += sched.n_preemptions - preempted
+                for core in sched.running.values():
+                    self._count(self._seqs[core.id])
 
     def _count(self, seq: EngineSequence) -> None:
         """Count ``seq``'s new tokens in the stats and wake its waiter."""

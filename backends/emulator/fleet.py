@@ -24,6 +24,7 @@ class EngineGroup:
     engine_policy: Any = None  # omnisim.core.PrefillPolicy deciding admission order and step budget; None: FCFS
     attention: Any = None  # omnisim.attention.OmniAttn on these (decode) engines, of a ``layers``-layer model
     layers: int = 0
+    ranks: int = 1  # DP ranks as separate engine cores per engine (the limits above are per rank)
 
     def __post_init__(self) -> None:
         if self.role not in ("prefill", "decode", "mixed"):
@@ -52,7 +53,7 @@ class Fleet:
                                         kv_capacity_tokens=g.kv_capacity_tokens,
                                         enable_prefix_caching=g.enable_prefix_caching, time_scale=time_scale,
                                         moe_imbalance=moe_imbalance, engine_policy=g.engine_policy,
-                                        attention=g.attention, layers=g.layers)
+                                        attention=g.attention, layers=g.layers, ranks=g.ranks)
                 kv_role = None
                 if store is not None:
                     kv_role = {"prefill": "producer", "decode": "consumer"}.get(g.role)
