@@ -18,7 +18,8 @@ from omnisim.core.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
 from omnisim.app import compose_option
 from omnisim.cost import Parallelism, RooflineModel
 from omnisim.sim import Simulation
-from omnisim.sim.dp_instance import CacheUnion, DPInstance, rank_step_times
+from omnisim.engine.dp_ranks import CacheUnion, rank_step_times
+from omnisim.sim.dp_instance import DPInstance
 from tests.sim_fixtures import AffineCost, Listed, Workload, experiment
 
 

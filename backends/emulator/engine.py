@@ -21,7 +21,7 @@ from omnisim.core import Request
 from omnisim.core.kv_events import KVEvent
 from omnisim.engine import BlockManager, KVLinkQueue, Scheduler
 from omnisim.engine import Sequence as CoreSequence
-from omnisim.sim.dp_instance import CacheUnion, rank_step_times
+from omnisim.engine.dp_ranks import CacheUnion, least_loaded_rank, rank_step_times
 
 
 @dataclass(eq=False)
@@ -181,11 +181,6 @@ class EmulatedEngine:
     def kv_usage(self) -> float:
         return sum(r.kv_usage() for r in self.ranks) / len(self.ranks)
 
-    def _rank_for(self) -> Scheduler:
-        """vLLM's DP load balancer: the rank with the least 4 * waiting + running (the first of equals)."""
-        return min(self.ranks, key=lambda r: 4 * (len(r.waiting) + len(r.remote) + r.transferring + len(r.ready))
-                   + len(r.running) + len(r.prefilling))
-
     # -- clock: emulated seconds since start -------------------------------------------------------------------
     def now(self) -> float:
         elapsed = asyncio.get_running_loop().time() - self._t0
@@ -232,7 +227,7 @@ class EmulatedEngine:
         seq.arrival_s = now = self.now()
         seq.core.t_prefill_dispatch = now
         self._seqs[seq.core.id] = seq
-        seq.sched = sched = self.sched if len(self.ranks) == 1 else self._rank_for()
+        seq.sched = sched = self.sched if len(self.ranks) == 1 else least_loaded_rank(self.ranks)  # vLLM's DP LB
         if seq.remote_kv:
             self.stats.kv_loaded += 1
             self._links[seq] = link
