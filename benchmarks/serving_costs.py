@@ -258,13 +258,8 @@ async def concurrent(client: Client, jobs: list[tuple[str, int, int, bool]]) -> 
 
 
 async def concurrent_sequences(client: Client, specs: dict[str, list[tuple[int, int, bool]]]) -> list[list[dict]]:
-    """Each server's ``specs`` (prompt, max_tokens, stream) one after another, all servers at once."""
-    import aiohttp
-
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-        async def one(url, items):
-            return [await client.send(session, url, client.prompt(L), n, s) for L, n, s in items]
-        return list(await asyncio.gather(*(one(u, items) for u, items in specs.items())))
+    """Each server's ``specs`` (prompt, max_tokens, stream) one after another (``sequential``), all servers at once."""
+    return list(await asyncio.gather(*(sequential(client, u, items) for u, items in specs.items())))
 
 
 def itl(r: dict) -> float:

@@ -237,12 +237,14 @@ def test_the_emulator_runs_ranks_as_the_simulator_does():
     env = simpy.Environment()
 
     class Driver:
-        done = []
+        def __init__(self):
+            self.done = []
 
         def finished(self, seq, _inst):
             self.done.append(seq)
 
-    inst = DPInstance(env, "mixed-0", Role.MIXED, group, AffineCost(), kv // block, 1.0, None, Driver(),
+    driver = Driver()
+    inst = DPInstance(env, "mixed-0", Role.MIXED, group, AffineCost(), kv // block, 1.0, None, driver,
                       reserve_tokens=block)
     for r in inst.ranks:
         r.trace = []
@@ -281,7 +283,7 @@ def test_the_emulator_runs_ranks_as_the_simulator_does():
     assert engine.max_num_seqs == 18 and engine.pool.num_blocks == 384 // block
     for sim_rank, emu_rank in zip(inst.ranks, engine.ranks):
         assert _expand(applied(sim_rank.trace)) == _expand(emu_rank.trace)
-    assert sim_seqs == emu_seqs and len(Driver.done) == len(seqs)
+    assert sim_seqs == emu_seqs and len(driver.done) == len(seqs)
     assert all(r.trace for r in engine.ranks)  # every rank got work
     assert sum(p for p, _, _ in sim_seqs.values()) > 0 and sum(c for _, c, _ in sim_seqs.values()) > 0
 

@@ -67,8 +67,8 @@ class DPInstance(Instance):
     # -- work arriving: vLLM's DP load balancer ------------------------------------------------------------------
     def _rank_for(self, seq: Sequence):
         """vLLM's DP load balancer (least 4 * waiting + running); remembers the rank that holds ``seq``."""
-        best = self.rank_of[seq.id] = least_loaded_rank(self.ranks)
-        return best
+        rank = self.rank_of[seq.id] = least_loaded_rank(self.ranks)
+        return rank
 
     def submit(self, seq: Sequence) -> None:
         self._rank_for(seq).submit(seq)

@@ -175,17 +175,13 @@ class HostCPU:
             demand += _share(self.proxy.free_at - now, work)
         return demand / self.cores if demand > self.cores else 1.0
 
-    def engine_changed(self, changed: "ServedInstance", now: float) -> None:
+    def engine_changed(self, changed: "ServedInstance") -> None:
         """An engine started or stopped stepping: every other stepping engine's run of decode steps is cut at its
         next step boundary, so the steps after it are timed by the new demand (a run timed while its neighbour
         idled would otherwise keep that pace for its whole length, and the other way round)."""
         for inst in self.instances:
             if inst is not changed and inst.busy:
-                run = inst.run
-                if run.t0 > now:  # planned at a boundary just ahead, not started: time it again
-                    inst._plan(run.t0)
-                elif run.k > 1:
-                    inst._cut()
+                inst._wake()  # a step not started is formed again, a run is cut at its next boundary
 
 
 def _share(left: float, work: float) -> float:
@@ -270,7 +266,7 @@ class ServedInstance(Instance):
         was_busy = self.busy
         self._plan_step(now)
         if self.busy != was_busy and self.host.cores:
-            self.host.engine_changed(self, self.env.now)
+            self.host.engine_changed(self)
 
     def _plan_step(self, now: float) -> None:
         ready = self.sched.ready
