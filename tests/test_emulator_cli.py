@@ -16,6 +16,7 @@ from backends.emulator.__main__ import main, parse_args
     (["--prefill", "-1", "--mixed", "1"], "--prefill"),
     (["--mixed", "1", "--block-size", "0"], "--block-size"),
     (["--mixed", "1", "--max-num-seqs", "x"], "--max-num-seqs"),
+    (["--mixed", "1", "--ranks", "0"], "--ranks"),
 ])
 def test_bad_flags_name_the_flag(args, flag, capsys):
     with pytest.raises(SystemExit) as done:
@@ -30,6 +31,13 @@ def test_a_setting_the_engine_refuses_is_one_line(capsys):
     assert main(["--mixed", "1", "--kv-capacity-tokens", "8"]) == 2
     err = capsys.readouterr().err
     assert "error: kv capacity" in err and "Traceback" not in err
+
+
+def test_ranks_reach_the_engines(capsys):
+    # 32 tokens of KV hold two 16-token blocks: enough for one engine core, not for each of four DP ranks
+    assert main(["--mixed", "1", "--kv-capacity-tokens", "32", "--ranks", "4", "--time-scale", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "per DP rank" in err and "for 4 ranks" in err and "Traceback" not in err
 
 
 def test_as_a_process():

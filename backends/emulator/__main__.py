@@ -55,6 +55,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-num-batched-tokens", type=_positive, default=8192)
     p.add_argument("--block-size", type=_positive, default=16)
     p.add_argument("--kv-capacity-tokens", type=_positive, default=1 << 20)
+    p.add_argument("--ranks", type=_positive, default=1,
+                   help="DP ranks per engine as separate engine cores (dp_mode=ranks): each its own scheduler with "
+                        "--max-num-seqs seats and an equal share of --kv-capacity-tokens; a step lasts as long as "
+                        "the slowest rank's")
     p.add_argument("--kv-events", action="store_true", help="publish KV events over ZMQ")
     p.add_argument("--shared-storage", action="store_true", help="PD by shared storage instead of kv_transfer_params")
     args = p.parse_args(argv)
@@ -68,7 +72,7 @@ async def serve(args: argparse.Namespace) -> None:
                            decode_seq_s=args.decode_seq_s)
     limits = dict(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                   block_size=args.block_size, kv_capacity_tokens=args.kv_capacity_tokens)
-    groups = [EngineGroup(role, n, model, **limits) for role, n in
+    groups = [EngineGroup(role, n, model, **limits, ranks=args.ranks) for role, n in
               (("prefill", args.prefill), ("decode", args.decode), ("mixed", args.mixed)) if n]
     fleet = Fleet(groups, time_scale=args.time_scale, kv_events=args.kv_events, shared_storage=args.shared_storage)
     stop = asyncio.Event()
