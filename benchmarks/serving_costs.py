@@ -24,17 +24,19 @@ figures taken on a busy machine are brought back to a quiet one the way the simu
 - token_s, api_step_s: the API server process's CPU seconds (psutil) over every group of parts 1-3, fitted as
   c_request * requests + api_step_s * engine steps + token_s * output tokens (least squares, non-negative).
 - engine_cpu: the CPU seconds per wall second of a lone stream's engine processes (EngineCore + Worker, psutil; they
-  include vLLM's shm-queue polling between steps), part 4. step_factor, step_s (a served step = step_factor x the
-  table's + step_s): with the simulator in the loop, the pair that best fits vLLM's own engine-side times of a lone
-  prefill step by prompt length (part 1), of a lone 128-token stream's steps (part 4, fitted exactly) and of the
-  batches of part 3 (a grid over step_factor, least squares of the log errors). Two streams on two servers at once
-  are the check (evidence: sim_two_tpot_ms against two_itl_ms).
+  include vLLM's shm-queue polling between steps), part 4. step_factor, step_s, admit_s (a served step =
+  step_factor x the table's + step_s, + admit_s per request it admits): with the simulator in the loop, the three
+  that best fit vLLM's own engine-side times of a lone prefill step by prompt length (part 1), of a lone 128-token
+  stream's steps (part 4, fitted exactly by step_s) and of the batches of part 3: a grid over step_factor; for each,
+  step_s from the lone stream, admit_s the median of what the lone prefill steps take beyond step_factor x table +
+  step_s; least squares of the log errors. Two streams on two servers at once are the check (evidence:
+  sim_two_tpot_ms against two_itl_ms).
 - frontend_s, frontend_per_token_s: (client TTFT - vLLM prefill - vLLM queue) / stretch - the first token's output
   work, median per L, = a + b L (least squares); response_s: client [DONE] - first token of the same requests.
 - kv_save_s, kv_save_per_byte_s: (PD prefill instance's engine prefill / stretch) - (a colocated server's, part 1)
   at the same L, against the bytes the connector writes (align(L) tokens x the model's KV bytes per token).
-- kv_load_s, kv_load_per_byte_s: decode's engine prefill / stretch - cost(recomputing the tokens it did not load),
-  against the bytes it loads.
+- kv_load_s, kv_load_per_byte_s: decode's engine prefill / stretch - cost(recomputing the tokens it did not load)
+  - admit_s, against the bytes it loads.
 - kv_rule: example_connector when the tokens decode reports loading equal the connector's rule at every L
   (omnisim.sim.serving: align(L - 1) tokens when the keys agree, else none).
 - proxy_s, proxy_token_s: proxied minus direct, TTFT and inter-token time (medians).
@@ -104,17 +106,22 @@ def compose(experiment: str, *overrides: str, backend: str = "vllm"):
 def servers(experiment: str, *overrides: str):
     """Start the experiment's real servers (the flags backend=vllm uses) with ENGINE_ENV; yield (experiment,
     settings, launches, pids); always stop them."""
-    from backends.vllm.server_group import ServerGroup
+    from backends.vllm.server_group import ServerGroup, log_tail
 
     env = [f"+backend.env.{k}={v}" for k, v in ENGINE_ENV.items()]
     exp, backend = compose(experiment, *env, ENGINE_ARGS, *overrides)
     work = Path(tempfile.mkdtemp(prefix="omnisim-sc-"))
+    launches = []
     try:
         settings, launches = backend.plan(exp, work)
         with ServerGroup(launches, startup_timeout_s=600) as group:
             pids = {x.id: group.procs[x.id].pid for x in launches}
             log(f"servers {list(pids)} ready after {group.ready_after_s}")
             yield exp, settings, launches, pids
+    except Exception:  # the servers' logs go with their work directory: show what they said first
+        for x in launches:
+            log(f"log of {x.id} ({x.log_path}), last lines:\n{log_tail(x.log_path, 60)}")
+        raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -353,11 +360,41 @@ def solve_increasing(f, target: float, lo: float, hi: float, iters: int = 40) ->
     return (lo + hi) / 2
 
 
+def sim_tpot(costs, exp, n: int, background: float, output: int = 128) -> float:
+    """Median TPOT of ``n`` streams of 64-token prompts arriving at once, simulated on ``exp`` with ``costs``."""
+    return statistics.median(sim_scenario(exp, costs, [(64, output, 0.0)] * n, background)["tpot"])
+
+
+def fit_engine_step(base, exp, lone: tuple[float, float], prefill_real: dict, prefill_model: dict,
+                    batches: tuple[dict, float]) -> dict:
+    """step_factor, step_s, admit_s of a served engine step (module docstring), with the simulator in the loop: for
+    each step_factor of a grid, step_s so that a lone 128-token stream's TPOT is ``lone`` = (ITL, background), then
+    admit_s the median of what the lone prefill steps (``prefill_real`` by prompt length; ``prefill_model``: the
+    cost model's step) take beyond step_factor x model + step_s. ``batches``: ({streams: ITL}, background).
+    Returns {step_factor: (sum of squared log errors, costs, log errors)}."""
+    import dataclasses
+
+    itl, itl_bg = lone
+    by_batch, batch_bg = batches
+
+    def fit(factor):
+        trial = dataclasses.replace(base, step_factor=factor)
+        s = solve_increasing(lambda x: sim_tpot(dataclasses.replace(trial, step_s=x), exp, 1, itl_bg), itl,
+                             0.0, 0.1, iters=30)
+        # a lone prefill step: nothing else wants CPU then, so no stretch (engine_cpu < host_cores)
+        admit = max(0.0, statistics.median(prefill_real[L] - factor * prefill_model[L] - s for L in prefill_real))
+        trial = dataclasses.replace(trial, step_s=s, admit_s=admit)
+        errs = [math.log((factor * prefill_model[L] + s + admit) / prefill_real[L]) for L in prefill_real]
+        errs += [math.log(sim_tpot(trial, exp, b, batch_bg, 64) / itl_b) for b, itl_b in by_batch.items()]
+        return sum(e * e for e in errs), trial, errs
+
+    grid = [round(1.0 + 0.02 * i, 2) for i in range(151)]  # 1.00 .. 4.00 (a fast machine: served overheads weigh more)
+    return {f: fit(f) for f in grid}
+
+
 def derive(m: dict, exps: dict, cost, block: int, kv_bytes_per_token: float, host_cores: int) -> tuple[dict, dict]:
     """Coefficients (conf/serving fields) and the evidence behind each, from the measurements ``m``. ``exps``: the
     experiments of the colocated scenarios ("one", "two") for the fits that run the simulator itself."""
-    import dataclasses
-
     from omnisim.sim.serving import ServingCosts
 
     ev: dict = {}
@@ -370,19 +407,14 @@ def derive(m: dict, exps: dict, cost, block: int, kv_bytes_per_token: float, hos
                      "per_metrics_scrape_ms": c_scrape * 1e3, "groups": groups}
     bg = m["background"]
     # engine_cpu: the CPU seconds per wall second of a lone stream's engine processes (EngineCore + Worker, psutil;
-    # vLLM's shm queues poll between steps, so that is more than one core's worth of the step). step_factor and
-    # step_s (a served step = step_factor * the table's + step_s, then the host's stretch): with the simulator in the
-    # loop, the pair that best fits vLLM's own engine-side times (engine-core clock: the client's is disturbed when
-    # the client itself waits for CPU) of a lone request's prefill step by prompt length, of a lone 128-token
-    # stream's decode steps (fitted exactly: step_s given step_factor) and of batches of 4 and 12 streams; a grid over
-    # step_factor. Two streams on two servers at once are the check (evidence: sim_two_tpot_ms against two_itl_ms).
+    # vLLM's shm queues poll between steps, so that is more than one core's worth of the step). step_factor, step_s,
+    # admit_s (fit_engine_step): fitted to vLLM's own engine-side times (engine-core clock: the client's is disturbed
+    # when the client itself waits for CPU) of lone prefill steps, a lone stream and batches of 4 and 12 streams.
+    # Two streams on two servers at once are the check (evidence: sim_two_tpot_ms against two_itl_ms).
     c = m["contention"]
     engine_cpu = float(c["engine_cores_alone"])
     base = ServingCosts(token_s=token_s, api_step_s=api_step_s, host_cores=host_cores, engine_cpu=engine_cpu)
     one_itl, two_itl = c.get("one_engine_itl", c["one_client_itl"]), c.get("two_engine_itl", c["two_client_itl"])
-
-    def sim_tpot(costs, exp, n, background, output=128):
-        return med(sim_scenario(exp, costs, [(64, output, 0.0)] * n, background)["tpot"])
 
     pre = m["prefill"]
     by_len = sorted({r["prompt"] for r in pre})
@@ -390,26 +422,15 @@ def derive(m: dict, exps: dict, cost, block: int, kv_bytes_per_token: float, hos
     prefill_model = {L: cost.step_time(L, L * (L + 1) / 2, L, 0, 0) for L in by_len}
     batches = {int(b): med([r["engine_itl"] for r in m["batch"] if r["batch"] == b])
                for b in sorted({r["batch"] for r in m["batch"]})}
-
-    def fit(factor):
-        trial = dataclasses.replace(base, step_factor=factor)
-        s = solve_increasing(lambda x: sim_tpot(dataclasses.replace(trial, step_s=x), exps["one"], 1,
-                                                c["one_background"]), one_itl, 0.0, 0.1, iters=30)
-        trial = dataclasses.replace(trial, step_s=s)
-        # a lone prefill step: nothing else wants CPU then, so no stretch (engine_cpu < host_cores)
-        errs = [math.log((factor * prefill_model[L] + s) / prefill_real[L]) for L in by_len]
-        errs += [math.log(sim_tpot(trial, exps["one"], b, bg["batch"], 64) / itl_b) for b, itl_b in batches.items()]
-        return sum(e * e for e in errs), trial, errs
-
-    grid = [round(1.0 + 0.02 * i, 2) for i in range(151)]  # 1.00 .. 4.00 (a fast machine: served overheads weigh more)
-    fits = {f: fit(f) for f in grid}
-    best = min(grid, key=lambda f: fits[f][0])
+    fits = fit_engine_step(base, exps["one"], (one_itl, c["one_background"]), prefill_real, prefill_model,
+                           (batches, bg["batch"]))
+    best = min(fits, key=lambda f: fits[f][0])
     base = fits[best][1]
-    step_s, step_factor = base.step_s, base.step_factor
+    step_s, step_factor, admit_s = base.step_s, base.step_factor, base.admit_s
     ev["engine"] = {"one_itl_ms": one_itl * 1e3, "two_itl_ms": two_itl * 1e3,
                     "one_client_itl_ms": c["one_client_itl"] * 1e3, "two_client_itl_ms": c["two_client_itl"] * 1e3,
                     "cost_step_ms": cost.step_time(0, 0.0, 0, 1, 128) * 1e3, "engine_cores_alone": engine_cpu,
-                    "step_factor_grid_sse": {f: fits[f][0] for f in grid}, "fit_log_errors": fits[best][2],
+                    "step_factor_grid_sse": {f: fit[0] for f, fit in fits.items()}, "fit_log_errors": fits[best][2],
                     "batch_itl_ms": {b: v * 1e3 for b, v in batches.items()},
                     "sim_batch_itl_ms": {b: sim_tpot(base, exps["one"], b, bg["batch"], 64) * 1e3 for b in batches},
                     "sim_one_tpot_ms": sim_tpot(base, exps["one"], 1, c["one_background"]) * 1e3,
@@ -425,7 +446,7 @@ def derive(m: dict, exps: dict, cost, block: int, kv_bytes_per_token: float, hos
     response_s = med([r["e2e"] - r["ttft"] for r in pre]) / s_fe
     ev["frontend"] = {"by_L_ms": {L: v * 1e3 for L, v in by_l.items()}, "stretch": s_fe}
     colo = {L: med([r["engine_prefill"] for r in pre if r["prompt"] == L]) / s_eng for L in by_l}
-    ev["prefill_engine_vs_model_ms"] = {L: (v * 1e3, (step_factor * prefill_model[L] + step_s) * 1e3)
+    ev["prefill_engine_vs_model_ms"] = {L: (v * 1e3, (step_factor * prefill_model[L] + step_s + admit_s) * 1e3)
                                         for L, v in colo.items()}
     # connector: the PD prefill's engine prefill over a colocated one at the same length (the save), decode's over
     # recomputing what it did not load (the load); the KV tokens decode got against the connector's rule
@@ -443,7 +464,8 @@ def derive(m: dict, exps: dict, cost, block: int, kv_bytes_per_token: float, hos
             save_x.append(stored * kv_bytes_per_token)
             save_y.append(med([r["p_engine_prefill"] for r in rows]) / s_pd - colo[L])
         tail = L - loaded
-        recompute = step_factor * cost.step_time(tail, tail * (loaded + (tail + 1) / 2), L, 0, 0) + step_s
+        # decode's admitting step: the tokens it did not load, and taking the request in (admit_s)
+        recompute = step_factor * cost.step_time(tail, tail * (loaded + (tail + 1) / 2), L, 0, 0) + step_s + admit_s
         load_x.append(loaded * kv_bytes_per_token)
         load_y.append(med([r["d_engine_prefill"] for r in rows]) / s_pd - recompute)
     kv_save_s, kv_save_per_byte_s = linear_fit(save_x, save_y)
@@ -458,7 +480,7 @@ def derive(m: dict, exps: dict, cost, block: int, kv_bytes_per_token: float, hos
     ev["proxy"] = px
     coeffs = dict(frontend_s=max(0.0, frontend_s), frontend_per_token_s=max(0.0, frontend_per_token_s),
                   response_s=max(0.0, response_s), token_s=token_s, api_step_s=api_step_s, step_s=step_s,
-                  step_factor=step_factor,
+                  step_factor=step_factor, admit_s=admit_s,
                   kv_save_s=max(0.0, kv_save_s), kv_save_per_byte_s=max(0.0, kv_save_per_byte_s),
                   kv_load_s=max(0.0, kv_load_s), kv_load_per_byte_s=max(0.0, kv_load_per_byte_s),
                   kv_rule="example_connector" if rule_ok else "link", host_cores=host_cores,
@@ -720,6 +742,7 @@ FIELDS_DOC = {
     "background_cores": "other processes' CPU demand: 0 here, fidelity.py gives what it measured",
     "step_s": "per engine step beyond the cost model (engine-core <-> worker IPC, scheduling, output serialisation)",
     "step_factor": "a served engine's step over the step table's (the same forward in a served worker process)",
+    "admit_s": "per request in the step that admits it (engine core and worker take it into their batch state)",
     "new_shape_s": "a step of a token count the engine has not run before, once (kernels built per GEMM shape)",
     "warm_tokens": "token counts up to this were run before the simulation (0: a fresh server)",
     "kv_save_s": "ExampleConnector save in the prefill step: fixed",

@@ -231,3 +231,29 @@ def test_operator_profile_vidur_refuses_another_models_profile(tmp_path):
     proc = subprocess.run([sys.executable, "benchmarks/operator_profile.py", "--model", "llama2_70b", "--tp", "2",
                            "--hardware", "a100", "--vidur", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2 and "a Git LFS pointer" in proc.stderr
+
+
+def test_serving_costs_fit_recovers_the_served_step_that_made_its_measurements():
+    # measurements made by the simulator itself with known step_factor, step_s and admit_s: the fit finds them
+    import dataclasses
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from serving_costs import STEP_TABLE, compose, fit_engine_step, sim_tpot
+
+    from omnisim.cost import Parallelism
+    from omnisim.sim.serving import ServingCosts
+
+    one, _ = compose("cpu_tiny_colocated", "serving=none", f"cost.path={STEP_TABLE}", backend="sim")
+    cost = one.cost(model=one.model, hardware=one.hardware, parallel=Parallelism())
+    base = ServingCosts(token_s=4e-5, api_step_s=8e-4, host_cores=2, engine_cpu=1.7)
+    true = dataclasses.replace(base, step_factor=1.8, step_s=4e-4, admit_s=2.5e-3)
+    model = {L: cost.step_time(L, L * (L + 1) / 2, L, 0, 0) for L in (16, 128, 512)}
+    prefill = {L: 1.8 * t + 4e-4 + 2.5e-3 for L, t in model.items()}
+    lone = (sim_tpot(true, one, 1, 0.05), 0.05)
+    batches = ({4: sim_tpot(true, one, 4, 0.0, 64), 12: sim_tpot(true, one, 12, 0.0, 64)}, 0.0)
+    fits = fit_engine_step(base, one, lone, prefill, model, batches)
+    best = min(fits, key=lambda f: fits[f][0])
+    sse, costs, _ = fits[best]
+    assert best == 1.8 and sse < 1e-10
+    assert costs.step_s == pytest.approx(4e-4, rel=1e-4) and costs.admit_s == pytest.approx(2.5e-3, rel=1e-4)
+    assert min(fits[1.7][0], fits[1.9][0]) > 1e-4  # the neighbours do not fit
