@@ -202,7 +202,7 @@ def test_every_remote_request_is_admitted_once_on_decode_even_when_its_step_is_f
     timed = ServedInstance._time
 
     def recording(self, plan, now):
-        admitted[(self.id, now)] = self._admitted_remote  # a step formed again replaces its first forming
+        admitted[(self.id, now)] = len(self._joined[1])  # a step formed again replaces its first forming
         return timed(self, plan, now)
 
     monkeypatch.setattr(ServedInstance, "_time", recording)

@@ -211,8 +211,7 @@ class ServedInstance(Instance):
         self.fe_remote = self.fe_remote_tokens = 0
         self.delivering = 0  # answers the engine is done with, still on their way to the client
         self._joining: tuple = ()
-        self._admitted_remote = 0  # remote requests the planned step takes into the batch (admit_s)
-        self._joined: tuple = (-1.0, ())  # (start, joiners) of the step planned last
+        self._joined: tuple = (-1.0, ())  # (start, remote requests it takes into the batch) of the step planned last
         self._finishing: list = []
         self._prefilled: list = []
         self._in_complete = False
@@ -282,8 +281,7 @@ class ServedInstance(Instance):
         if self._joined[0] == now:
             joiners = self._joined[1] + joiners
         self._joined = (now, joiners)
-        self._admitted_remote = len(joiners)
-        if not joiners:
+        if not joiners or not (self.in_steps or self.serving.admit_s):  # nothing makes that step unlike the rest
             super()._plan(now)
             return
         self._joining = joiners if self.in_steps else ()
@@ -309,7 +307,7 @@ class ServedInstance(Instance):
         if self._joining:
             a += self._joining_time(plan, f) - run.a * f
         if s.admit_s:  # requests whose first step here this is: a first prompt chunk, or a remote request joining
-            a += s.admit_s * (sum(seq.t_prefill_start == now for seq, _c in plan.chunks) + self._admitted_remote)
+            a += s.admit_s * (sum(seq.t_prefill_start == now for seq, _c in plan.chunks) + len(self._joined[1]))
         if s.new_shape_s:
             tokens = plan.prefill_tokens + plan.decode_seqs
             for seq in self._joining:  # its step computes the prompt tokens it did not load, not one decode token
