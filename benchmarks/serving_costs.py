@@ -24,7 +24,9 @@ figures taken on a busy machine are brought back to a quiet one the way the simu
 - token_s, api_step_s: the API server process's CPU seconds (psutil) over every group of parts 1-3, fitted as
   c_request * requests + api_step_s * engine steps + token_s * output tokens (least squares, non-negative).
 - engine_cpu: the CPU seconds per wall second of a lone stream's engine processes (EngineCore + Worker, psutil; they
-  include vLLM's shm-queue polling between steps), part 4. step_factor, step_s, admit_s (a served step =
+  include vLLM's shm-queue polling between steps), part 4. idle_poll_cpu, idle_poll_s: the same engine's cores in
+  windows right after the stream (its worker spinning on the queue): the plateau, and the core-seconds spent
+  before it falls below a tenth of it over the plateau. step_factor, step_s, admit_s (a served step =
   step_factor x the table's + step_s, + admit_s per request it admits): with the simulator in the loop, the three
   that best fit vLLM's own engine-side times of a lone prefill step by prompt length (part 1), of a lone 128-token
   stream's steps (part 4, fitted exactly by step_s) and of the batches of part 3: a grid over step_factor; for each,
@@ -197,6 +199,20 @@ class ProcCPU:
 
 
 IDLE_WINDOW_S, IDLE_WINDOWS = 0.25, 8  # how the CPU of an engine that has just gone idle is sampled
+
+
+def idle_poll(windows: list[float], window_s: float) -> tuple[float, float]:
+    """(idle_poll_cpu, idle_poll_s) from the cores an engine used in consecutive windows after its last step: the
+    plateau, and the core-seconds of the windows before the first below a tenth of it, over the plateau."""
+    plateau = max(windows, default=0.0)
+    if plateau <= 0.0:
+        return 0.0, 0.0
+    spent = 0.0
+    for w in windows:
+        if w < 0.1 * plateau:
+            break
+        spent += w * window_s
+    return plateau, spent / plateau
 
 
 def idle_cores(pid: int) -> list[float]:
@@ -413,7 +429,9 @@ def derive(m: dict, exps: dict, cost, block: int, kv_bytes_per_token: float, hos
     # Two streams on two servers at once are the check (evidence: sim_two_tpot_ms against two_itl_ms).
     c = m["contention"]
     engine_cpu = float(c["engine_cores_alone"])
-    base = ServingCosts(token_s=token_s, api_step_s=api_step_s, host_cores=host_cores, engine_cpu=engine_cpu)
+    idle_poll_cpu, idle_poll_s = idle_poll(c["idle_cores"], c["idle_window_s"])
+    base = ServingCosts(token_s=token_s, api_step_s=api_step_s, host_cores=host_cores, engine_cpu=engine_cpu,
+                        idle_poll_s=idle_poll_s, idle_poll_cpu=idle_poll_cpu)
     one_itl, two_itl = c.get("one_engine_itl", c["one_client_itl"]), c.get("two_engine_itl", c["two_client_itl"])
 
     pre = m["prefill"]
@@ -451,7 +469,7 @@ def derive(m: dict, exps: dict, cost, block: int, kv_bytes_per_token: float, hos
     # connector: the PD prefill's engine prefill over a colocated one at the same length (the save), decode's over
     # recomputing what it did not load (the load); the KV tokens decode got against the connector's rule
     pd_rows = m["pd"]
-    s_pd = engine_stretch(base, bg["pd"])
+    s_pd = engine_stretch(base, bg["pd"] + idle_poll_cpu)  # the other side's worker still polls: sent one by one
     rule = ServingCosts(kv_rule="example_connector")
     rule_ok = True
     save_x, save_y, load_x, load_y = [], [], [], []
@@ -484,7 +502,8 @@ def derive(m: dict, exps: dict, cost, block: int, kv_bytes_per_token: float, hos
                   kv_save_s=max(0.0, kv_save_s), kv_save_per_byte_s=max(0.0, kv_save_per_byte_s),
                   kv_load_s=max(0.0, kv_load_s), kv_load_per_byte_s=max(0.0, kv_load_per_byte_s),
                   kv_rule="example_connector" if rule_ok else "link", host_cores=host_cores,
-                  engine_cpu=engine_cpu, background_cores=0.0, proxy_s=proxy_s, proxy_token_s=proxy_token_s)
+                  engine_cpu=engine_cpu, idle_poll_s=idle_poll_s, idle_poll_cpu=idle_poll_cpu,
+                  background_cores=0.0, proxy_s=proxy_s, proxy_token_s=proxy_token_s)
     return coeffs, ev
 
 
@@ -752,6 +771,8 @@ FIELDS_DOC = {
     "kv_rule": "which prompt tokens decode gets from prefill and which it recomputes",
     "host_cores": "cores every instance's processes share",
     "engine_cpu": "cores a stepping engine keeps busy (its processes' CPU-s per wall-s)",
+    "idle_poll_s": "an engine that stopped stepping keeps polling its shm queue this long",
+    "idle_poll_cpu": "on this many cores",
     "proxy_s": "the omnisim proxy (with the client in one process) per request",
     "proxy_token_s": "and per streamed token",
 }

@@ -110,6 +110,17 @@ def test_serving_costs_reads_new_shape_s_from_the_step_table(tmp_path):
         new_shape_s(table)
 
 
+def test_serving_costs_reads_the_idle_poll_from_an_engines_cores_after_its_last_step():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from serving_costs import idle_poll
+
+    # the shape measured on 2026-12-03: a core for most of a second, then nothing but noise
+    cpu, seconds = idle_poll([0.998, 0.999, 0.998, 0.739, 0.0, 0.04, 0.0, 0.02], 0.25)
+    assert cpu == 0.999 and seconds == pytest.approx((0.998 + 0.999 + 0.998 + 0.739) * 0.25 / 0.999)
+    assert idle_poll([0.0] * 8, 0.25) == (0.0, 0.0)  # an engine that parks at once
+    assert idle_poll([1.0] * 4, 0.25) == (1.0, 1.0)  # still polling when the windows end: a lower bound
+
+
 def test_omniinfer_repro():
     figures = last_json(run("benchmarks/omniinfer_repro.py", "--quick", "--stages", "baseline,unified,all",
                             timeout=900))

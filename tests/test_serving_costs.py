@@ -66,7 +66,8 @@ def test_any_cost_turns_served_instances_on():
         _, _, sim = one(serving=costs)
         assert all(isinstance(i, ServedInstance) for i in sim.instances)
     assert ServingCosts(host_cores=2).active and ServingCosts(kv_rule="example_connector").active
-    assert not ServingCosts(background_cores=3.0, engine_cpu=2.0).active  # they only matter with host_cores
+    assert not ServingCosts(background_cores=3.0, engine_cpu=2.0, idle_poll_s=1.0, idle_poll_cpu=1.0).active
+    # they only matter with host_cores
 
 
 def cfg(*overrides):
@@ -303,6 +304,28 @@ def test_one_engine_alone_is_not_slowed_by_the_other_idle_one():
     assert records.loc["r0"].tpot_s == pytest.approx(alone.tpot_s, rel=1e-12)
 
 
+def test_an_engine_that_just_stopped_keeps_polling_and_slows_the_others_until_its_poll_ends():
+    # r0 (engine 0) is done long before r1 (engine 1) arrives right after it: engine 0's worker still spins on its
+    # queue, 1 core, so r1's engine gets 2 / (1.5 + 1) of what it wants while that lasts, and its own pace after.
+    reqs = Listed(req(0, 0.0, 100, 2), req(1, 0.05, 100, 200))
+    cluster = colocated(n=2, block_size=BLOCK)
+    quiet, _, _ = run(cluster, reqs, ServingCosts(host_cores=2, engine_cpu=1.5))
+    polled, _, _ = run(cluster, reqs, ServingCosts(host_cores=2, engine_cpu=1.5, idle_poll_s=100.0,
+                                                   idle_poll_cpu=1.0))
+    assert polled.loc["r1"].tpot_s == pytest.approx(1.25 * quiet.loc["r1"].tpot_s, rel=1e-9)
+    assert polled.loc["r0"].tpot_s == pytest.approx(quiet.loc["r0"].tpot_s, rel=1e-12)  # nobody polled before
+    # a poll of 0.2 s: r1's run is timed again when it ends, so only its first part is slower
+    short, _, _ = run(cluster, reqs, ServingCosts(host_cores=2, engine_cpu=1.5, idle_poll_s=0.2, idle_poll_cpu=1.0))
+    r0_done = quiet.loc["r0"].finish_s
+    assert r0_done < 0.05
+    polled_steps = (r0_done + 0.2 - quiet.loc["r1"].first_token_s) / (1.25 * quiet.loc["r1"].tpot_s)
+    expected = quiet.loc["r1"].tpot_s * (1 + 0.25 * polled_steps / 199)
+    assert short.loc["r1"].tpot_s == pytest.approx(expected, rel=0.02)
+    # no cores named, no poll
+    none, _, _ = run(cluster, reqs, ServingCosts(host_cores=2, engine_cpu=1.5, idle_poll_s=100.0))
+    assert none.loc["r1"].tpot_s == pytest.approx(quiet.loc["r1"].tpot_s, rel=1e-12)
+
+
 def test_a_process_busy_for_part_of_a_step_counts_by_that_part():
     # A lone stream: its API server works 10% of each step (1.5 + 0.1 cores wanted of 2: no slowdown); counted as a
     # whole core for the step it would be 2.5 of 2 and every step 1.25x longer.
@@ -341,6 +364,8 @@ def test_a_served_run_accounts_for_every_request_and_is_deterministic():
     ("warm_tokens", 1.5, "serving.warm_tokens: expected a whole number"),
     ("new_shape_s", -0.001, "serving.new_shape_s must be >= 0"),
     ("admit_s", -0.001, "serving.admit_s must be >= 0"),
+    ("idle_poll_s", -1.0, "serving.idle_poll_s must be >= 0"),
+    ("idle_poll_cpu", math.inf, "serving.idle_poll_cpu: expected a finite number"),
 ])
 def test_bad_serving_values_fail_naming_the_field(field, value, words):
     with pytest.raises(ValueError, match=words.replace(".", r"\.")):

@@ -72,6 +72,16 @@ def test_start_wait_and_stop_reaches_the_children(launches):
     assert all(p.poll() is not None for p in group.procs.values())
 
 
+def test_servers_get_their_own_process_group_in_the_launchers_session(launches):
+    # a session each would put every server in its own autogroup, and cores shared among groups stall whole servers
+    xs = launches("ok", "ok")
+    with ServerGroup(xs, startup_timeout_s=30, poll_interval_s=0.1) as group:
+        pids = [p.pid for p in group.procs.values()]
+        assert [os.getpgid(p) for p in pids] == pids
+        assert {os.getsid(p) for p in pids} == {os.getsid(0)}
+        assert all(os.getpgid(child_pid(x)) == pid for x, pid in zip(xs, pids))
+
+
 def test_a_server_that_exits_while_starting_is_reported_with_its_log(launches):
     xs = launches("ok", "crash", delay=5)
     started = time.monotonic()

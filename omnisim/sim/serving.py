@@ -35,7 +35,11 @@ nothing here runs. When one is on, every instance is a ``ServedInstance``:
   core would). When an engine starts or stops stepping, the other engines' runs of decode steps are cut at their
   next step boundary and the rest timed again: a run's pace follows its neighbours step by step.
   (Not a FIFO ``simpy.Resource`` of cores: that would let a decode run hold a core for its whole length and make
-  front-end work wait behind it, which no scheduler does.)
+  front-end work wait behind it, which no scheduler does.) An engine that has just stopped stepping keeps
+  ``idle_poll_cpu`` cores busy for ``idle_poll_s`` more (vLLM's worker spins on its shm queue, ``sched_yield``
+  in a loop, for a second after its last read before it parks on a socket): on cores shared flat among every
+  process, as the real backend runs its servers, a spinner takes a task's share like any other task; at its end
+  the other engines' runs are timed again as when an engine stops.
 
 ExampleConnector's block rule (vLLM 0.32, ``example_connector.align_to_block_size(n) = (n - 1) // B * B``): prefill
 stores align(L) tokens under a key of those tokens; decode looks for a key of align(L - 1) tokens, so it loads them
@@ -74,6 +78,8 @@ class ServingCosts:
     kv_rule: str = "link"
     host_cores: int = 0
     engine_cpu: float = 1.0
+    idle_poll_s: float = 0.0
+    idle_poll_cpu: float = 0.0
     background_cores: float = 0.0
     proxy_s: float = 0.0
     proxy_token_s: float = 0.0
@@ -104,7 +110,7 @@ class ServingCosts:
         """Whether any cost is on (False: the simulator runs exactly as without serving costs; engine_cpu and
         background_cores only matter with host_cores)."""
         return any(getattr(self, f.name) != f.default for f in fields(self)
-                   if f.name not in ("engine_cpu", "background_cores"))
+                   if f.name not in ("engine_cpu", "idle_poll_s", "idle_poll_cpu", "background_cores"))
 
     def connector_tokens(self, prompt: int, block: int) -> tuple[int, int]:
         """(prompt tokens prefill stores, prompt tokens decode loads) under ``kv_rule`` (``link``: the whole prompt
@@ -160,6 +166,8 @@ class HostCPU:
     def __init__(self, costs: ServingCosts, proxy: Fifo) -> None:
         self.cores = costs.host_cores
         self.engine_cpu = costs.engine_cpu
+        self.idle_poll_s = costs.idle_poll_s if costs.idle_poll_cpu else 0.0
+        self.idle_poll_cpu = costs.idle_poll_cpu
         self.background = costs.background_cores
         self.proxy = proxy
         self.instances: list[ServedInstance] = []
@@ -171,8 +179,11 @@ class HostCPU:
             return 1.0
         demand = self.background + (self.engine_cpu if engine else 1.0)
         for inst in self.instances:
-            if inst.busy and not (engine and inst is asking):  # a stepping engine goes on stepping: all of it
-                demand += self.engine_cpu
+            if inst.busy:
+                if not (engine and inst is asking):  # a stepping engine goes on stepping: all of it
+                    demand += self.engine_cpu
+            elif now < inst.idle_since + self.idle_poll_s:  # still spinning on its queue
+                demand += self.idle_poll_cpu
             if inst.api.free_at > now and not (not engine and inst is asking):
                 demand += _share(inst.api.free_at - now, work)
         if asking is not None and self.proxy.free_at > now:
@@ -215,6 +226,7 @@ class ServedInstance(Instance):
         self._finishing: list = []
         self._prefilled: list = []
         self._in_complete = False
+        self.idle_since = -math.inf  # when the engine last stopped stepping (its worker polls idle_poll_s after)
         host.instances.append(self)
 
     # -- what the proxy sees: requests in the front-end wait, answers being delivered run ----------------------
@@ -271,6 +283,14 @@ class ServedInstance(Instance):
         was_busy = self.busy
         self._plan_step(now)
         if self.busy != was_busy and self.host.cores:
+            if was_busy:
+                self.idle_since = now
+                if self.host.idle_poll_s:
+                    self.env.timeout(self.host.idle_poll_s).callbacks.append(lambda _e, t=now: self._poll_ended(t))
+            self.host.engine_changed(self)
+
+    def _poll_ended(self, idle_since: float) -> None:
+        if not self.busy and self.idle_since == idle_since:  # its worker parks: the others' pace changes
             self.host.engine_changed(self)
 
     def _plan_step(self, now: float) -> None:
