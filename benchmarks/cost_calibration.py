@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's omnisim, installed or not (serving_costs.py runs it as a script)
 DECODE_STEPS = 10
 REPEATS = 5
 PREFILL_SHAPES = [(1, 16), (1, 64), (1, 256), (1, 512), (1, 1024), (1, 1900), (4, 256), (8, 512), (2, 1900)]

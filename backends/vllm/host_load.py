@@ -7,7 +7,9 @@ ours used (the ``background`` a simulation of the same run can be told about, ``
 
 ``cpu_busy_cores``: CPU time of the whole machine (``/proc/stat``: user + nice + system + irq + softirq + steal) per
 wall second; ``own_cores``: the same for this process and the given pids with all their descendants (psutil);
-``background_used_cores`` = the difference: what everyone else ran meanwhile. On saturated cores that is bounded by
+``background_used_cores`` = the difference: what everyone else ran meanwhile, the hypervisor's steal included
+(``steal_cores``: time a virtual CPU was ready but the host ran something else; on this project's shared VMs it
+went from under 1% to 13% of the cores within an hour on 2026-12-03). On saturated cores that is bounded by
 what was left, so ``background_cores`` is the other processes' *demand*: the runnable tasks (``procs_running``,
 sampled every 20 ms by a thread, itself left out) times the others' part of the CPU that was used; every runnable
 task gets an equal share under time-slicing, so that is how many of the runnable tasks were theirs. It is what a
@@ -35,7 +37,8 @@ def _procs_running() -> int | None:
     return None
 
 
-def _machine_busy_s() -> float | None:
+def _machine_busy_s() -> tuple[float, float] | None:
+    """(busy, steal) CPU seconds of the whole machine so far."""
     try:
         with open("/proc/stat") as f:
             fields = f.readline().split()
@@ -46,7 +49,8 @@ def _machine_busy_s() -> float | None:
     ticks = [float(x) for x in fields[1:]]
     # user nice system idle iowait irq softirq steal (guest time is already inside user)
     busy = ticks[0] + ticks[1] + ticks[2] + sum(ticks[5:8])
-    return busy / os.sysconf("SC_CLK_TCK")
+    hz = os.sysconf("SC_CLK_TCK")
+    return busy / hz, (ticks[7] if len(ticks) > 7 else 0.0) / hz
 
 
 class _Tree:
@@ -113,16 +117,17 @@ class HostLoad:
         out = {"wall_s": wall, "loadavg_1m_start": self._load0[0], "loadavg_1m_end": load1[0],
                "loadavg_5m_end": load1[1], "cpu_count": os.cpu_count()}
         if busy1 is not None and self._busy0 is not None and self._tree is not None:
-            busy = (busy1 - self._busy0) / wall
+            busy = (busy1[0] - self._busy0[0]) / wall
+            steal = (busy1[1] - self._busy0[1]) / wall
             own = (self._tree.cpu_s() - self._own0) / wall
             used = max(0.0, busy - own)
             runnable = sum(self._runnable) / len(self._runnable) if self._runnable else None
             demand = runnable * used / busy if runnable is not None and busy > 0 else used
             out.update(cpu_busy_cores=busy, own_cores=own, background_used_cores=used, runnable=runnable,
-                       background_cores=max(used, demand))
+                       background_cores=max(used, demand), steal_cores=steal)
         else:
             out.update(cpu_busy_cores=None, own_cores=None, background_used_cores=None, runnable=None,
-                       background_cores=None)
+                       background_cores=None, steal_cores=None)
         self.result = out
 
     def summary(self) -> dict:
