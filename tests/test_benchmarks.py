@@ -121,6 +121,29 @@ def test_serving_costs_reads_the_idle_poll_from_an_engines_cores_after_its_last_
     assert idle_poll([1.0] * 4, 0.25) == (1.0, 1.0)  # still polling when the windows end: a lower bound
 
 
+def test_serving_costs_takes_the_hypervisors_steal_out_of_every_parts_wall_times():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from serving_costs import without_steal
+
+    m = {"loads": {"prefill": {"steal_fraction": 0.25}, "proxy": {"steal_fraction": 0.5}, "batch": {}},
+         "prefill": [{"prompt": 16, "ttft": 0.04, "e2e": 0.05, "engine_prefill": 0.02, "engine_queue": 0.001}],
+         "batch": [{"batch": 4, "engine_itl": 0.01, "client_itl": 0.012, "wall_s": 1.0}],
+         "proxy": {"direct_ttft": 0.02, "proxied_ttft": 0.03, "direct_itl": 0.01, "proxied_itl": 0.012},
+         "contention": {"one_client_itl": 0.01, "one_engine_itl": 0.01, "one_itls": [0.01], "one_engine_itls": [0.01],
+                        "two_client_itl": 0.02, "two_engine_itl": 0.02, "two_itls": [0.02], "two_engine_itls": [0.02],
+                        "engine_cores_alone": 0.9, "idle_cores": [0.6, 0.0], "one_steal": 0.4, "two_steal": 0.0},
+         "api_groups": [{"api_cpu_s": 1.0}]}
+    out = without_steal(m)
+    assert out["prefill"][0] == pytest.approx({"prompt": 16, "ttft": 0.03, "e2e": 0.0375, "engine_prefill": 0.015,
+                                               "engine_queue": 0.00075})
+    assert out["batch"] == m["batch"] and out["api_groups"] == m["api_groups"]  # no steal; CPU seconds stay
+    assert out["proxy"]["proxied_ttft"] == 0.015
+    c = out["contention"]
+    assert c["one_engine_itl"] == pytest.approx(0.006) and c["two_engine_itl"] == 0.02
+    assert c["engine_cores_alone"] == pytest.approx(1.5) and c["idle_cores"] == pytest.approx([1.0, 0.0])
+    assert m["prefill"][0]["ttft"] == 0.04  # the raw measurements are left as they were
+
+
 def test_omniinfer_repro():
     figures = last_json(run("benchmarks/omniinfer_repro.py", "--quick", "--stages", "baseline,unified,all",
                             timeout=900))

@@ -25,6 +25,8 @@ def test_our_own_work_counts_as_own_and_a_child_of_ours_too():
     s = load.summary()
     assert s["wall_s"] >= 0.6 and s["cpu_count"] >= 1
     assert s["own_cores"] > 0.8  # this loop and most of the child's
-    assert 0.0 <= s["steal_cores"] <= s["cpu_busy_cores"]
-    assert s["background_used_cores"] == pytest.approx(max(0.0, s["cpu_busy_cores"] - s["own_cores"]))
+    assert 0.0 <= s["steal_cores"] <= s["cpu_busy_cores"] and 0.0 <= s["steal_fraction"] < 1.0
+    assert s["steal_fraction"] == pytest.approx(s["steal_cores"] / s["cpu_busy_cores"])
+    ran = s["cpu_busy_cores"] - s["steal_cores"]
+    assert s["background_used_cores"] == pytest.approx(max(0.0, ran - s["own_cores"]))
     assert s["background_cores"] >= s["background_used_cores"]

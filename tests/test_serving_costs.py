@@ -326,6 +326,19 @@ def test_an_engine_that_just_stopped_keeps_polling_and_slows_the_others_until_it
     assert none.loc["r1"].tpot_s == pytest.approx(quiet.loc["r1"].tpot_s, rel=1e-12)
 
 
+def test_the_hypervisors_steal_slows_every_cpu_job_even_on_idle_cores():
+    # one stream on two cores: nothing shares them, but the host takes 20% of the time each core wants to run
+    costs = ServingCosts(frontend_s=0.01, api_step_s=1e-4, host_cores=2, engine_cpu=1.5)
+    clean, _, _ = one(output=20, serving=costs)
+    stolen, inst, _ = one(output=20, serving=dataclasses.replace(costs, steal=0.2))
+    assert stolen.tpot_s == pytest.approx(clean.tpot_s / 0.8, rel=1e-9)
+    assert stolen.ttft_s == pytest.approx(clean.ttft_s / 0.8, rel=1e-9)
+    assert not ServingCosts(steal=0.5).active  # only with host_cores
+    off, _, _ = one(output=20, serving=ServingCosts(frontend_s=0.01, api_step_s=1e-4, steal=0.5))
+    on, _, _ = one(output=20, serving=ServingCosts(frontend_s=0.01, api_step_s=1e-4))
+    assert off.tpot_s == on.tpot_s
+
+
 def test_a_process_busy_for_part_of_a_step_counts_by_that_part():
     # A lone stream: its API server works 10% of each step (1.5 + 0.1 cores wanted of 2: no slowdown); counted as a
     # whole core for the step it would be 2.5 of 2 and every step 1.25x longer.
@@ -365,6 +378,7 @@ def test_a_served_run_accounts_for_every_request_and_is_deterministic():
     ("new_shape_s", -0.001, "serving.new_shape_s must be >= 0"),
     ("admit_s", -0.001, "serving.admit_s must be >= 0"),
     ("idle_poll_s", -1.0, "serving.idle_poll_s must be >= 0"),
+    ("steal", 1.0, "serving.steal must be < 1"),
     ("idle_poll_cpu", math.inf, "serving.idle_poll_cpu: expected a finite number"),
 ])
 def test_bad_serving_values_fail_naming_the_field(field, value, words):

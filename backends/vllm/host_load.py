@@ -7,9 +7,10 @@ ours used (the ``background`` a simulation of the same run can be told about, ``
 
 ``cpu_busy_cores``: CPU time of the whole machine (``/proc/stat``: user + nice + system + irq + softirq + steal) per
 wall second; ``own_cores``: the same for this process and the given pids with all their descendants (psutil);
-``background_used_cores`` = the difference: what everyone else ran meanwhile, the hypervisor's steal included
-(``steal_cores``: time a virtual CPU was ready but the host ran something else; on this project's shared VMs it
-went from under 1% to 13% of the cores within an hour on 2026-12-03). On saturated cores that is bounded by
+``steal_cores``: the time a virtual CPU wanted to run but the hypervisor ran another guest (``steal_fraction``: that
+over ``cpu_busy_cores``, what a simulation's ``serving.steal`` means; with both cores busy it went from 0.3% to 18-38%
+within twenty minutes on this project's VM on 2026-12-03); ``background_used_cores`` = busy - steal - own: what the
+other processes ran meanwhile. On saturated cores that is bounded by
 what was left, so ``background_cores`` is the other processes' *demand*: the runnable tasks (``procs_running``,
 sampled every 20 ms by a thread, itself left out) times the others' part of the CPU that was used; every runnable
 task gets an equal share under time-slicing, so that is how many of the runnable tasks were theirs. It is what a
@@ -118,16 +119,18 @@ class HostLoad:
                "loadavg_5m_end": load1[1], "cpu_count": os.cpu_count()}
         if busy1 is not None and self._busy0 is not None and self._tree is not None:
             busy = (busy1[0] - self._busy0[0]) / wall
-            steal = (busy1[1] - self._busy0[1]) / wall
+            steal = min(busy, (busy1[1] - self._busy0[1]) / wall)
             own = (self._tree.cpu_s() - self._own0) / wall
-            used = max(0.0, busy - own)
+            ran = busy - steal  # what the guest's processes ran
+            used = max(0.0, ran - own)
             runnable = sum(self._runnable) / len(self._runnable) if self._runnable else None
-            demand = runnable * used / busy if runnable is not None and busy > 0 else used
+            demand = runnable * used / ran if runnable is not None and ran > 0 else used
             out.update(cpu_busy_cores=busy, own_cores=own, background_used_cores=used, runnable=runnable,
-                       background_cores=max(used, demand), steal_cores=steal)
+                       background_cores=max(used, demand), steal_cores=steal,
+                       steal_fraction=steal / busy if busy > 0 else 0.0)
         else:
             out.update(cpu_busy_cores=None, own_cores=None, background_used_cores=None, runnable=None,
-                       background_cores=None, steal_cores=None)
+                       background_cores=None, steal_cores=None, steal_fraction=None)
         self.result = out
 
     def summary(self) -> dict:

@@ -39,7 +39,9 @@ nothing here runs. When one is on, every instance is a ``ServedInstance``:
   ``idle_poll_cpu`` cores busy for ``idle_poll_s`` more (vLLM's worker spins on its shm queue, ``sched_yield``
   in a loop, for a second after its last read before it parks on a socket): on cores shared flat among every
   process, as the real backend runs its servers, a spinner takes a task's share like any other task; at its end
-  the other engines' runs are timed again as when an engine stops.
+  the other engines' runs are timed again as when an engine stops. ``steal``: the part of the time a virtual CPU
+  wants to run that the hypervisor gives to other guests (``/proc/stat``'s steal over busy, measured beside every
+  real run): all CPU work takes 1 / (1 - steal) longer on top of the sharing.
 
 ExampleConnector's block rule (vLLM 0.32, ``example_connector.align_to_block_size(n) = (n - 1) // B * B``): prefill
 stores align(L) tokens under a key of those tokens; decode looks for a key of align(L - 1) tokens, so it loads them
@@ -81,6 +83,7 @@ class ServingCosts:
     idle_poll_s: float = 0.0
     idle_poll_cpu: float = 0.0
     background_cores: float = 0.0
+    steal: float = 0.0
     proxy_s: float = 0.0
     proxy_token_s: float = 0.0
 
@@ -102,15 +105,18 @@ class ServingCosts:
         if self.step_factor <= 0:
             raise ValueError(f"serving.step_factor must be > 0 (a served step over the cost model's), got "
                              f"{self.step_factor}")
+        if self.steal >= 1:
+            raise ValueError(f"serving.steal must be < 1 (the part of a CPU's wanted time the host takes), got "
+                             f"{self.steal}")
         if self.engine_cpu <= 0:
             raise ValueError(f"serving.engine_cpu must be > 0 (cores a stepping engine wants), got {self.engine_cpu}")
 
     @property
     def active(self) -> bool:
-        """Whether any cost is on (False: the simulator runs exactly as without serving costs; engine_cpu and
-        background_cores only matter with host_cores)."""
+        """Whether any cost is on (False: the simulator runs exactly as without serving costs; engine_cpu, the idle
+        poll, background_cores and steal only matter with host_cores)."""
         return any(getattr(self, f.name) != f.default for f in fields(self)
-                   if f.name not in ("engine_cpu", "idle_poll_s", "idle_poll_cpu", "background_cores"))
+                   if f.name not in ("engine_cpu", "idle_poll_s", "idle_poll_cpu", "background_cores", "steal"))
 
     def connector_tokens(self, prompt: int, block: int) -> tuple[int, int]:
         """(prompt tokens prefill stores, prompt tokens decode loads) under ``kv_rule`` (``link``: the whole prompt
@@ -169,6 +175,7 @@ class HostCPU:
         self.idle_poll_s = costs.idle_poll_s if costs.idle_poll_cpu else 0.0
         self.idle_poll_cpu = costs.idle_poll_cpu
         self.background = costs.background_cores
+        self.unstolen = 1.0 - costs.steal
         self.proxy = proxy
         self.instances: list[ServedInstance] = []
 
@@ -188,7 +195,7 @@ class HostCPU:
                 demand += _share(inst.api.free_at - now, work)
         if asking is not None and self.proxy.free_at > now:
             demand += _share(self.proxy.free_at - now, work)
-        return demand / self.cores if demand > self.cores else 1.0
+        return (demand / self.cores if demand > self.cores else 1.0) / self.unstolen
 
     def engine_changed(self, changed: "ServedInstance") -> None:
         """An engine started or stopped stepping: every other stepping engine's run of decode steps is cut at its
