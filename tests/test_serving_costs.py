@@ -353,6 +353,37 @@ def test_a_process_busy_for_part_of_a_step_counts_by_that_part():
     assert busy.tpot_s > plain_busy.tpot_s * 1.1
 
 
+def test_work_queued_for_later_leaves_a_process_idle_until_it_arrives():
+    f = Fifo()
+    f.add(1.0, 0.001)  # one job at t=1 s
+    assert f.share(0.0, 0.5) == 0.0 and f.share(0.9995, 0.001) == pytest.approx(0.5)
+    assert f.share(1.0, 0.0) == 1.0 and f.share(0.5, 0.0) == 0.0
+    g = Fifo()
+    g.add_steps(2.0, 2.1, 11, 0.002)  # 11 jobs of 2 ms spread over 2.0 .. 2.102 s
+    assert g.share(2.0, 0.05) == pytest.approx(0.022 / 0.102) and g.share(1.0, 0.5) == 0.0
+
+
+def test_the_proxys_cost_per_chunk_slows_a_lone_stream_by_its_share_of_the_cores_only():
+    # a stream on two cores: its engine wants 1.6, its API server 30% of each 4 ms step, the proxy 1%; all fits.
+    # The proxy's next chunk waits for the API server: counted busy from the moment it was queued, the proxy made
+    # the whole run 1.2x longer
+    base = ServingCosts(api_step_s=1.2e-3, host_cores=2, engine_cpu=1.6)
+    plain, _, _ = one(output=40, serving=base)
+    relayed, _, _ = one(output=40, serving=dataclasses.replace(base, proxy_token_s=5e-5))
+    assert relayed.tpot_s == pytest.approx(plain.tpot_s, rel=0.005)
+
+
+def test_a_request_arriving_mid_run_queues_behind_the_tokens_made_before_it_not_ahead():
+    # r1's front-end work (30 ms) reaches r0's API server while r0 streams (4 ms steps, 2 ms of API work a token):
+    # the tokens r0 made before it are sent first. Queued at the end of r0's run, behind r1's work, they made r0
+    # 34 ms late and r1's first token wait for all of them (0.33 s).
+    costs = ServingCosts(frontend_s=0.03, token_s=2e-3)
+    alone, _, _ = run(colocated(n=1, block_size=BLOCK), Listed(req(0, 0.0, 100, 80)), costs)
+    both, _, _ = run(colocated(n=1, block_size=BLOCK), Listed(req(0, 0.0, 100, 80), req(1, 0.2, 100, 2)), costs)
+    assert both.loc["r0"].finish_s < alone.loc["r0"].finish_s + 0.005  # r1's steps in its batch, r1's response
+    assert 0.2 + 0.03 < both.loc["r1"].first_token_s < 0.2 + 0.03 + 0.03  # its front-end, its prefill, a few tokens
+
+
 # -- whole runs ----------------------------------------------------------------------------------------------------
 def test_a_served_run_accounts_for_every_request_and_is_deterministic():
     costs = ServingCosts(frontend_s=0.01, token_s=5e-4, response_s=0.002, step_s=5e-4, kv_rule="example_connector",

@@ -32,14 +32,17 @@ nothing here runs. When one is on, every instance is a ``ServedInstance``:
   want more than there are cores, takes longer by (demand / cores): processor sharing, as the kernel time-slices,
   evaluated when the work starts. A stepping engine wants ``engine_cpu`` cores; an API server or the proxy one core
   for the part of the work's span its queued work covers (1 ms of API work does not slow a 7 ms step as a whole
-  core would). When an engine starts or stops stepping, the other engines' runs of decode steps are cut at their
-  next step boundary and the rest timed again: a run's pace follows its neighbours step by step.
+  core would; a job queued for later counts from when it starts). A run's outputs reach the API server in step
+  order, before work that arrives after them. When an engine starts or stops stepping, the other engines' runs of
+  decode steps are cut at their next step boundary and the rest timed again: a run's pace follows its neighbours
+  step by step.
   (Not a FIFO ``simpy.Resource`` of cores: that would let a decode run hold a core for its whole length and make
-  front-end work wait behind it, which no scheduler does.) An engine that has just stopped stepping keeps
-  ``idle_poll_cpu`` cores busy for ``idle_poll_s`` more (vLLM's worker spins on its shm queue, ``sched_yield``
-  in a loop, for a second after its last read before it parks on a socket): on cores shared flat among every
-  process, as the real backend runs its servers, a spinner takes a task's share like any other task; at its end
-  the other engines' runs are timed again as when an engine stops. ``steal``: the part of the time a virtual CPU
+  front-end work wait behind it, which no scheduler does.) An engine that has just stopped stepping takes
+  ``idle_poll_cpu`` cores from the others for ``idle_poll_s`` more (vLLM's worker spins on its shm queue,
+  ``sched_yield`` in a loop, for a second after its last read before it parks on a socket); at its end the other
+  engines' runs are timed again as when an engine stops. ``engine_cpu`` and ``idle_poll_cpu`` are what those
+  processes take from a neighbour, measured so (benchmarks/serving_costs.py), which is less than they burn alone:
+  a spinner gives way in part to a process that wants its core. ``steal``: the part of the time a virtual CPU
   wants to run that the hypervisor gives to other guests (``/proc/stat``'s steal over busy, measured beside every
   real run): all CPU work takes 1 / (1 - steal) longer on top of the sharing.
 
@@ -50,6 +53,7 @@ L - 1 is a multiple of the block size).
 """
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import dataclass, fields, replace
 
@@ -130,13 +134,45 @@ class ServingCosts:
 
 class Fifo:
     """CPU work of one single-threaded process (an API server, the proxy with its client), done one job after
-    another: a job added at ``t`` starts when the process is free, and takes its work times the host's stretch."""
+    another: a job added at ``t`` starts when the process is free, and takes its work times the host's stretch.
+    It remembers when it is busy (``share``): jobs queued for later leave it idle until they arrive."""
 
-    __slots__ = ("free_at", "busy_s")
+    __slots__ = ("free_at", "busy_s", "_starts", "_ends", "_busy")
+
+    HISTORY_S = 60.0  # how far back ``share`` may be asked (a run's output is queued when the run ends)
 
     def __init__(self) -> None:
         self.free_at = -math.inf
         self.busy_s = 0.0
+        # disjoint spans in time order, each with the work it holds spread evenly over it
+        self._starts: list[float] = []
+        self._ends: list[float] = []
+        self._busy: list[float] = []
+
+    def _span(self, start: float, end: float, busy: float) -> None:
+        if end <= start:
+            return
+        if len(self._ends) > 256 and self._ends[0] < end - self.HISTORY_S:
+            cut = bisect.bisect_left(self._ends, end - self.HISTORY_S)
+            del self._starts[:cut], self._ends[:cut], self._busy[:cut]
+        self._starts.append(start)
+        self._ends.append(end)
+        self._busy.append(busy)
+
+    def share(self, t: float, work: float) -> float:
+        """The part of ``work`` seconds from ``t`` that this process is busy for (at ``t``, when ``work`` is 0)."""
+        if self.free_at <= t:
+            return 0.0
+        i = bisect.bisect_right(self._ends, t)  # the first span ending after t
+        if work <= 0.0:
+            return 1.0 if i < len(self._starts) and self._starts[i] <= t else 0.0
+        t1 = t + work
+        busy = 0.0
+        while i < len(self._starts) and self._starts[i] < t1:
+            start, end = self._starts[i], self._ends[i]
+            busy += self._busy[i] * (min(end, t1) - max(start, t)) / (end - start)
+            i += 1
+        return min(1.0, busy / work)
 
     def add(self, t: float, work: float, stretch: float = 1.0) -> float:
         """Queue ``work`` seconds arriving at ``t``; returns when it is done."""
@@ -146,6 +182,7 @@ class Fifo:
         w = work * stretch
         self.busy_s += w
         self.free_at = start + w
+        self._span(start, self.free_at, w)
         return self.free_at
 
     def add_steps(self, first: float, last: float, k: int, work: float, stretch: float = 1.0) -> tuple[float, float]:
@@ -160,6 +197,7 @@ class Fifo:
         done_last = max(f0 + k * w, first + k * w, last + w)
         self.busy_s += k * w
         self.free_at = done_last
+        self._span(done_first - w, done_last, k * w)
         return done_first, done_last
 
 
@@ -192,9 +230,9 @@ class HostCPU:
             elif now < inst.idle_since + self.idle_poll_s:  # still spinning on its queue
                 demand += self.idle_poll_cpu
             if inst.api.free_at > now and not (not engine and inst is asking):
-                demand += _share(inst.api.free_at - now, work)
+                demand += inst.api.share(now, work)
         if asking is not None and self.proxy.free_at > now:
-            demand += _share(self.proxy.free_at - now, work)
+            demand += self.proxy.share(now, work)
         return (demand / self.cores if demand > self.cores else 1.0) / self.unstolen
 
     def engine_changed(self, changed: "ServedInstance") -> None:
@@ -204,12 +242,6 @@ class HostCPU:
         for inst in self.instances:
             if inst is not changed and inst.busy:
                 inst._wake()  # a step not started is formed again, a run is cut at its next boundary
-
-
-def _share(left: float, work: float) -> float:
-    """The part of ``work`` seconds starting now that a process with ``left`` (> 0) seconds of queued work is busy
-    for."""
-    return 1.0 if left >= work else left / work
 
 
 class ServedInstance(Instance):
@@ -233,6 +265,9 @@ class ServedInstance(Instance):
         self._finishing: list = []
         self._prefilled: list = []
         self._in_complete = False
+        # (t0, steps, first done, last done): the steps of the run starting at t0 whose output the API server has
+        # taken already, before the run ended (_take_output)
+        self._taken: tuple = (None, 0, 0.0, 0.0)
         self.idle_since = -math.inf  # when the engine last stopped stepping (its worker polls idle_poll_s after)
         host.instances.append(self)
 
@@ -250,6 +285,9 @@ class ServedInstance(Instance):
     def _front_end(self, seq) -> float:
         now = self.env.now
         s = self.serving
+        # the API server takes this engine's outputs so far first, and the proxy relays every engine's
+        for inst in (self.host.instances if s.proxy_token_s else (self,)):
+            inst._take_output()
         t = self.proxy.add(now, s.proxy_s, self.host.stretch(now, None, False, s.proxy_s)) if s.proxy_s else now
         work = s.frontend_s + s.frontend_per_token_s * seq.prompt
         return self.api.add(t, work, self.host.stretch(t, self, False, work))
@@ -375,12 +413,13 @@ class ServedInstance(Instance):
         joiners = list(self.sched.first_pending)  # remote requests whose first token is this run's first step
         chunk_done = [seq for seq, c in plan.chunks if seq.computed + c >= seq.prefill_target]
         tokens = plan.decode_seqs + len(chunk_done)  # one output token per sequence per step
-        work = s.api_step_s + s.token_s * tokens if tokens else 0.0
-        api_stretch = self.host.stretch(now, self, False, work)
-        first, last = self.api.add_steps(run.first_step_end, now, run.k, work, api_stretch)
-        if s.proxy_token_s:  # the proxy relays every chunk
-            relay = s.proxy_token_s * tokens
-            first, last = self.proxy.add_steps(first, last, run.k, relay, self.host.stretch(first, None, False, relay))
+        t0, taken, first, last = self._taken if self._taken[0] == run.t0 else (run.t0, 0, None, None)
+        if run.k > taken:
+            f, last, api_stretch = self._output(run, taken, run.k, tokens, now, now)
+            first = f if first is None else first
+        else:  # every step's output was taken during the run (it was cut at a step that had ended)
+            api_stretch = self.host.stretch(now, self, False, s.response_s)
+        self._taken = (run.t0, run.k, first, last)
         self._in_complete = True
         try:
             super()._complete(now)
@@ -397,6 +436,37 @@ class ServedInstance(Instance):
             self._deliver(seq, last, api_stretch, prefill=False)
         self._prefilled.clear()
         self._finishing.clear()
+
+    def _output(self, run, done: int, upto: int, tokens: int, now: float, end: float) -> tuple[float, float, float]:
+        """The API server (then the proxy, relaying every chunk) takes the output of steps ``done`` + 1 .. ``upto`` of
+        ``run`` (the last ending at ``end``): when it is done with the first and the last of them, and the API work's
+        stretch."""
+        s = self.serving
+        work = s.api_step_s + s.token_s * tokens if tokens else 0.0
+        stretch = self.host.stretch(now, self, False, work)
+        first, last = self.api.add_steps(run.end_of(done + 1), end, upto - done, work, stretch)
+        if s.proxy_token_s and tokens:
+            relay = s.proxy_token_s * tokens
+            first, last = self.proxy.add_steps(first, last, upto - done, relay,
+                                               self.host.stretch(first, None, False, relay))
+        return first, last, stretch
+
+    def _take_output(self) -> None:
+        """Before other work queues at the API server or the proxy, they take the output of the steps of the run in
+        progress that have ended: a FIFO serves in arrival order, and a run's outputs otherwise queue at its end,
+        behind work that came after them (a request arriving mid-run would delay every token of it before its own
+        front-end work, and hold the API server busy that long in everyone's CPU demand)."""
+        run, plan, now = self.run, self.plan, self.env.now
+        if not self.busy or run.k <= 1 or plan.chunks or run.t0 >= now:
+            return
+        t0, taken, first, _ = self._taken if self._taken[0] == run.t0 else (run.t0, 0, None, None)
+        ended = run.boundary_after(now)
+        if run.end_of(ended) > now:
+            ended -= 1
+        ended = min(ended, run.k - 1)  # the last step's output goes with the run's end (its deliveries)
+        if ended > taken:
+            f, last, _ = self._output(run, taken, ended, plan.decode_seqs, now, run.end_of(ended))
+            self._taken = (run.t0, ended, f if first is None else first, last)
 
     def _deliver(self, seq, after: float, stretch: float, prefill: bool) -> None:
         """The answer (or a PD prefill's response) leaves the API server once its output is through: response work,
