@@ -25,16 +25,18 @@ first, every wall time of a part is multiplied by 1 - the hypervisor's steal dur
 the simulator is told the steal of the runs it is compared with, ``serving.steal``):
 - token_s, api_step_s: the API server process's CPU seconds (psutil) over every group of parts 1-3, fitted as
   c_request * requests + api_step_s * engine steps + token_s * output tokens (least squares, non-negative).
-- engine_cpu: the CPU seconds per wall second of a lone stream's engine processes (EngineCore + Worker, psutil; they
-  include vLLM's shm-queue polling between steps), part 4. idle_poll_cpu, idle_poll_s: the same engine's cores in
-  windows right after the stream (its worker spinning on the queue): the plateau, and the core-seconds spent
-  before it falls below a tenth of it over the plateau. step_factor, step_s, admit_s (a served step =
-  step_factor x the table's + step_s, + admit_s per request it admits): with the simulator in the loop, the three
-  that best fit vLLM's own engine-side times of a lone prefill step by prompt length (part 1), of a lone 128-token
-  stream's steps (part 4, fitted exactly by step_s) and of the batches of part 3: a grid over step_factor; for each,
-  step_s from the lone stream, admit_s the median of what the lone prefill steps take beyond step_factor x table +
-  step_s; least squares of the log errors. Two streams on two servers at once are the check (evidence:
-  sim_two_tpot_ms against two_itl_ms).
+- step_factor, step_s, admit_s (a served step = step_factor x the table's + step_s, + admit_s per request it
+  admits): with the simulator in the loop, the three that best fit vLLM's own engine-side times of a lone prefill
+  step by prompt length (part 1), of a lone 128-token stream's steps (part 4, by step_s where it can be >= 0) and of
+  the batches of part 3: a grid over step_factor; for each, step_s from the lone stream, admit_s the median of what
+  the lone prefill steps take beyond step_factor x table + step_s; least squares of the log errors.
+- engine_cpu: the cores a stepping engine takes from the others, with the simulator in the loop: so that two
+  streams on two servers at once (part 4) take what they took. idle_poll_s: how long an engine that stopped stepping
+  keeps its cores busy (its processes' cores in windows right after a stream, its worker spinning on the queue:
+  the core-seconds before they fall below a tenth of the plateau, over the plateau); idle_poll_cpu: the cores that
+  poller takes from a stepping engine, so that a stream while the other server polls (part 4) takes what it took.
+  What those processes burn alone (CPU seconds per wall second, psutil: engine_cores_alone, the idle plateau) is
+  the evidence: more, since a process spinning on sched_yield gives way in part to one that wants its core.
 - frontend_s, frontend_per_token_s: (client TTFT - vLLM prefill - vLLM queue) / stretch - the first token's output
   work, median per L, = a + b L (least squares); response_s: client [DONE] - first token of the same requests.
 - kv_save_s, kv_save_per_byte_s: (PD prefill instance's engine prefill / stretch) - (a colocated server's, part 1)
@@ -43,7 +45,8 @@ the simulator is told the steal of the runs it is compared with, ``serving.steal
   - admit_s, against the bytes it loads.
 - kv_rule: example_connector when the tokens decode reports loading equal the connector's rule at every L
   (omnisim.sim.serving: align(L - 1) tokens when the keys agree, else none).
-- proxy_s, proxy_token_s: proxied minus direct, TTFT and inter-token time (medians).
+- proxy_s: proxied minus direct TTFT (medians); proxy_token_s: the proxy's CPU per relayed chunk (this process's
+  CPU, proxied minus direct, over two output lengths). Direct and proxied requests are taken in turn.
 - new_shape_s: from the step table's session (cost_calibration.py): an in-process prefill of a token count the
   engine has not run before, minus the same prefill again (median of 12 lengths).
 - host_cores: this machine's core count. background_cores is left 0: fidelity.py sets what it measures per run.
@@ -383,6 +386,30 @@ def sim_tpot(costs, exp, n: int, background: float, output: int = 128) -> float:
     return statistics.median(sim_scenario(exp, costs, [(64, output, 0.0)] * n, background)["tpot"])
 
 
+def sim_polled_tpot(costs, exp, background: float) -> float:
+    """TPOT of a 128-token stream on one instance of ``exp`` (round robin over two) started right after a 2-token
+    request on the other, whose engine then polls."""
+    return sim_scenario(exp, costs, [(64, 2, 0.0), (64, 128, 0.05)], background)["tpot"][1]
+
+
+def fit_contention(base, exp, two: tuple[float, float], polled: tuple[float | None, float]) -> tuple[float, float]:
+    """(engine_cpu, idle_poll_cpu) with the simulator in the loop: the cores a stepping engine takes from another
+    so that two lone streams at once on ``exp``'s two instances take ``two`` = (TPOT, background); then the cores
+    an engine polling its queue takes from a stepping one, so that a stream while the other polls takes ``polled``
+    (TPOT None, or no idle_poll_s: ``base``'s idle_poll_cpu stays)."""
+    import dataclasses
+
+    cores = float(base.host_cores)
+    engine_cpu = solve_increasing(lambda x: sim_tpot(dataclasses.replace(base, engine_cpu=x), exp, 2, two[1]), two[0],
+                                  0.5, cores, iters=30)
+    base = dataclasses.replace(base, engine_cpu=engine_cpu)
+    if polled[0] is None or not base.idle_poll_s:
+        return engine_cpu, base.idle_poll_cpu
+    idle_poll_cpu = solve_increasing(lambda x: sim_polled_tpot(dataclasses.replace(base, idle_poll_cpu=x), exp,
+                                                               polled[1]), polled[0], 0.0, cores, iters=30)
+    return engine_cpu, idle_poll_cpu
+
+
 def fit_engine_step(base, exp, lone: tuple[float, float], prefill_real: dict, prefill_model: dict,
                     batches: tuple[dict, float]) -> dict:
     """step_factor, step_s, admit_s of a served engine step (module docstring), with the simulator in the loop: for
@@ -404,6 +431,7 @@ def fit_engine_step(base, exp, lone: tuple[float, float], prefill_real: dict, pr
         trial = dataclasses.replace(trial, step_s=s, admit_s=admit)
         errs = [math.log((factor * prefill_model[L] + s + admit) / prefill_real[L]) for L in prefill_real]
         errs += [math.log(sim_tpot(trial, exp, b, batch_bg, 64) / itl_b) for b, itl_b in by_batch.items()]
+        errs.append(math.log(sim_tpot(trial, exp, 1, itl_bg) / itl))  # not 0 where step_s would have to be < 0
         return sum(e * e for e in errs), trial, errs
 
     grid = [round(1.0 + 0.02 * i, 2) for i in range(151)]  # 1.00 .. 4.00 (a fast machine: served overheads weigh more)
@@ -432,7 +460,8 @@ def without_steal(m: dict) -> dict:
             row.update({key: row[key] * k for key in keys if key in row})
     if "proxy" in m:
         k = kept(m["loads"].get("proxy"))
-        m["proxy"] = {key: v * k for key, v in m["proxy"].items()}
+        px = m["proxy"]
+        px.update({key: px[key] * k for key in ("direct_ttft", "proxied_ttft", "direct_itl", "proxied_itl")})
     c = m.get("contention")
     if c:
         one, two = 1.0 - c.get("one_steal", 0.0), 1.0 - c.get("two_steal", 0.0)
@@ -444,6 +473,12 @@ def without_steal(m: dict) -> dict:
             c[key] = [v * one for v in c[key]]
         for key in ("two_itls", "two_engine_itls"):
             c[key] = [v * two for v in c[key]]
+        if "polled_engine_itl" in c:
+            polled = 1.0 - c.get("polled_steal", 0.0)
+            for key in ("polled_client_itl", "polled_engine_itl"):
+                c[key] *= polled
+            for key in ("polled_itls", "polled_engine_itls"):
+                c[key] = [v * polled for v in c[key]]
         c["engine_cores_alone"] /= one
         c["idle_cores"] = [v / one for v in c["idle_cores"]]
     return m
@@ -452,6 +487,8 @@ def without_steal(m: dict) -> dict:
 def derive(m: dict, exps: dict, cost, block: int, kv_bytes_per_token: float, host_cores: int) -> tuple[dict, dict]:
     """Coefficients (conf/serving fields) and the evidence behind each, from the measurements ``m``. ``exps``: the
     experiments of the colocated scenarios ("one", "two") for the fits that run the simulator itself."""
+    import dataclasses
+
     from omnisim.sim.serving import ServingCosts
 
     m = without_steal(m)
@@ -465,14 +502,14 @@ def derive(m: dict, exps: dict, cost, block: int, kv_bytes_per_token: float, hos
     ev["api_cpu"] = {"per_request_ms": c_req * 1e3, "per_step_ms": api_step_s * 1e3, "per_token_ms": token_s * 1e3,
                      "per_metrics_scrape_ms": c_scrape * 1e3, "groups": groups}
     bg = m["background"]
-    # engine_cpu: the CPU seconds per wall second of a lone stream's engine processes (EngineCore + Worker, psutil;
-    # vLLM's shm queues poll between steps, so that is more than one core's worth of the step). step_factor, step_s,
-    # admit_s (fit_engine_step): fitted to vLLM's own engine-side times (engine-core clock: the client's is disturbed
-    # when the client itself waits for CPU) of lone prefill steps, a lone stream and batches of 4 and 12 streams.
-    # Two streams on two servers at once are the check (evidence: sim_two_tpot_ms against two_itl_ms).
+    # step_factor, step_s, admit_s (fit_engine_step): fitted to vLLM's own engine-side times (engine-core clock: the
+    # client's is disturbed when the client itself waits for CPU) of lone prefill steps, a lone stream and batches
+    # of 4 and 12 streams, with engine_cpu the lone engine's CPU seconds per wall second (it only matters there
+    # through the API server's share); then engine_cpu to two streams on two servers at once.
     c = m["contention"]
     engine_cpu = float(c["engine_cores_alone"])
     idle_poll_cpu, idle_poll_s = idle_poll(c["idle_cores"], c["idle_window_s"])
+    idle_cores_alone = idle_poll_cpu
     base = ServingCosts(token_s=token_s, api_step_s=api_step_s, host_cores=host_cores, engine_cpu=engine_cpu,
                         idle_poll_s=idle_poll_s, idle_poll_cpu=idle_poll_cpu)
     one_itl, two_itl = c.get("one_engine_itl", c["one_client_itl"]), c.get("two_engine_itl", c["two_client_itl"])
@@ -488,9 +525,16 @@ def derive(m: dict, exps: dict, cost, block: int, kv_bytes_per_token: float, hos
     best = min(fits, key=lambda f: fits[f][0])
     base = fits[best][1]
     step_s, step_factor, admit_s = base.step_s, base.step_factor, base.admit_s
+    engine_cpu, idle_poll_cpu = fit_contention(base, exps["two"], (two_itl, c["two_background"]),
+                                               (c.get("polled_engine_itl"), c.get("polled_background", 0.0)))
+    base = dataclasses.replace(base, engine_cpu=engine_cpu, idle_poll_cpu=idle_poll_cpu)
     ev["engine"] = {"one_itl_ms": one_itl * 1e3, "two_itl_ms": two_itl * 1e3,
                     "one_client_itl_ms": c["one_client_itl"] * 1e3, "two_client_itl_ms": c["two_client_itl"] * 1e3,
-                    "cost_step_ms": cost.step_time(0, 0.0, 0, 1, 128) * 1e3, "engine_cores_alone": engine_cpu,
+                    "cost_step_ms": cost.step_time(0, 0.0, 0, 1, 128) * 1e3,
+                    "engine_cores_alone": float(c["engine_cores_alone"]), "engine_cpu_fitted": engine_cpu,
+                    "idle_poll_cores_alone": idle_cores_alone, "idle_poll_cpu_fitted": idle_poll_cpu,
+                    "polled_itl_ms": c.get("polled_engine_itl", math.nan) * 1e3,
+                    "sim_polled_tpot_ms": sim_polled_tpot(base, exps["two"], c.get("polled_background", 0.0)) * 1e3,
                     "step_factor_grid_sse": {f: fit[0] for f, fit in fits.items()}, "fit_log_errors": fits[best][2],
                     "batch_itl_ms": {b: v * 1e3 for b, v in batches.items()},
                     "sim_batch_itl_ms": {b: sim_tpot(base, exps["one"], b, bg["batch"], 64) * 1e3 for b in batches},
@@ -537,8 +581,10 @@ def derive(m: dict, exps: dict, cost, block: int, kv_bytes_per_token: float, hos
     # the omnisim proxy (and its client in the same process): proxied minus direct
     px = m["proxy"]
     proxy_s = max(0.0, px["proxied_ttft"] - px["direct_ttft"])
-    proxy_token_s = max(0.0, px["proxied_itl"] - px["direct_itl"])
-    ev["proxy"] = px
+    # per chunk: the proxy's CPU (its latency per token is what that CPU does to the cores it shares); raw files
+    # from before the CPU was measured give the inter-token difference instead
+    proxy_token_s = max(0.0, px.get("token_cpu_s", px["proxied_itl"] - px["direct_itl"]))
+    ev["proxy"] = {k: v for k, v in px.items() if k != "rows"}
     coeffs = dict(frontend_s=max(0.0, frontend_s), frontend_per_token_s=max(0.0, frontend_per_token_s),
                   response_s=max(0.0, response_s), token_s=token_s, api_step_s=api_step_s, step_s=step_s,
                   step_factor=step_factor, admit_s=admit_s,
@@ -546,7 +592,7 @@ def derive(m: dict, exps: dict, cost, block: int, kv_bytes_per_token: float, hos
                   kv_load_s=max(0.0, kv_load_s), kv_load_per_byte_s=max(0.0, kv_load_per_byte_s),
                   kv_rule="example_connector" if rule_ok else "link", host_cores=host_cores,
                   engine_cpu=engine_cpu, idle_poll_s=idle_poll_s, idle_poll_cpu=idle_poll_cpu,
-                  background_cores=0.0, proxy_s=proxy_s, proxy_token_s=proxy_token_s)
+                  background_cores=0.0, steal=0.0, proxy_s=proxy_s, proxy_token_s=proxy_token_s)
     return coeffs, ev
 
 
@@ -571,6 +617,8 @@ class Part:
             f"load {summary['loadavg_1m_end']:.1f}")
 
 
+PROXY_OUTPUTS = (8, 64)  # two stream lengths: the proxy's CPU per request and per chunk
+PARKED_S = 1.5  # vLLM's shm queues stop polling 1 s after their last message
 COLOCATED_PARTS = ("prefill", "decode", "batch", "contention", "proxy")
 
 
@@ -681,7 +729,7 @@ def measure_colocated(m: dict, meta: dict, repeats: int, quick: bool, lengths, o
         if "contention" not in m:
             # 4. contention: one stream on one server (the other idle), then one on each at once
             one, two, one_e, two_e, cores_alone, bg1, bg2, idle = [], [], [], [], [], [], [], []
-            steal1, steal2 = [], []
+            steal1, steal2, polled, polled_e, bg3, steal3 = [], [], [], [], [], []
             for _ in range(repeats):
                 wait_quiet()
                 time.sleep(1.5)  # both servers idle, their shm queues no longer polling
@@ -700,6 +748,15 @@ def measure_colocated(m: dict, meta: dict, repeats: int, quick: bool, lengths, o
                 two_e.append(statistics.mean(hist_mean(p.metrics[u], "vllm:inter_token_latency_seconds") for u in urls))
                 bg2.append(p.load.summary().get("background_cores") or 0.0)
                 steal2.append(p.load.summary().get("steal_fraction") or 0.0)
+                # one stream on a while b's worker still polls its queue (b has just answered a short request)
+                time.sleep(1.5)
+                asyncio.run(sequential(client, b, [(64, 2, True)]))
+                with Probe({a: pid_a, b: pids["mixed-1"]}) as p:
+                    rs = asyncio.run(concurrent(client, [(a, 64, 128, True)]))
+                polled.append(itl(rs[0]))
+                polled_e.append(hist_mean(p.metrics[a], "vllm:inter_token_latency_seconds"))
+                bg3.append(p.load.summary().get("background_cores") or 0.0)
+                steal3.append(p.load.summary().get("steal_fraction") or 0.0)
             med = statistics.median
             m["contention"] = {"one_client_itl": med(one), "two_client_itl": med(two), "one_itls": one,
                                "two_itls": two, "one_engine_itl": med(one_e), "two_engine_itl": med(two_e),
@@ -707,7 +764,10 @@ def measure_colocated(m: dict, meta: dict, repeats: int, quick: bool, lengths, o
                                "engine_cores_alone": med(cores_alone),
                                "idle_cores": [med(w) for w in zip(*idle)], "idle_window_s": IDLE_WINDOW_S,
                                "one_background": statistics.mean(bg1), "two_background": statistics.mean(bg2),
-                               "one_steal": statistics.mean(steal1), "two_steal": statistics.mean(steal2)}
+                               "one_steal": statistics.mean(steal1), "two_steal": statistics.mean(steal2),
+                               "polled_client_itl": med(polled), "polled_engine_itl": med(polled_e),
+                               "polled_itls": polled, "polled_engine_itls": polled_e,
+                               "polled_background": statistics.mean(bg3), "polled_steal": statistics.mean(steal3)}
             log(f"contention: {m['contention']}")
 
             save()
@@ -760,19 +820,49 @@ async def pd_pairs(client: Client, p_url: str, d_url: str, lengths: list[int]) -
 
 
 def measure_proxy(exp, settings, launches, client: Client, url: str, repeats: int) -> dict:
+    """Direct and proxied streams taken in turn (the machine's speed drifts by more than the proxy costs, so two
+    blocks one after the other measure the drift), each after the engine parked, two output lengths each: TTFT and
+    inter-token time, and this process's CPU (the client's, plus the proxy's thread when proxied) per request."""
     from backends.proxy import ProxyThread
     from backends.vllm.cluster_run import proxy_config
     from omnisim.policies import RoundRobin
 
     config = proxy_config(launches, settings.pd_mode, exp.cluster.block_size, {}, kv_events=False)
-    spec = [(64, 32, True)] * repeats
-    direct = asyncio.run(sequential(client, url, spec))
+    rows = []
     with ProxyThread(config, RoundRobin()) as proxy:
         asyncio.run(sequential(client, proxy.url, [(64, 8, True)] * 3))  # warm-up: connections, first poll
-        proxied = asyncio.run(sequential(client, proxy.url, spec))
+        for _ in range(repeats):
+            for route, target in (("direct", url), ("proxied", proxy.url)):
+                for n in PROXY_OUTPUTS:
+                    time.sleep(PARKED_S)
+                    cpu = time.process_time()
+                    r = asyncio.run(sequential(client, target, [(64, n, True)]))[0]
+                    rows.append({"route": route, "max_tokens": n, "chunks": len(r["chunks"]), "ttft": r["ttft"],
+                                 "itl": itl(r), "cpu_s": time.process_time() - cpu})
+    return proxy_summary(rows)
+
+
+def proxy_summary(rows: list[dict]) -> dict:
+    """Medians by route, and the proxy's CPU per request and per relayed chunk: proxied minus direct CPU of each
+    output length, a line through them."""
     med = statistics.median
-    return {"direct_ttft": med(r["ttft"] for r in direct), "proxied_ttft": med(r["ttft"] for r in proxied),
-            "direct_itl": med(itl(r) for r in direct), "proxied_itl": med(itl(r) for r in proxied)}
+    out: dict = {"rows": rows}
+    for route in ("direct", "proxied"):
+        mine = [r for r in rows if r["route"] == route]
+        out[f"{route}_ttft"] = med(r["ttft"] for r in mine)
+        out[f"{route}_itl"] = med(r["itl"] for r in mine if r["chunks"] > 1)
+    points = []
+    for n in sorted({r["max_tokens"] for r in rows}):
+        cpu = {route: [r for r in rows if r["route"] == route and r["max_tokens"] == n] for route in ("direct",
+                                                                                                   "proxied")}
+        if cpu["direct"] and cpu["proxied"]:
+            points.append((med(r["chunks"] for r in cpu["proxied"]),
+                           med(r["cpu_s"] for r in cpu["proxied"]) - med(r["cpu_s"] for r in cpu["direct"])))
+    if len(points) >= 2 and points[-1][0] > points[0][0]:
+        (c0, d0), (c1, d1) = points[0], points[-1]
+        out["token_cpu_s"] = (d1 - d0) / (c1 - c0)
+        out["request_cpu_s"] = d0 - out["token_cpu_s"] * c0
+    return out
 
 
 def measure_step_table(path: Path) -> None:
@@ -806,6 +896,7 @@ FIELDS_DOC = {
     "token_s": "API server CPU per output token (detokenize + SSE chunk)",
     "api_step_s": "API server CPU per engine step with output (one batch of engine outputs)",
     "background_cores": "other processes' CPU demand: 0 here, fidelity.py gives what it measured",
+    "steal": "the hypervisor's share of the CPU time wanted: 0 here (taken out), fidelity.py gives what it measured",
     "step_s": "per engine step beyond the cost model (engine-core <-> worker IPC, scheduling, output serialisation)",
     "step_factor": "a served engine's step over the step table's (the same forward in a served worker process)",
     "admit_s": "per request in the step that admits it (engine core and worker take it into their batch state)",
@@ -817,9 +908,9 @@ FIELDS_DOC = {
     "kv_load_per_byte_s": "and per byte read",
     "kv_rule": "which prompt tokens decode gets from prefill and which it recomputes",
     "host_cores": "cores every instance's processes share",
-    "engine_cpu": "cores a stepping engine keeps busy (its processes' CPU-s per wall-s)",
+    "engine_cpu": "cores a stepping engine takes from the others (fitted to two streams on two servers at once)",
     "idle_poll_s": "an engine that stopped stepping keeps polling its shm queue this long",
-    "idle_poll_cpu": "on this many cores",
+    "idle_poll_cpu": "taking this many cores from a stepping engine (fitted to a stream beside a poller)",
     "proxy_s": "the omnisim proxy (with the client in one process) per request",
     "proxy_token_s": "and per streamed token",
 }

@@ -121,6 +121,24 @@ def test_serving_costs_reads_the_idle_poll_from_an_engines_cores_after_its_last_
     assert idle_poll([1.0] * 4, 0.25) == (1.0, 1.0)  # still polling when the windows end: a lower bound
 
 
+def test_serving_costs_takes_the_proxys_cost_per_chunk_from_its_cpu_not_from_the_streams_pace():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from serving_costs import proxy_summary
+
+    rows = []
+    for rep in range(3):  # the proxy: 1 ms of CPU per request and 0.05 ms per chunk; the client 0.1 ms per chunk
+        for route, extra in (("direct", (0.0, 0.0)), ("proxied", (1e-3, 5e-5))):
+            for n in (8, 64):
+                rows.append({"route": route, "max_tokens": n, "chunks": n, "ttft": 0.010 + extra[0] + rep * 1e-4,
+                             "itl": 0.002 + (0.0004 if route == "proxied" else 0.0),
+                             "cpu_s": 0.002 + 1e-4 * n + extra[0] + extra[1] * n})
+    out = proxy_summary(rows)
+    assert out["token_cpu_s"] == pytest.approx(5e-5) and out["request_cpu_s"] == pytest.approx(1e-3)
+    assert out["proxied_ttft"] - out["direct_ttft"] == pytest.approx(1e-3)
+    assert out["proxied_itl"] == pytest.approx(0.0024)
+    assert "token_cpu_s" not in proxy_summary([r for r in rows if r["max_tokens"] == 8])  # one length: no slope
+
+
 def test_serving_costs_takes_the_hypervisors_steal_out_of_every_parts_wall_times():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from serving_costs import without_steal
@@ -265,6 +283,28 @@ def test_operator_profile_vidur_refuses_another_models_profile(tmp_path):
     proc = subprocess.run([sys.executable, "benchmarks/operator_profile.py", "--model", "llama2_70b", "--tp", "2",
                            "--hardware", "a100", "--vidur", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2 and "a Git LFS pointer" in proc.stderr
+
+
+def test_serving_costs_fit_recovers_the_cores_engines_and_pollers_take_from_each_other():
+    # two streams at once, and a stream beside a poller, simulated with known engine_cpu and idle_poll_cpu
+    import dataclasses
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from serving_costs import STEP_TABLE, compose, fit_contention, sim_polled_tpot, sim_tpot
+
+    from omnisim.sim.serving import ServingCosts
+
+    two, _ = compose("cpu_tiny_colocated2", "serving=none", "proxy=round_robin", f"cost.path={STEP_TABLE}",
+                     backend="sim")
+    base = ServingCosts(token_s=4e-5, api_step_s=3e-4, step_factor=1.5, host_cores=2, engine_cpu=1.7,
+                        idle_poll_s=0.9, idle_poll_cpu=1.0)
+    true = dataclasses.replace(base, engine_cpu=1.45, idle_poll_cpu=0.6)
+    measured_two = sim_tpot(true, two, 2, 0.02)
+    measured_polled = sim_polled_tpot(true, two, 0.01)
+    assert measured_polled > sim_polled_tpot(dataclasses.replace(true, idle_poll_cpu=0.0), two, 0.01)  # it matters
+    engine_cpu, idle_poll_cpu = fit_contention(base, two, (measured_two, 0.02), (measured_polled, 0.01))
+    assert engine_cpu == pytest.approx(1.45, rel=1e-3) and idle_poll_cpu == pytest.approx(0.6, rel=1e-2)
+    assert fit_contention(base, two, (measured_two, 0.02), (None, 0.0))[1] == 1.0  # not measured: kept
 
 
 def test_serving_costs_fit_recovers_the_served_step_that_made_its_measurements():
