@@ -732,31 +732,34 @@ def measure_colocated(m: dict, meta: dict, repeats: int, quick: bool, lengths, o
             steal1, steal2, polled, polled_e, bg3, steal3 = [], [], [], [], [], []
             for _ in range(repeats):
                 wait_quiet()
-                time.sleep(1.5)  # both servers idle, their shm queues no longer polling
+                time.sleep(PARKED_S)  # both servers idle, their shm queues no longer polling
                 with Probe({a: pid_a, b: pids["mixed-1"]}) as p:
                     rs = asyncio.run(concurrent(client, [(a, 64, 128, True)]))
                 idle.append(idle_cores(pid_a))  # right after the stream: the engine's CPU while it idles
                 one.append(itl(rs[0]))
                 one_e.append(hist_mean(p.metrics[a], "vllm:inter_token_latency_seconds"))
                 cores_alone.append((p.cpu_s[a]["core"] + p.cpu_s[a]["worker"]) / p.wall)
-                bg1.append(p.load.summary().get("background_cores") or 0.0)
-                steal1.append(p.load.summary().get("steal_fraction") or 0.0)
-                time.sleep(1.5)
+                load = p.load.summary()
+                bg1.append(load.get("background_cores") or 0.0)
+                steal1.append(load.get("steal_fraction") or 0.0)
+                time.sleep(PARKED_S)
                 with Probe({a: pid_a, b: pids["mixed-1"]}) as p:
                     rs = asyncio.run(concurrent(client, [(a, 64, 128, True), (b, 64, 128, True)]))
                 two.append(statistics.mean(itl(r) for r in rs))
                 two_e.append(statistics.mean(hist_mean(p.metrics[u], "vllm:inter_token_latency_seconds") for u in urls))
-                bg2.append(p.load.summary().get("background_cores") or 0.0)
-                steal2.append(p.load.summary().get("steal_fraction") or 0.0)
+                load = p.load.summary()
+                bg2.append(load.get("background_cores") or 0.0)
+                steal2.append(load.get("steal_fraction") or 0.0)
                 # one stream on a while b's worker still polls its queue (b has just answered a short request)
-                time.sleep(1.5)
+                time.sleep(PARKED_S)
                 asyncio.run(sequential(client, b, [(64, 2, True)]))
                 with Probe({a: pid_a, b: pids["mixed-1"]}) as p:
                     rs = asyncio.run(concurrent(client, [(a, 64, 128, True)]))
                 polled.append(itl(rs[0]))
                 polled_e.append(hist_mean(p.metrics[a], "vllm:inter_token_latency_seconds"))
-                bg3.append(p.load.summary().get("background_cores") or 0.0)
-                steal3.append(p.load.summary().get("steal_fraction") or 0.0)
+                load = p.load.summary()
+                bg3.append(load.get("background_cores") or 0.0)
+                steal3.append(load.get("steal_fraction") or 0.0)
             med = statistics.median
             m["contention"] = {"one_client_itl": med(one), "two_client_itl": med(two), "one_itls": one,
                                "two_itls": two, "one_engine_itl": med(one_e), "two_engine_itl": med(two_e),
@@ -853,11 +856,11 @@ def proxy_summary(rows: list[dict]) -> dict:
         out[f"{route}_itl"] = med(r["itl"] for r in mine if r["chunks"] > 1)
     points = []
     for n in sorted({r["max_tokens"] for r in rows}):
-        cpu = {route: [r for r in rows if r["route"] == route and r["max_tokens"] == n] for route in ("direct",
-                                                                                                   "proxied")}
-        if cpu["direct"] and cpu["proxied"]:
-            points.append((med(r["chunks"] for r in cpu["proxied"]),
-                           med(r["cpu_s"] for r in cpu["proxied"]) - med(r["cpu_s"] for r in cpu["direct"])))
+        direct, proxied = ([r for r in rows if r["route"] == route and r["max_tokens"] == n]
+                           for route in ("direct", "proxied"))
+        if direct and proxied:
+            points.append((med(r["chunks"] for r in proxied),
+                           med(r["cpu_s"] for r in proxied) - med(r["cpu_s"] for r in direct)))
     if len(points) >= 2 and points[-1][0] > points[0][0]:
         (c0, d0), (c1, d1) = points[0], points[-1]
         out["token_cpu_s"] = (d1 - d0) / (c1 - c0)

@@ -413,7 +413,7 @@ class ServedInstance(Instance):
         joiners = list(self.sched.first_pending)  # remote requests whose first token is this run's first step
         chunk_done = [seq for seq, c in plan.chunks if seq.computed + c >= seq.prefill_target]
         tokens = plan.decode_seqs + len(chunk_done)  # one output token per sequence per step
-        t0, taken, first, last = self._taken if self._taken[0] == run.t0 else (run.t0, 0, None, None)
+        taken, first, last = self._taken_of(run)
         if run.k > taken:
             f, last, api_stretch = self._output(run, taken, run.k, tokens, now, now)
             first = f if first is None else first
@@ -451,6 +451,10 @@ class ServedInstance(Instance):
                                                self.host.stretch(first, None, False, relay))
         return first, last, stretch
 
+    def _taken_of(self, run) -> tuple:
+        """(steps, first done, last done) of ``run`` whose output was taken already (0, None, None: none)."""
+        return self._taken[1:] if self._taken[0] == run.t0 else (0, None, None)
+
     def _take_output(self) -> None:
         """Before other work queues at the API server or the proxy, they take the output of the steps of the run in
         progress that have ended: a FIFO serves in arrival order, and a run's outputs otherwise queue at its end,
@@ -459,7 +463,7 @@ class ServedInstance(Instance):
         run, plan, now = self.run, self.plan, self.env.now
         if not self.busy or run.k <= 1 or plan.chunks or run.t0 >= now:
             return
-        t0, taken, first, _ = self._taken if self._taken[0] == run.t0 else (run.t0, 0, None, None)
+        taken, first, _ = self._taken_of(run)
         ended = run.boundary_after(now)
         if run.end_of(ended) > now:
             ended -= 1
