@@ -195,6 +195,30 @@ def test_each_request_costs_admit_s_once_in_the_step_that_admits_it():
         assert admitted.tpot_s == pytest.approx(plain.tpot_s, rel=1e-9)
 
 
+def test_prefill_token_s_is_charged_per_prompt_token_a_step_computes():
+    base, _, _ = one(prompt=100, output=20)
+    served, _, _ = one(prompt=100, output=20, serving=ServingCosts(prefill_token_s=1e-5))
+    assert served.ttft_s == pytest.approx(base.ttft_s + 100 * 1e-5, rel=1e-9)
+    assert served.tpot_s == pytest.approx(base.tpot_s, rel=1e-9)  # decode steps compute no prompt token
+    # PD with the connector: prefill computes all 100, decode's admitting step the 4 it did not load
+    plain, _ = pd_run(100, kv_rule="example_connector")
+    charged, _ = pd_run(100, kv_rule="example_connector", prefill_token_s=1e-5)
+    assert charged.prefill_end_s - plain.prefill_end_s == pytest.approx(100 * 1e-5, rel=1e-6)
+    assert charged.ttft_s - plain.ttft_s == pytest.approx(104 * 1e-5, rel=1e-6)
+    assert charged.tpot_s == pytest.approx(plain.tpot_s, rel=1e-9)
+
+
+def test_connector_step_s_is_charged_in_every_step_of_a_pd_instance_and_nowhere_else():
+    plain, _ = pd_run(100, output=20, kv_rule="example_connector")
+    charged, _ = pd_run(100, output=20, kv_rule="example_connector", connector_step_s=0.001)
+    assert charged.prefill_end_s - plain.prefill_end_s == pytest.approx(0.001, rel=1e-6)  # the prefill step
+    assert charged.ttft_s - plain.ttft_s == pytest.approx(0.002, rel=1e-6)  # and decode's admitting step
+    assert charged.tpot_s == pytest.approx(plain.tpot_s + 0.001, rel=1e-6)  # and every decode step
+    base, _, _ = one(output=20, serving=ServingCosts(step_s=1e-12))
+    colocated_run, _, _ = one(output=20, serving=ServingCosts(step_s=1e-12, connector_step_s=0.001))
+    assert colocated_run.e2e_s == pytest.approx(base.e2e_s, rel=1e-12)  # a colocated instance runs no connector
+
+
 @pytest.mark.parametrize("rule", ["link", "example_connector"])
 def test_every_remote_request_is_admitted_once_on_decode_even_when_its_step_is_formed_again(rule, monkeypatch):
     # New work arriving before a planned step starts forms that step again; the requests its first forming had
@@ -324,6 +348,26 @@ def test_an_engine_that_just_stopped_keeps_polling_and_slows_the_others_until_it
     # no cores named, no poll
     none, _, _ = run(cluster, reqs, ServingCosts(host_cores=2, engine_cpu=1.5, idle_poll_s=100.0))
     assert none.loc["r1"].tpot_s == pytest.approx(quiet.loc["r1"].tpot_s, rel=1e-12)
+
+
+def test_an_api_server_sees_its_own_stepping_engine_as_own_engine_cpu_and_any_other_as_engine_cpu():
+    from types import SimpleNamespace
+
+    from omnisim.sim.serving import HostCPU
+
+    def host(**costs):
+        h = HostCPU(ServingCosts(host_cores=2, engine_cpu=1.5, **costs), Fifo())
+        stepping = SimpleNamespace(busy=True, idle_since=-math.inf, api=Fifo())
+        idle = SimpleNamespace(busy=False, idle_since=-math.inf, api=Fifo())
+        h.instances += [stepping, idle]
+        return h, stepping, idle
+
+    for own in (0.0, 1.0, 1.5):
+        h, stepping, idle = host(own_engine_cpu=own)
+        assert h.stretch(0.0, idle, False, 1e-3) == pytest.approx(1.25)  # the other server's API: 1 + 1.5 of 2
+        assert h.stretch(0.0, None, False, 1e-3) == pytest.approx(1.25)  # the proxy's likewise
+        assert h.stretch(0.0, idle, True, 1e-3) == pytest.approx(1.5)  # an engine step beside it: 1.5 + 1.5 of 2
+        assert h.stretch(0.0, stepping, False, 1e-3) == pytest.approx(max(1.0, (1 + own) / 2))  # its own API
 
 
 def test_the_hypervisors_steal_slows_every_cpu_job_even_on_idle_cores():

