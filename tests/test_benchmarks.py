@@ -307,8 +307,80 @@ def test_serving_costs_fit_recovers_the_cores_engines_and_pollers_take_from_each
     assert fit_contention(base, two, (measured_two, 0.02), (None, 0.0))[1] == 1.0  # not measured: kept
 
 
+def test_serving_costs_fit_recovers_what_engines_take_from_api_work_and_a_pd_instances_steps():
+    # short requests beside a stream, and a PD request's decode, simulated with known own_engine_cpu and
+    # connector_step_s (and engine_cpu, idle_poll_cpu): fit_host and the connector's solve find them
+    import dataclasses
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from serving_costs import (STEP_TABLE, compose, fit_host, sim_pd_tpot, sim_polled_tpot, sim_short_ttft, sim_tpot,
+                               solve_increasing)
+
+    from omnisim.sim.serving import ServingCosts
+
+    table = f"cost.path={STEP_TABLE}"
+    exps = {"one": compose("cpu_tiny_colocated", "serving=none", table, backend="sim")[0],
+            "two": compose("cpu_tiny_colocated2", "serving=none", "proxy=round_robin", table, backend="sim")[0],
+            "pd": compose("cpu_tiny_1p1d", "serving=none", "proxy=round_robin", table, backend="sim")[0]}
+    base = ServingCosts(frontend_s=3e-3, token_s=4e-5, api_step_s=3e-4, step_factor=1.5, host_cores=2,
+                        engine_cpu=1.7, idle_poll_s=0.9, idle_poll_cpu=1.0)
+    true = dataclasses.replace(base, engine_cpu=1.45, idle_poll_cpu=0.6, own_engine_cpu=1.3)
+    bg = {"alone": 0.0, "own": 0.01, "other": 0.0}
+    short = {k: [sim_short_ttft(true, exps, k, bg[k])] for k in bg}
+    assert short["own"][0] > sim_short_ttft(dataclasses.replace(true, own_engine_cpu=0.5), exps, "own", 0.01)
+    fitted = fit_host(base, exps, (sim_tpot(true, exps["two"], 2, 0.02), 0.02),
+                      (sim_polled_tpot(true, exps["two"], 0.01), 0.01), short, bg)
+    assert fitted == pytest.approx((1.45, 0.6, 1.3), rel=1e-2)
+    engine_cpu, _, own = fit_host(base, exps, (sim_tpot(true, exps["two"], 2, 0.02), 0.02), (None, 0.0), None, {})
+    assert own == engine_cpu  # no short requests measured: an API server sees its own engine as any other, as before
+    pd_costs = dataclasses.replace(true, kv_rule="example_connector")
+    measured = sim_pd_tpot(dataclasses.replace(pd_costs, connector_step_s=4e-4), exps["pd"], 0.0)
+    assert measured > sim_pd_tpot(pd_costs, exps["pd"], 0.0)
+    found = solve_increasing(lambda x: sim_pd_tpot(dataclasses.replace(pd_costs, connector_step_s=x), exps["pd"], 0.0),
+                             measured, 0.0, 0.02, iters=30)
+    assert found == pytest.approx(4e-4, rel=1e-3)
+
+
+def test_serving_costs_pools_sessions_after_taking_each_ones_steal_out():
+    import copy
+    import statistics
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from serving_costs import pooled
+
+    raws = sorted((ROOT / "benchmarks/serving_costs_raw").glob("*.json"))
+    assert len(raws) >= 2, "the committed sessions the shipped serving=vllm_cpu was derived from"
+    a, b = (json.loads(p.read_text())["measurements"] for p in raws[-2:])
+    both = pooled([a, b])
+    for part in ("prefill", "decode", "batch", "pd", "api_groups"):
+        assert len(both[part]) == len(a[part]) + len(b[part])
+    c = both["contention"]
+    assert c["two_engine_itls"] == a["contention"]["two_engine_itls"] + b["contention"]["two_engine_itls"]
+    assert c["two_engine_itl"] == statistics.median(c["two_engine_itls"])
+    assert set(c["short_ttfts"]) == {"alone", "own", "other"}
+    # a session whose decode part lost half its time to the hypervisor counts for half its wall times
+    stolen = copy.deepcopy(b)
+    stolen["loads"]["decode"]["steal_fraction"] = 0.5
+    halved = pooled([a, stolen])["decode"][len(a["decode"]):]
+    assert [r["e2e"] for r in halved] == pytest.approx([r["e2e"] * 0.5 for r in b["decode"]], rel=1e-9)
+    assert all(load["steal_fraction"] == 0.0 for load in pooled([a, stolen])["loads"].values())
+
+
+def test_serving_costs_lone_itl_pools_every_long_lone_stream_of_the_run():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from serving_costs import lone_itl
+
+    m = {"decode": [{"stream": True, "max_tokens": 16, "engine_itl": 9.0},  # too short: its first steps weigh
+                    {"stream": True, "max_tokens": 64, "engine_itl": 1.0},
+                    {"stream": False, "max_tokens": 128, "engine_itl": 9.0},  # not streamed
+                    {"stream": True, "max_tokens": 128, "engine_itl": 2.0}],
+         "contention": {"one_engine_itls": [3.0, 4.0, 5.0]}}
+    assert lone_itl(m) == 3.0  # the median of 1, 2, 3, 4, 5
+
+
 def test_serving_costs_fit_recovers_the_served_step_that_made_its_measurements():
-    # measurements made by the simulator itself with known step_factor, step_s and admit_s: the fit finds them
+    # measurements made by the simulator itself with known step_factor, step_s, admit_s and prefill_token_s: the fit
+    # finds them
     import dataclasses
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -320,9 +392,9 @@ def test_serving_costs_fit_recovers_the_served_step_that_made_its_measurements()
     one, _ = compose("cpu_tiny_colocated", "serving=none", f"cost.path={STEP_TABLE}", backend="sim")
     cost = one.cost(model=one.model, hardware=one.hardware, parallel=Parallelism())
     base = ServingCosts(token_s=4e-5, api_step_s=8e-4, host_cores=2, engine_cpu=1.7)
-    true = dataclasses.replace(base, step_factor=1.8, step_s=4e-4, admit_s=2.5e-3)
+    true = dataclasses.replace(base, step_factor=1.8, step_s=4e-4, admit_s=2.5e-3, prefill_token_s=2e-6)
     model = {L: cost.step_time(L, L * (L + 1) / 2, L, 0, 0) for L in (16, 128, 512)}
-    prefill = {L: 1.8 * t + 4e-4 + 2.5e-3 for L, t in model.items()}
+    prefill = {L: 1.8 * t + 4e-4 + 2.5e-3 + 2e-6 * L for L, t in model.items()}
     lone = (sim_tpot(true, one, 1, 0.05), 0.05)
     batches = ({4: sim_tpot(true, one, 4, 0.0, 64), 12: sim_tpot(true, one, 12, 0.0, 64)}, 0.0)
     fits = fit_engine_step(base, one, lone, prefill, model, batches)
@@ -330,4 +402,5 @@ def test_serving_costs_fit_recovers_the_served_step_that_made_its_measurements()
     sse, costs, _ = fits[best]
     assert best == 1.8 and sse < 1e-10
     assert costs.step_s == pytest.approx(4e-4, rel=1e-4) and costs.admit_s == pytest.approx(2.5e-3, rel=1e-4)
-    assert min(fits[1.7][0], fits[1.9][0]) > 1e-4  # the neighbours do not fit
+    assert costs.prefill_token_s == pytest.approx(2e-6, rel=1e-3)
+    assert min(fits[1.7][0], fits[1.9][0]) > 1e-5  # the neighbours do not fit
