@@ -1,6 +1,7 @@
 """The simulator against real vLLM on this machine: the same workloads on ``backend=vllm`` and ``backend=sim``.
 
     python benchmarks/fidelity.py --case cpu [--repeats 3] [--quick] [--out fidelity.json] [--serving vllm_cpu]
+    python benchmarks/fidelity.py --case cpu --rescore fidelity.json [...]   # saved real runs, today's simulator
 
 Cases (real vllm-cpu serving the tiny random Llama, one OpenMP thread per engine, behind the omnisim proxy and
 load generator; the simulator with ``serving=vllm_cpu``, whose costs benchmarks/serving_costs.py measured):
@@ -26,7 +27,8 @@ repeats) and its spread (largest distance of a repeat from that median, in %), s
 averages with every real run. Last line: a JSON object with ``max_abs_error_pct`` (over every p50/p90),
 ``real_spread_pct`` (the largest spread), ``within_target`` (every p50/p90 within 10% or within its spread),
 ``policy_ranking_agrees`` (the simulator orders the two policies by TTFT p50 and by E2E p50 as real vLLM does) and
-``cases``.
+``cases``. ``--rescore`` simulates the runs of saved ``--out`` files again (each told its runs' background and
+steal) against their real figures, without servers: how coefficients or a model change fare on earlier runs.
 """
 from __future__ import annotations
 
@@ -160,11 +162,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--serving", default="vllm_cpu", help="conf/serving option the simulator runs with")
     parser.add_argument("--only", nargs="*", default=None, help="case names to run (default: all)")
     parser.add_argument("--out", type=Path, default=None, help="also write every figure as JSON here")
+    parser.add_argument("--rescore", type=Path, nargs="+", default=None,
+                        help="saved --out files: simulate their runs again against their real figures (no servers)")
     parser.add_argument("--wait-quiet", type=float, nargs=2, metavar=("LOAD", "MAX_WAIT_S"), default=(0.0, 0.0),
                         help="before each real run wait up to MAX_WAIT_S for a 1-min load average below LOAD")
     args = parser.parse_args(argv)
     serving_costs.QUIET["load"], serving_costs.QUIET["max_wait_s"] = args.wait_quiet
     repeats = 1 if args.quick else args.repeats
+    if args.rescore:
+        for path in args.rescore:
+            print(f"{path}:")
+            report(rescore(json.loads(path.read_text()), args.serving), args)
+        return
     work = Path(tempfile.mkdtemp(prefix="omnisim-fidelity-"))
     results = []
     chosen = [c for c in cases(args.quick) if not args.only or c["name"] in args.only]
@@ -202,6 +211,28 @@ def run_case(case: dict, run: dict, launches, pids: dict, kv_dirs: list[Path], w
             "background_cores": background, "steal": steal,
             "steal_runs": [round(s["host"].get("steal_fraction") or 0.0, 3) for s in reals],
             "rows": compare(reals, sim, quiet)}
+
+
+def rescore(saved: dict, serving: str) -> list[dict]:
+    """The results of a saved run with the simulator run again (``serving``), the real figures as they were."""
+    runs = {(c["name"], r["workload"], r["proxy"]): (c, r) for c in cases(False) for r in c["runs"]}
+    named = {(metric if stat is None else f"{metric.removesuffix('_s')}_{stat}"): (metric, stat)
+             for metric, stat in [*METRICS, ("output_tokens_per_s", None)]}
+    results = []
+    with tempfile.TemporaryDirectory(prefix="omnisim-rescore-") as work:
+        for res in saved["results"]:
+            case, run = runs[(res["case"], res["workload"], res["proxy"])]
+            name = Path(work) / f"{res['case']}-{res['workload']}-{res['proxy']}"
+            sims = [sim_run(case, run, serving, bg, steal, name.with_suffix(f".{i}"))
+                    for i, (bg, steal) in enumerate([(res["background_cores"], res["steal"]), (0.0, 0.0)])]
+            rows = []
+            for row in res["rows"]:
+                metric, stat = named[row["metric"]]
+                sim, quiet = (pick(x, metric, stat) if stat else float(x[metric]) for x in sims)
+                rows.append({**row, "sim": sim, "error_pct": (sim - row["real"]) / row["real"] * 100,
+                             "sim_quiet": quiet, "error_quiet_pct": (quiet - row["real"]) / row["real"] * 100})
+            results.append({**res, "rows": rows})
+    return results
 
 
 def report(results: list[dict], args) -> None:

@@ -209,6 +209,24 @@ def test_fidelity_cpu_quick():
     assert "load average" in out
 
 
+def test_fidelity_rescore_of_the_readmes_run_gives_its_figures_with_the_committed_coefficients():
+    # The README's table is the newest run kept in benchmarks/fidelity_runs/, simulated with conf/serving/vllm_cpu.yaml
+    # as committed: rescoring it (no servers) gives the same simulated figures. If this fails, the simulator's served
+    # behaviour or the coefficients changed since: run fidelity.py --out again and keep it, and update the README.
+    newest = sorted((ROOT / "benchmarks/fidelity_runs").glob("*.json"))[-1]
+    saved = json.loads(newest.read_text())
+    out = run("benchmarks/fidelity.py", "--case", "cpu", "--rescore", str(newest), timeout=600)
+    figures = last_json(out)
+    assert figures["max_abs_error_pct"] == pytest.approx(saved["max_abs_error_pct"], abs=0.01)
+    assert figures["policy_ranking_agrees"] == saved["policy_ranking_agrees"]
+    printed = {(r[0], r[1], r[2], r[3]): float(r[6]) for r in (ln.split() for ln in out.splitlines())
+               if len(r) == 10 and r[3].endswith(("p50", "p90"))}
+    kept = {(res["case"], res["workload"], res["proxy"], row["metric"]): row["sim"] * 1e3
+            for res in saved["results"] for row in res["rows"] if row["reported"]}
+    assert printed.keys() == kept.keys()
+    assert all(printed[k] == pytest.approx(kept[k], abs=0.006) for k in kept)  # ms, as printed
+
+
 def test_sweep_speed():
     figures = last_json(run("benchmarks/sweep_speed.py", "--tiny", "--no-overhead", timeout=900))
     for launcher in ("joblib", "ray"):  # every point of the sweep ran and completed under both launchers
