@@ -308,7 +308,7 @@ async def concurrent_sequences(client: Client, specs: dict[str, list[tuple[int, 
 # Every server runs one step of each token count up to this before it is measured, here and in fidelity.py (whose
 # simulations are told so, serving.warm_tokens): eager PyTorch builds its kernels per GEMM shape on first use, so a
 # fresh server's first requests are slower than its later ones (TTFT p50 33, 22, 17 ms at 3 req/s over three
-# repeats without it; lone streams here 2.0-2.4 ms a token before it, 1.6-1.7 after, 2026-12-04).
+# repeats without it, 2026-12-02), and calibration and validation should see servers in the same state.
 WARM_TOKENS = 1000  # the longest step fidelity.py's workloads make is shorter; the servers take 1,024-token sequences
 
 
@@ -518,10 +518,11 @@ def prefill_served(costs, model_s: float, prompt: int) -> float:
 
 def fit_engine_step(base, exp, lone: tuple[float, float], prefill_real: dict, prefill_model: dict,
                     batches: tuple[dict, float]) -> dict:
-    """step_factor, step_s, admit_s of a served engine step (module docstring), with the simulator in the loop: for
-    each step_factor of a grid, step_s so that a lone 128-token stream's TPOT is ``lone`` = (ITL, background), then
-    admit_s the median of what the lone prefill steps (``prefill_real`` by prompt length; ``prefill_model``: the
-    cost model's step) take beyond step_factor x model + step_s. ``batches``: ({streams: ITL}, background).
+    """step_factor, step_s, admit_s, prefill_token_s of a served engine step (module docstring), with the simulator
+    in the loop: for each step_factor of a grid, step_s so that a lone 128-token stream's TPOT is ``lone`` = (ITL,
+    background), then admit_s + prefill_token_s x L to what the lone prefill steps (``prefill_real`` by prompt
+    length L; ``prefill_model``: the cost model's step) take beyond step_factor x model + step_s (least squares of
+    the relative error, both >= 0). ``batches``: ({streams: ITL}, background).
     Returns {step_factor: (sum of squared log errors, costs, log errors)}."""
     import dataclasses
 
