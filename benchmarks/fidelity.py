@@ -125,28 +125,49 @@ def sim_run(case: dict, run: dict, serving: str, background: float, steal: float
     return run_experiment(cfg, out)
 
 
+def simulate(case: dict, run: dict, serving: str, background: float, steal: float, work: Path) -> tuple[dict, dict]:
+    """The run simulated told ``background`` and ``steal``, and simulated on a quiet machine (neither)."""
+    name = f"{case['name']}-{run['workload']}-{run['proxy']}"
+    return (sim_run(case, run, serving, background, steal, work / f"{name}-sim"),
+            sim_run(case, run, serving, 0.0, 0.0, work / f"{name}-sim0"))
+
+
 def pick(summary: dict, metric: str, stat: str) -> float:
     value = summary[metric][stat]
     return float("nan") if value is None else float(value)
+
+
+ROWS = [*METRICS, ("output_tokens_per_s", None)]  # what every case prints, in order
+
+
+def row_name(metric: str, stat: str | None) -> str:
+    return metric if stat is None else f"{metric.removesuffix('_s')}_{stat}"
+
+
+def figure(summary: dict, metric: str, stat: str | None) -> float:
+    return pick(summary, metric, stat) if stat else float(summary[metric])
+
+
+def sim_columns(real: float, metric: str, stat: str | None, sim: dict, quiet: dict) -> dict:
+    """A row's simulated figures against ``real``: the simulation told the background, and of a quiet machine."""
+    out = {}
+    for key, summary in (("sim", sim), ("sim_quiet", quiet)):
+        value = figure(summary, metric, stat)
+        out[key] = value
+        out["error_pct" if key == "sim" else "error_quiet_pct"] = (value - real) / real * 100 if real else float("nan")
+    return out
 
 
 def compare(reals: list[dict], sim: dict, quiet: dict) -> list[dict]:
     """Per metric: the real repeats' median and spread, the simulation told the background, its error, and the
     simulation of a quiet machine (background 0) with its error."""
     rows = []
-    for metric, stat in [*METRICS, ("output_tokens_per_s", None)]:
-        def value(s):
-            return pick(s, metric, stat) if stat else float(s[metric])
-
-        values = [value(s) for s in reals]
+    for metric, stat in ROWS:
+        values = [figure(s, metric, stat) for s in reals]
         real = statistics.median(values)
         spread = max(abs(v - real) for v in values) / real * 100 if real else float("nan")
-        rows.append({"metric": metric if stat is None else f"{metric.removesuffix('_s')}_{stat}", "real": real,
-                     "real_runs": values, "spread_pct": spread, "sim": value(sim),
-                     "error_pct": (value(sim) - real) / real * 100 if real else float("nan"),
-                     "sim_quiet": value(quiet),
-                     "error_quiet_pct": (value(quiet) - real) / real * 100 if real else float("nan"),
-                     "reported": stat is not None})
+        rows.append({"metric": row_name(metric, stat), "real": real, "real_runs": values, "spread_pct": spread,
+                     **sim_columns(real, metric, stat, sim, quiet), "reported": stat is not None})
     return rows
 
 
@@ -204,8 +225,7 @@ def run_case(case: dict, run: dict, launches, pids: dict, kv_dirs: list[Path], w
         log(f"{name} real #{r}: TTFT p50 {s['ttft_s']['p50'] * 1e3:.1f} ms, host {s['host']}")
     background = statistics.mean(s["host"].get("background_cores") or 0.0 for s in reals)
     steal = statistics.mean(s["host"].get("steal_fraction") or 0.0 for s in reals)
-    sim = sim_run(case, run, serving, background, steal, work / f"{name}-sim")
-    quiet = sim_run(case, run, serving, 0.0, 0.0, work / f"{name}-sim0")
+    sim, quiet = simulate(case, run, serving, background, steal, work)
     return {"case": case["name"], "workload": run["workload"], "proxy": run["proxy"],
             "requests": reals[0]["requests"], "loadavg_1m": [round(s["host"]["loadavg_1m_end"], 2) for s in reals],
             "background_cores": background, "steal": steal,
@@ -216,21 +236,13 @@ def run_case(case: dict, run: dict, launches, pids: dict, kv_dirs: list[Path], w
 def rescore(saved: dict, serving: str) -> list[dict]:
     """The results of a saved run with the simulator run again (``serving``), the real figures as they were."""
     runs = {(c["name"], r["workload"], r["proxy"]): (c, r) for c in cases(False) for r in c["runs"]}
-    named = {(metric if stat is None else f"{metric.removesuffix('_s')}_{stat}"): (metric, stat)
-             for metric, stat in [*METRICS, ("output_tokens_per_s", None)]}
+    named = {row_name(metric, stat): (metric, stat) for metric, stat in ROWS}
     results = []
     with tempfile.TemporaryDirectory(prefix="omnisim-rescore-") as work:
         for res in saved["results"]:
             case, run = runs[(res["case"], res["workload"], res["proxy"])]
-            name = Path(work) / f"{res['case']}-{res['workload']}-{res['proxy']}"
-            sims = [sim_run(case, run, serving, bg, steal, name.with_suffix(f".{i}"))
-                    for i, (bg, steal) in enumerate([(res["background_cores"], res["steal"]), (0.0, 0.0)])]
-            rows = []
-            for row in res["rows"]:
-                metric, stat = named[row["metric"]]
-                sim, quiet = (pick(x, metric, stat) if stat else float(x[metric]) for x in sims)
-                rows.append({**row, "sim": sim, "error_pct": (sim - row["real"]) / row["real"] * 100,
-                             "sim_quiet": quiet, "error_quiet_pct": (quiet - row["real"]) / row["real"] * 100})
+            sim, quiet = simulate(case, run, serving, res["background_cores"], res["steal"], Path(work))
+            rows = [{**row, **sim_columns(row["real"], *named[row["metric"]], sim, quiet)} for row in res["rows"]]
             results.append({**res, "rows": rows})
     return results
 

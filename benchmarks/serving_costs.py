@@ -676,10 +676,10 @@ def derive(m: dict, exps: dict, cost, block: int, kv_bytes_per_token: float, hos
     ev["api_cpu"] = {"per_request_ms": c_req * 1e3, "per_step_ms": api_step_s * 1e3, "per_token_ms": token_s * 1e3,
                      "per_metrics_scrape_ms": c_scrape * 1e3, "groups": groups}
     bg = m["background"]
-    # step_factor, step_s, admit_s (fit_engine_step): fitted to vLLM's own engine-side times (engine-core clock: the
-    # client's is disturbed when the client itself waits for CPU) of lone prefill steps, a lone stream and batches
-    # of 4 and 12 streams, with engine_cpu the lone engine's CPU seconds per wall second (it only matters there
-    # through the API server's share); then engine_cpu to two streams on two servers at once.
+    # step_factor, step_s, admit_s, prefill_token_s (fit_engine_step): fitted to vLLM's own engine-side times
+    # (engine-core clock: the client's is disturbed when the client itself waits for CPU) of lone prefill steps, a
+    # lone stream and batches of 4 and 12 streams, with engine_cpu the lone engine's CPU seconds per wall second (it
+    # only matters there through the API server's share); then the host's cores (fit_host).
     c = m["contention"]
     engine_cpu = float(c["engine_cores_alone"])
     idle_poll_cpu, idle_poll_s = idle_poll(c["idle_cores"], c["idle_window_s"])
@@ -969,8 +969,9 @@ def measure_colocated(m: dict, meta: dict, repeats: int, quick: bool, lengths, o
                     with Probe({a: pid_a, b: pids["mixed-1"]}) as p:
                         rs = asyncio.run(beside(client, *urls_))
                     short[key].append(rs[-1]["ttft"])
-                    short_bg[key].append(p.load.summary().get("background_cores") or 0.0)
-                    short_steal[key].append(p.load.summary().get("steal_fraction") or 0.0)
+                    load = p.load.summary()
+                    short_bg[key].append(load.get("background_cores") or 0.0)
+                    short_steal[key].append(load.get("steal_fraction") or 0.0)
             med = statistics.median
             m["contention"] = {"one_client_itl": med(one), "two_client_itl": med(two), "one_itls": one,
                                "two_itls": two, "one_engine_itl": med(one_e), "two_engine_itl": med(two_e),
