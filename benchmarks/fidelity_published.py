@@ -17,12 +17,16 @@ Cases (settings that the sources do not publish are chosen here and printed with
   die on 160 chips, prefill instances of 16 chips = EP32; each die keeps its own copy of the non-expert weights, so
   the cases run on one die (half a chip) as the device, dp = ep = 320 and 32, and report per chip (2 dies).
   Per-NPU figures: 1,943 output tok/s at TPOT < 50 ms, 538 at < 15 ms, 6,688 input tok/s in prefill.
+  cm384_tpot_ms_b{batch}_{prompt}_{output}: the same paper's TPOT at each published (batch per NPU, prompt, output)
+  of its decode-under-SLO table, predicted at that batch (no search: the step time itself).
 - dsv3_h800_decode / dsv3_h800_prefill: DeepSeek's day-6 inference-system overview (2025-03-01): per H800 node
   ~14.8k output tok/s in decode, ~73.7k input tok/s in prefill including 56.3% cache hits; decode EP144 (18 nodes),
   prefill EP32 (4 nodes); average output speed 20-22 tok/s, i.e. TPOT 45-50 ms.
 Decode figures come from the cost model's steady state: the largest batch per DP rank whose TPOT (step time per
 generated token, MTP included) meets the bound; throughput per device = batch / TPOT. Prefill: input tokens (cached
-ones included where published) per second per device for full prefill steps.
+ones included where published) per second per device for full prefill steps. The MoE layers of every case but
+CloudMatrix's prefill (published under perfect EPLB) are as busy as the simulator's MoE runtime finds the busiest EP
+rank with every expert equally popular: the floor a perfect balancer leaves (whole experts per slot, routing noise).
 The last line is a JSON object {"cases": [{"name", "published", "predicted", "error_pct"}, ...]}.
 """
 from __future__ import annotations
@@ -87,9 +91,16 @@ def fit_smooth_roofline(n: float = 2.0, latency: bool = True) -> dict:
             "max_abs_error_pct": round(float(err.max()) * 100, 1)}
 
 
-# MTP: DeepSeek-V3's technical report (arXiv 2412.19437, sec. 5.4.3) gives an acceptance rate of the second
-# (speculated) token of 85-90%; the midpoint is used for both DeepSeek-R1 deployments, one draft token each.
-MTP = dict(mtp_tokens=1, mtp_acceptance=0.875)
+# MTP, one draft token in both deployments. CloudMatrix-Infer publishes its acceptance: 70% (1.7 tokens per step, its
+# MTP ablation). DeepSeek's figures do not: DeepSeek-V3's technical report (arXiv 2412.19437, sec. 5.4.3) gives 85-90%
+# for the second token, and the midpoint is used.
+MTP_CM384 = dict(mtp_tokens=1, mtp_acceptance=0.70)
+MTP_DEEPSEEK = dict(mtp_tokens=1, mtp_acceptance=0.875)
+# CloudMatrix-Infer's decode at each published SLO (its table of decode throughput under TPOT SLOs; batch per NPU =
+# 2 dies): (TPOT SLO s, prompt tokens, output tokens, batch per NPU, published TPOT s, published tok/s per NPU).
+CM384_DECODE = [(0.050, 1024, 1024, 128, 0.0468, 2733), (0.050, 2048, 256, 112, 0.0474, 2360),
+                (0.050, 4096, 256, 96, 0.0494, 1943), (0.030, 4096, 256, 24, 0.0246, 974),
+                (0.015, 4096, 256, 8, 0.0149, 538)]
 # Both systems publish two-micro-batch overlap of the EP all-to-all with compute (DeepSeek's day-6 overview and
 # profile-data: two micro-batches in prefill and in decode; CloudMatrix-Infer: microbatch-based pipelining): the
 # step runs as a pipeline of 2 micro-batches, each reading the weights and launching the kernels again. A batch
@@ -127,24 +138,48 @@ def die(spec):
                                devices_per_node=spec.devices_per_node * 2, reserved_GB=spec.reserved_GB / 2)
 
 
-def decode_per_device(cost: RooflineModel, ranks: int, context: int, tpot_s: float, max_batch: int = 1024) -> tuple:
-    """(output tokens/s per device, batch per DP rank, TPOT) at the largest batch per rank meeting ``tpot_s``.
-    TPOT = one engine step's time per generated token (decode_time charges MTP's verification per accepted token)."""
+def expert_imbalance(model: str, ep: int, slots: int, devices_per_node: int):
+    """tokens -> the busiest EP rank's routed tokens over the mean, as the simulator's MoE runtime computes it for a
+    step of that many tokens with every expert equally popular (UniformLoad: what a perfect balancer can hope for)
+    and DeepSeek's EPLB placing ``slots`` expert slots over ``ep`` ranks: whole experts per slot and each step's
+    routing noise remain (with one expert per rank, about 1.35x at 100 tokens per die and 1.65x at 8)."""
+    from omnisim.moe import MoeRuntime, RebalanceConfig, UniformLoad
+    from omnisim.policies.placement import DeepSeekEplb
+
+    m = load("model", model)
+    runtime = MoeRuntime.for_ep(m.moe_layers, m.num_experts, m.top_k, ep, UniformLoad(), DeepSeekEplb(mode="auto"),
+                                RebalanceConfig(num_redundant_experts=slots - m.num_experts),
+                                3 * m.hidden * m.expert_intermediate * m.dtype_bytes, seed=0,
+                                num_nodes=max(1, ep // devices_per_node), num_groups=m.num_expert_groups)
+    return lambda tokens: runtime.step(0.0, int(tokens))[0]
+
+
+def decode_tpot(cost: RooflineModel, ranks: int, batch: int, context: float, imbalance) -> float:
+    """TPOT (one engine step per generated token; decode_time charges MTP's verification per accepted token) of
+    ``batch`` sequences per DP rank at ``context`` tokens, the MoE layers as busy as ``imbalance`` says."""
+    n = ranks * batch
+    return cost.decode_time(n, context, imbalance(n * (1 + getattr(cost, "mtp_tokens", 0))))
+
+
+def decode_per_device(cost: RooflineModel, ranks: int, context: float, tpot_s: float, imbalance,
+                      max_batch: int = 1024) -> tuple:
+    """(output tokens/s per device, batch per DP rank, TPOT) at the largest batch per rank meeting ``tpot_s``."""
     best = (0.0, 0, float("nan"))
     for b in range(1, max_batch + 1):
-        tpot = cost.decode_time(ranks * b, context)
+        tpot = decode_tpot(cost, ranks, b, context, imbalance)
         if tpot > tpot_s:
             break
         best = (b / tpot, b, tpot)
     return best
 
 
-def prefill_per_device(cost: RooflineModel, ranks: int, prompts_per_rank: int, prompt: int, cached: int) -> float:
+def prefill_per_device(cost: RooflineModel, ranks: int, prompts_per_rank: int, prompt: int, cached: int,
+                       imbalance=lambda tokens: 1.0) -> float:
     """Input tokens/s per device (cached prefix tokens included) for steps of ``prompts_per_rank`` prompts of
     ``prompt`` tokens per DP rank, ``cached`` of each already in the prefix cache."""
     new = prompt - cached
     n = ranks * prompts_per_rank
-    step = cost.step_time(n * new, n * new * (cached + (new + 1) / 2), n * prompt, 0, 0)
+    step = cost.step_time(n * new, n * new * (cached + (new + 1) / 2), n * prompt, 0, 0, imbalance(n * new))
     return prompts_per_rank * prompt / step
 
 
@@ -160,8 +195,11 @@ def best_micro_batches(measure, model: str, hardware: str, parallel: Parallelism
 
 def case(name: str, published: float, predicted: float, setting: str) -> dict:
     err = (predicted / published - 1) * 100 if published else float("nan")
-    print(f"{name:24s} published {published:10,.0f}  predicted {predicted:10,.0f}  error {err:+6.1f}%   {setting}")
-    return {"name": name, "published": published, "predicted": round(predicted, 1), "error_pct": round(err, 1)}
+    f = ",.1f" if published < 100 else ",.0f"
+    print(f"{name:28s} published {published:8{f}}  predicted {predicted:8{f}}  error {err:+6.1f}%   {setting}")
+    digits = 1 if published >= 100 else 3
+    return {"name": name, "published": round(published, digits), "predicted": round(predicted, digits),
+            "error_pct": round(err, 1)}
 
 
 def omniinfer_qpm(quick: bool) -> tuple[float, str]:
@@ -174,7 +212,10 @@ def omniinfer_qpm(quick: bool) -> tuple[float, str]:
         summaries[overrides[-1]] = s
         return s
 
-    overrides = ["experiment=omniinfer_r1_7p1d"] + (["workload.max_requests=300"] if quick else [])
+    # expert load as the other rows: every expert equally popular, DeepSeek's EPLB over the deployment's 32 redundant
+    # slots (the simulator's MoE runtime then charges each step the busiest rank's routed tokens)
+    overrides = ["experiment=omniinfer_r1_7p1d", "placement=deepseek_eplb", "expert_load=uniform"] \
+        + (["workload.max_requests=300"] if quick else [])
     found = find_capacity(overrides, attainment=0.9, tolerance=0.25 if quick else 0.03,
                           max_runs=4 if quick else 16, run=run)
     if found.rate is None:
@@ -200,38 +241,56 @@ def main() -> None:
     cases = []
 
     # CloudMatrix384 decode, EP320 on 320 dies (160 chips), a DP rank per die; throughput per NPU (chip) = 2 dies.
-    # 4K-token prompts in the paper's decode tests; the context a step reads also holds the tokens generated so far,
-    # not published: 4,096 is used (the prompt length).
+    # The dies hold 256 routed experts, 32 redundant and 32 shared-expert copies; the cost model runs the shared
+    # expert on every die, so the runtime sees 320 slots for 256 experts (the busiest die holds one unreplicated
+    # expert either way). Context = the prompt plus half the output (the mean KV a decode step reads).
+    cm_imbalance = expert_imbalance("deepseek_r1", 320, 320, 768)
+    cm_cost = {mb: roofline("deepseek_r1", "ascend_910c_cm384", Parallelism(dp=320, ep=320), per_die=True,
+                            micro_batches=mb, **MTP_CM384) for mb in MICRO_BATCHES}
     for bound, published in ((0.050, 1943.0), (0.015, 538.0)):
-        (tput, b, tpot), mb = best_micro_batches(lambda cost: decode_per_device(cost, 320, 4096, bound),
-                                                 "deepseek_r1", "ascend_910c_cm384", Parallelism(dp=320, ep=320),
-                                                 per_die=True, **MTP)
+        (tput, b, tpot), mb = max(((decode_per_device(c, 320, 4096 + 128, bound, cm_imbalance), mb)
+                                   for mb, c in cm_cost.items()), key=lambda r: r[0][0])
         cases.append(case(f"cm384_decode_{int(bound * 1e3)}ms", published, 2 * tput,
-                          f"batch {b}/die, TPOT {tpot * 1e3:.1f} ms, context 4096, EP320 on dies, MTP k=1 a=0.875, "
-                          f"{mb} micro-batch(es)"))
+                          f"batch {b}/die, TPOT {tpot * 1e3:.1f} ms, context 4096+128, EP320 on dies, MTP k=1 "
+                          f"a=0.70, expert imbalance {cm_imbalance(320 * b * 2):.2f}, {mb} micro-batch(es)"))
+    # the same deployment's TPOT at each published batch (per NPU = 2 dies): the step time itself, no search
+    for _slo, prompt, output, batch, tpot_pub, _tput in CM384_DECODE:
+        per_die = batch // 2
+        tpot, mb = min((decode_tpot(c, 320, per_die, prompt + output / 2, cm_imbalance), mb)
+                       for mb, c in cm_cost.items())
+        cases.append(case(f"cm384_tpot_ms_b{batch}_{prompt}_{output}", tpot_pub * 1e3, tpot * 1e3,
+                          f"{per_die}/die, context {prompt}+{output // 2}, expert imbalance "
+                          f"{cm_imbalance(320 * per_die * 2):.2f}, {mb} micro-batch(es)"))
     # CloudMatrix384 prefill: instances of 16 chips = 32 dies (EP32), 4K prompts, no prefix cache; 2 prompts (8K
-    # tokens) per die = 16K per chip per step (DeepSeek's published prefill batch, 16K tokens per GPU).
+    # tokens) per die = 16K per chip per step (the paper's prefill batch of 16,384 tokens). The published 6,688 is its
+    # "perfect EPLB" run (expert load forced even: imbalance 1); its default EPLB measured 5,655, which depends on the
+    # skew of real routing, not modelled here.
     tput, mb = best_micro_batches(lambda cost: prefill_per_device(cost, 32, 2, 4096, 0), "deepseek_r1",
                                   "ascend_910c_cm384", Parallelism(dp=32, ep=32), per_die=True)
     cases.append(case("cm384_prefill", 6688.0, 2 * tput,
                       f"32 dies EP32, 2 x 4096-token prompts per die per step, {mb} micro-batch(es)"))
 
-    # DeepSeek-V3 on H800, decode EP144: context = the published average KV length per output token (4,989);
-    # TPOT bound = 1/21 s (the middle of the published 20-22 tok/s).
-    (tput, b, tpot), mb = best_micro_batches(lambda cost: decode_per_device(cost, 144, 4989, 1 / 21), "deepseek_v3",
-                                             "h800", Parallelism(dp=144, ep=144), **MTP)
+    # DeepSeek-V3 on H800, decode EP144 (2 routed slots per GPU: 256 experts + 32 redundant): context = the published
+    # average KV length per output token (4,989); TPOT bound = 1/21 s (the middle of the published 20-22 tok/s).
+    ds_imbalance = expert_imbalance("deepseek_v3", 144, 288, 8)
+    (tput, b, tpot), mb = best_micro_batches(
+        lambda cost: decode_per_device(cost, 144, 4989, 1 / 21, ds_imbalance), "deepseek_v3", "h800",
+        Parallelism(dp=144, ep=144), **MTP_DEEPSEEK)
     cases.append(case("dsv3_h800_decode", 14800.0, 8 * tput,
-                      f"batch {b}/GPU, TPOT {tpot * 1e3:.1f} ms, context 4989, EP144, MTP k=1 a=0.875, "
-                      f"{mb} micro-batch(es); per node"))
+                      f"batch {b}/GPU, TPOT {tpot * 1e3:.1f} ms, context 4989, EP144, MTP k=1 a=0.875, expert "
+                      f"imbalance {ds_imbalance(144 * b * 2):.2f}, {mb} micro-batch(es); per node"))
     # DeepSeek-V3 prefill EP32: 4K prompts and 16K computed tokens per GPU per step (deepseek-ai/profile-data, "in
     # line with the actual online deployment"); 56.3% of each prompt hits the on-disk KV cache (day-6 figure).
     cached = round(4096 * 0.563)
     per_rank = max(1, round(16384 / (4096 - cached)))
-    tput, mb = best_micro_batches(lambda cost: prefill_per_device(cost, 32, per_rank, 4096, cached), "deepseek_v3",
-                                  "h800", Parallelism(dp=32, ep=32))
+    ds_prefill_imbalance = expert_imbalance("deepseek_v3", 32, 288, 8)
+    tokens = 32 * per_rank * (4096 - cached)
+    tput, mb = best_micro_batches(
+        lambda cost: prefill_per_device(cost, 32, per_rank, 4096, cached, ds_prefill_imbalance), "deepseek_v3",
+        "h800", Parallelism(dp=32, ep=32))
     cases.append(case("dsv3_h800_prefill", 73700.0, 8 * tput,
-                      f"EP32, {per_rank} x 4096-token prompts per GPU with {cached} cached, {mb} micro-batch(es); "
-                      "per node, hits counted"))
+                      f"EP32, {per_rank} x 4096-token prompts per GPU with {cached} cached, expert imbalance "
+                      f"{ds_prefill_imbalance(tokens):.2f}, {mb} micro-batch(es); per node, hits counted"))
 
     qpm, setting = omniinfer_qpm(args.quick)
     cases.insert(0, case("omniinfer_r1_7p1d_qpm", 616.0, qpm, setting))

@@ -176,7 +176,8 @@ def test_fidelity_published():
     figures = last_json(run("benchmarks/fidelity_published.py", "--quick", timeout=600))
     assert {c["name"] for c in figures["cases"]} == {
         "omniinfer_r1_7p1d_qpm", "cm384_decode_50ms", "cm384_decode_15ms", "cm384_prefill", "dsv3_h800_decode",
-        "dsv3_h800_prefill"}
+        "dsv3_h800_prefill", "cm384_tpot_ms_b128_1024_1024", "cm384_tpot_ms_b112_2048_256",
+        "cm384_tpot_ms_b96_4096_256", "cm384_tpot_ms_b24_4096_256", "cm384_tpot_ms_b8_4096_256"}
     for c in figures["cases"]:
         assert c["published"] > 0 and c["predicted"] > 0
         assert c["error_pct"] == pytest.approx((c["predicted"] / c["published"] - 1) * 100, abs=0.1)

@@ -40,6 +40,16 @@ def test_imbalance_reflects_skew_and_batch_size():
     assert skewed.step(0.0, 0) == (1.0, 0.0)
 
 
+def test_one_expert_per_rank_leaves_a_whole_expert_on_the_busiest_rank():
+    """EP over as many ranks as slots (CloudMatrix's EP320): with every expert equally popular, replicas only halve
+    the replicated experts, so the busiest rank keeps an unreplicated one: at least slots / experts of the mean."""
+    rt = MoeRuntime.for_ep(LAYERS, EXPERTS, TOP_K, EXPERTS + 16, UniformLoad(), DeepSeekEplb(),
+                           RebalanceConfig(num_redundant_experts=16), EXPERT_BYTES)
+    large = rt.step(0.0, 65536)[0]
+    assert 80 / 64 <= large < 80 / 64 * 1.1
+    assert rt.step(0.0, 64)[0] > rt.step(0.0, 1024)[0] > large
+
+
 def test_sampled_mode_draws_every_step_around_the_expectation():
     cfg = RebalanceConfig(num_redundant_experts=16)
     sampled = MoeRuntime.for_ep(LAYERS, EXPERTS, TOP_K, EP, ZipfLoad(1.0, seed=1), StaticPlacement(), cfg,
