@@ -6,7 +6,8 @@
 Cases (settings that the sources do not publish are chosen here and printed with each case):
 - omniinfer_r1_7p1d_qpm: OmniInfer's DeepSeek-R1 on Ascend 910C, 616 QPM under TTFT < 2 s and TPOT < 50 ms (the
   paper, arXiv 2511.22481; a vendor write-up gives 608 for the 7P8-1D32 shape simulated here). The simulator
-  runs `experiment=omniinfer_r1_7p1d` (3,000 requests, as published) through `omnisim.capacity`: the highest
+  runs `experiment=omniinfer_r1_7p1d_dies` (the shape as OmniInfer's deployment templates run it: a rank per die,
+  its engine limits, MTP; 3,000 requests, as published) through `omnisim.capacity`: the highest
   offered rate at which at least 90% of requests meet both thresholds (the SLA is stated per request; a share of
   requests is how capacity is quoted, and the mean would let a tail of slow requests through). Predicted = that
   offered rate in requests per minute: the whole-run QPM of a 3,000-request run (completed / duration, what
@@ -212,16 +213,15 @@ def omniinfer_qpm(quick: bool) -> tuple[float, str]:
         summaries[overrides[-1]] = s
         return s
 
-    # expert load as the other rows: every expert equally popular, DeepSeek's EPLB over the deployment's 32 redundant
-    # slots (the simulator's MoE runtime then charges each step the busiest rank's routed tokens)
-    overrides = ["experiment=omniinfer_r1_7p1d", "placement=deepseek_eplb", "expert_load=uniform"] \
-        + (["workload.max_requests=300"] if quick else [])
+    # OmniInfer's own deployment settings (dies as ranks, its engine limits, MTP) and the expert-load floor as the
+    # other rows: conf/experiment/omniinfer_r1_7p1d_dies.yaml
+    overrides = ["experiment=omniinfer_r1_7p1d_dies"] + (["workload.max_requests=300"] if quick else [])
     found = find_capacity(overrides, attainment=0.9, tolerance=0.25 if quick else 0.03,
                           max_runs=4 if quick else 16, run=run)
     if found.rate is None:
         return 0.0, "no rate met the SLA"
     s = summaries[f"workload.rate={found.rate}"]
-    return found.rate * 60, (f"{found.rate:.2f} req/s offered; run QPM {found.qpm_at_sla:.0f}, steady window "
+    return found.rate * 60, (f"{found.rate:.2f} req/s offered; run QPM {s['qpm']:.0f}, steady window "
                              f"{s.get('steady_qpm') or 0:.0f}; attainment {found.attainment:.3f}, TTFT p90 "
                              f"{s['ttft_s']['p90'] * 1e3:.0f} ms, TPOT p90 {s['tpot_s']['p90'] * 1e3:.1f} ms, "
                              f"{len(found.runs)} runs")
