@@ -375,6 +375,16 @@ class Probe:
         self.cpu_s = {u: delta(c.read(), self.c0[u]) for u, c in self.cpu.items()}
         self.metrics = {u: delta(scrape(u), self.m0[u]) for u in self.urls_pids}
 
+    def host(self) -> tuple[float, float]:
+        """(other processes' CPU demand in cores, the hypervisor's steal fraction) during the part."""
+        load = self.load.summary()
+        return load.get("background_cores") or 0.0, load.get("steal_fraction") or 0.0
+
+
+def mean_host(hosts: list[tuple[float, float]]) -> tuple[float, float]:
+    """The mean background and steal of several parts' ``Probe.host()``."""
+    return statistics.mean(b for b, _ in hosts), statistics.mean(st for _, st in hosts)
+
 
 # -- fits ------------------------------------------------------------------------------------------------------------
 def linear_fit(x, y) -> tuple[float, float]:
@@ -930,9 +940,9 @@ def measure_colocated(m: dict, meta: dict, repeats: int, quick: bool, lengths, o
             save()
         if "contention" not in m:
             # 4. contention: one stream on one server (the other idle), then one on each at once
-            one, two, one_e, two_e, cores_alone, bg1, bg2, idle = [], [], [], [], [], [], [], []
-            steal1, steal2, polled, polled_e, bg3, steal3 = [], [], [], [], [], []
-            short, short_bg, short_steal = ({k: [] for k in ("alone", "own", "other")} for _ in range(3))
+            one, two, one_e, two_e, cores_alone, idle, polled, polled_e = [], [], [], [], [], [], [], []
+            host1, host2, host3 = [], [], []  # (background, steal) of each repeat's part
+            short, short_host = ({k: [] for k in ("alone", "own", "other")} for _ in range(2))
             for _ in range(repeats):
                 wait_quiet()
                 time.sleep(PARKED_S)  # both servers idle, their shm queues no longer polling
@@ -942,17 +952,13 @@ def measure_colocated(m: dict, meta: dict, repeats: int, quick: bool, lengths, o
                 one.append(itl(rs[0]))
                 one_e.append(hist_mean(p.metrics[a], "vllm:inter_token_latency_seconds"))
                 cores_alone.append((p.cpu_s[a]["core"] + p.cpu_s[a]["worker"]) / p.wall)
-                load = p.load.summary()
-                bg1.append(load.get("background_cores") or 0.0)
-                steal1.append(load.get("steal_fraction") or 0.0)
+                host1.append(p.host())
                 time.sleep(PARKED_S)
                 with Probe({a: pid_a, b: pids["mixed-1"]}) as p:
                     rs = asyncio.run(concurrent(client, [(a, 64, 128, True), (b, 64, 128, True)]))
                 two.append(statistics.mean(itl(r) for r in rs))
                 two_e.append(statistics.mean(hist_mean(p.metrics[u], "vllm:inter_token_latency_seconds") for u in urls))
-                load = p.load.summary()
-                bg2.append(load.get("background_cores") or 0.0)
-                steal2.append(load.get("steal_fraction") or 0.0)
+                host2.append(p.host())
                 # one stream on a while b's worker still polls its queue (b has just answered a short request)
                 time.sleep(PARKED_S)
                 asyncio.run(sequential(client, b, [(64, 2, True)]))
@@ -960,32 +966,29 @@ def measure_colocated(m: dict, meta: dict, repeats: int, quick: bool, lengths, o
                     rs = asyncio.run(concurrent(client, [(a, 64, 128, True)]))
                 polled.append(itl(rs[0]))
                 polled_e.append(hist_mean(p.metrics[a], "vllm:inter_token_latency_seconds"))
-                load = p.load.summary()
-                bg3.append(load.get("background_cores") or 0.0)
-                steal3.append(load.get("steal_fraction") or 0.0)
+                host3.append(p.host())
                 # a short request alone, then BESIDE_S into a stream on its own server, and on the other's
                 for key, urls_ in (("alone", (a,)), ("own", (a, a)), ("other", (a, b))):
                     time.sleep(PARKED_S)
                     with Probe({a: pid_a, b: pids["mixed-1"]}) as p:
                         rs = asyncio.run(beside(client, *urls_))
                     short[key].append(rs[-1]["ttft"])
-                    load = p.load.summary()
-                    short_bg[key].append(load.get("background_cores") or 0.0)
-                    short_steal[key].append(load.get("steal_fraction") or 0.0)
+                    short_host[key].append(p.host())
             med = statistics.median
+            (bg1, steal1), (bg2, steal2), (bg3, steal3) = (mean_host(h) for h in (host1, host2, host3))
+            shorts = {k: mean_host(h) for k, h in short_host.items()}
             m["contention"] = {"one_client_itl": med(one), "two_client_itl": med(two), "one_itls": one,
                                "two_itls": two, "one_engine_itl": med(one_e), "two_engine_itl": med(two_e),
                                "one_engine_itls": one_e, "two_engine_itls": two_e,
                                "engine_cores_alone": med(cores_alone),
                                "idle_cores": [med(w) for w in zip(*idle)], "idle_window_s": IDLE_WINDOW_S,
-                               "one_background": statistics.mean(bg1), "two_background": statistics.mean(bg2),
-                               "one_steal": statistics.mean(steal1), "two_steal": statistics.mean(steal2),
+                               "one_background": bg1, "two_background": bg2, "one_steal": steal1,
+                               "two_steal": steal2,
                                "polled_client_itl": med(polled), "polled_engine_itl": med(polled_e),
                                "polled_itls": polled, "polled_engine_itls": polled_e,
-                               "polled_background": statistics.mean(bg3), "polled_steal": statistics.mean(steal3),
-                               "short_ttfts": short, "short_background": {k: statistics.mean(v) for k, v in
-                                                                          short_bg.items()},
-                               "short_steal": {k: statistics.mean(v) for k, v in short_steal.items()}}
+                               "polled_background": bg3, "polled_steal": steal3, "short_ttfts": short,
+                               "short_background": {k: v[0] for k, v in shorts.items()},
+                               "short_steal": {k: v[1] for k, v in shorts.items()}}
             log(f"contention: {m['contention']}")
 
             save()
