@@ -184,14 +184,17 @@ def prefill_per_device(cost: RooflineModel, ranks: int, prompts_per_rank: int, p
     return prompts_per_rank * prompt / step
 
 
-def best_micro_batches(measure, model: str, hardware: str, parallel: Parallelism, **knobs) -> tuple:
-    """(the better result of ``measure(cost)``, its micro-batch count) over MICRO_BATCHES; a cost model without
-    micro_batches (before it existed) is measured once, with communication exposed."""
-    results = []
-    for mb in MICRO_BATCHES:
-        cost = roofline(model, hardware, parallel, micro_batches=mb, **knobs)
-        results.append((measure(cost), getattr(cost, "micro_batches", 1)))
-    return max(results, key=lambda r: r[0][0] if isinstance(r[0], tuple) else r[0])
+def micro_batch_costs(model: str, hardware: str, parallel: Parallelism, **knobs) -> dict:
+    """{micro-batch count: cost model} over MICRO_BATCHES; a cost model without micro_batches (before it existed)
+    is there once, with communication exposed."""
+    costs = (roofline(model, hardware, parallel, micro_batches=mb, **knobs) for mb in MICRO_BATCHES)
+    return {getattr(cost, "micro_batches", 1): cost for cost in costs}
+
+
+def best_micro_batches(measure, costs: dict) -> tuple:
+    """(the better result of ``measure(cost)`` over ``costs`` (micro_batch_costs), its micro-batch count)."""
+    return max(((measure(cost), mb) for mb, cost in costs.items()),
+               key=lambda r: r[0][0] if isinstance(r[0], tuple) else r[0])
 
 
 def case(name: str, published: float, predicted: float, setting: str) -> dict:
@@ -244,12 +247,12 @@ def main() -> None:
     # The dies hold 256 routed experts, 32 redundant and 32 shared-expert copies; the cost model runs the shared
     # expert on every die, so the runtime sees 320 slots for 256 experts (the busiest die holds one unreplicated
     # expert either way). Context = the prompt plus half the output (the mean KV a decode step reads).
-    cm_imbalance = expert_imbalance("deepseek_r1", 320, 320, 768)
-    cm_cost = {mb: roofline("deepseek_r1", "ascend_910c_cm384", Parallelism(dp=320, ep=320), per_die=True,
-                            micro_batches=mb, **MTP_CM384) for mb in MICRO_BATCHES}
+    cm_cost = micro_batch_costs("deepseek_r1", "ascend_910c_cm384", Parallelism(dp=320, ep=320), per_die=True,
+                                **MTP_CM384)
+    cm_imbalance = expert_imbalance("deepseek_r1", 320, 320, cm_cost[1].hardware.devices_per_node)
     for bound, published in ((0.050, 1943.0), (0.015, 538.0)):
-        (tput, b, tpot), mb = max(((decode_per_device(c, 320, 4096 + 128, bound, cm_imbalance), mb)
-                                   for mb, c in cm_cost.items()), key=lambda r: r[0][0])
+        (tput, b, tpot), mb = best_micro_batches(lambda c: decode_per_device(c, 320, 4096 + 128, bound, cm_imbalance),
+                                                 cm_cost)
         cases.append(case(f"cm384_decode_{int(bound * 1e3)}ms", published, 2 * tput,
                           f"batch {b}/die, TPOT {tpot * 1e3:.1f} ms, context 4096+128, EP320 on dies, MTP k=1 "
                           f"a=0.70, expert imbalance {cm_imbalance(320 * b * 2):.2f}, {mb} micro-batch(es)"))
@@ -265,17 +268,18 @@ def main() -> None:
     # tokens) per die = 16K per chip per step (the paper's prefill batch of 16,384 tokens). The published 6,688 is its
     # "perfect EPLB" run (expert load forced even: imbalance 1); its default EPLB measured 5,655, which depends on the
     # skew of real routing, not modelled here.
-    tput, mb = best_micro_batches(lambda cost: prefill_per_device(cost, 32, 2, 4096, 0), "deepseek_r1",
-                                  "ascend_910c_cm384", Parallelism(dp=32, ep=32), per_die=True)
+    tput, mb = best_micro_batches(lambda cost: prefill_per_device(cost, 32, 2, 4096, 0), micro_batch_costs(
+        "deepseek_r1", "ascend_910c_cm384", Parallelism(dp=32, ep=32), per_die=True))
     cases.append(case("cm384_prefill", 6688.0, 2 * tput,
                       f"32 dies EP32, 2 x 4096-token prompts per die per step, {mb} micro-batch(es)"))
 
     # DeepSeek-V3 on H800, decode EP144 (2 routed slots per GPU: 256 experts + 32 redundant): context = the published
     # average KV length per output token (4,989); TPOT bound = 1/21 s (the middle of the published 20-22 tok/s).
-    ds_imbalance = expert_imbalance("deepseek_v3", 144, 288, 8)
-    (tput, b, tpot), mb = best_micro_batches(
-        lambda cost: decode_per_device(cost, 144, 4989, 1 / 21, ds_imbalance), "deepseek_v3", "h800",
-        Parallelism(dp=144, ep=144), **MTP_DEEPSEEK)
+    ds_cost = micro_batch_costs("deepseek_v3", "h800", Parallelism(dp=144, ep=144), **MTP_DEEPSEEK)
+    per_node = ds_cost[1].hardware.devices_per_node
+    ds_imbalance = expert_imbalance("deepseek_v3", 144, 288, per_node)
+    (tput, b, tpot), mb = best_micro_batches(lambda cost: decode_per_device(cost, 144, 4989, 1 / 21, ds_imbalance),
+                                             ds_cost)
     cases.append(case("dsv3_h800_decode", 14800.0, 8 * tput,
                       f"batch {b}/GPU, TPOT {tpot * 1e3:.1f} ms, context 4989, EP144, MTP k=1 a=0.875, expert "
                       f"imbalance {ds_imbalance(144 * b * 2):.2f}, {mb} micro-batch(es); per node"))
@@ -283,11 +287,11 @@ def main() -> None:
     # line with the actual online deployment"); 56.3% of each prompt hits the on-disk KV cache (day-6 figure).
     cached = round(4096 * 0.563)
     per_rank = max(1, round(16384 / (4096 - cached)))
-    ds_prefill_imbalance = expert_imbalance("deepseek_v3", 32, 288, 8)
+    ds_prefill_imbalance = expert_imbalance("deepseek_v3", 32, 288, per_node)
     tokens = 32 * per_rank * (4096 - cached)
     tput, mb = best_micro_batches(
-        lambda cost: prefill_per_device(cost, 32, per_rank, 4096, cached, ds_prefill_imbalance), "deepseek_v3",
-        "h800", Parallelism(dp=32, ep=32))
+        lambda cost: prefill_per_device(cost, 32, per_rank, 4096, cached, ds_prefill_imbalance),
+        micro_batch_costs("deepseek_v3", "h800", Parallelism(dp=32, ep=32)))
     cases.append(case("dsv3_h800_prefill", 73700.0, 8 * tput,
                       f"EP32, {per_rank} x 4096-token prompts per GPU with {cached} cached, expert imbalance "
                       f"{ds_prefill_imbalance(tokens):.2f}, {mb} micro-batch(es); per node, hits counted"))
