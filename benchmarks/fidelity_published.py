@@ -63,33 +63,17 @@ H800_FP8_TFLOPS, H800_HBM_TBPS = 1979.0, 3.35  # dense FP8 peak and HBM3 bandwid
 
 
 def fit_smooth_roofline(n: float = 2.0, latency: bool = True) -> dict:
-    """Least squares (log time) of t = kernel_latency + ((F / (peak * e_c))^n + (B / (bw * e_m))^n)^(1/n) to the
-    DeepGEMM table: the Hopper profiles' int8_gemm_efficiency, memory_efficiency and kernel_latency_s. Bytes: FP8
-    A and B read once, BF16 C written. A coarse grid, then two refinements around the best point."""
+    """The smooth roofline fitted to the DeepGEMM table (``roofline_fit.fit_roofline``): the Hopper profiles'
+    int8_gemm_efficiency, memory_efficiency and kernel_latency_s. Bytes: FP8 A and B read once, BF16 C written."""
     import numpy as np
+
+    from roofline_fit import fit_roofline
 
     g, mm, nn, kk, tf = (np.array(c, float) for c in zip(*DEEPGEMM_H800))
     flops, nbytes = 2 * g * mm * nn * kk, g * (mm * kk + nn * kk + 2 * mm * nn)
-    measured = flops / (tf * 1e12)
-    best, span = (0.65, 0.85, 2e-6 if latency else 0.0), (0.3, 0.3, 4e-6 if latency else 0.0)
-    for _ in range(3):
-        axes = [np.linspace(max(lo, b - s), min(hi, b + s), 41)
-                for (b, s), (lo, hi) in zip(zip(best, span), ((0.05, 1.0), (0.05, 1.0), (0.0, 1e-4)))]
-        ec, em, t0 = np.meshgrid(*axes, indexing="ij")
-        c = flops[None, None, None, :] / (H800_FP8_TFLOPS * 1e12 * ec[..., None])
-        m = nbytes[None, None, None, :] / (H800_HBM_TBPS * 1e12 * em[..., None])
-        pred = t0[..., None] + (np.maximum(c, m) if math.isinf(n) else (c ** n + m ** n) ** (1 / n))
-        loss = (np.log(pred / measured) ** 2).mean(axis=-1)
-        i = np.unravel_index(np.argmin(loss), loss.shape)
-        best = (float(ec[i]), float(em[i]), float(t0[i]))
-        span = tuple(s / 8 for s in span)
-    ec, em, t0 = best
-    c, m = flops / (H800_FP8_TFLOPS * 1e12 * ec), nbytes / (H800_HBM_TBPS * 1e12 * em)
-    pred = t0 + (np.maximum(c, m) if math.isinf(n) else (c ** n + m ** n) ** (1 / n))
-    err = np.abs(pred / measured - 1)
-    return {"n": n, "int8_gemm_efficiency": round(ec, 3), "memory_efficiency": round(em, 3),
-            "kernel_latency_s": round(t0, 8), "median_abs_error_pct": round(float(np.median(err)) * 100, 1),
-            "max_abs_error_pct": round(float(err.max()) * 100, 1)}
+    fit = fit_roofline(flops, nbytes, flops / (tf * 1e12), H800_FP8_TFLOPS * 1e12, H800_HBM_TBPS * 1e12, n, latency)
+    fit["int8_gemm_efficiency"] = fit.pop("compute_efficiency")
+    return fit
 
 
 # MTP, one draft token in both deployments. CloudMatrix-Infer publishes its acceptance: 70% (1.7 tokens per step, its

@@ -6,8 +6,9 @@ a Vidur checkout's model folder.
 - ``mlp.csv`` (required): every non-attention operator of one decoder layer on one of ``num_tensor_parallel_workers``
   devices, timed by CUDA events in milliseconds per ``num_tokens``. Its four GEMMs become ``gemm`` rows (qkv, o,
   gate_up, down), and the whole layer without attention (the GEMMs, norms, rope, activation and residual add) a
-  ``layer_dense`` row priced by ``RooflineModel.breakdown`` itself: the dense GEMMs and elementwise work (with the
-  per-kernel costs) per layer.
+  ``layer_dense`` row priced by ``RooflineModel.breakdown`` itself: the dense GEMMs and elementwise traffic per
+  layer, and the per-kernel cost of the nine kernels the row times (the cost model's per-step fixed cost also
+  counts attention, the KV write and the per-step kernels, which are not in this table).
 - ``attention.csv`` (optional; in Vidur's repository a Git LFS file): ``prefill_attention`` rows (one sequence,
   ``prefill_chunk_size`` new tokens after ``kv_cache_size`` cached ones) and ``decode_attention`` rows
   (``batch_size`` sequences of ``kv_cache_size`` tokens), the attention kernel alone.
@@ -65,6 +66,32 @@ def _match(frame, model, tp: int, path: Path, shape: dict[str, int]):
     return frame[frame["num_tensor_parallel_workers"] == tp]
 
 
+def vidur_model(directory: Path, layers: int = 32):
+    """The ModelSpec of a Vidur model folder's shapes (``mlp.csv``'s n_head, n_kv_head, n_embd, n_expanded_embd,
+    vocab_size), named after the folder: what ``vidur_fit.py`` prices a model by that has no conf/model file. The
+    layer count is not in the table; it only spreads the per-step kernels over the layers (6 of them, well under 1%
+    of a layer at any count)."""
+    from omnisim.cost import ModelSpec
+
+    path = Path(directory) / "mlp.csv"
+    if not path.is_file():
+        raise ValueError(f"{directory}: no mlp.csv (not a Vidur model folder)")
+    frame = _read(path)
+    columns = ("n_head", "n_kv_head", "n_embd", "n_expanded_embd", "vocab_size")
+    _need(frame, [*columns, "use_gated_mlp"], path)
+    shape = {}
+    for column in columns:
+        values = sorted({int(v) for v in frame[column].dropna().unique()})
+        if len(values) != 1:
+            raise ValueError(f"{path}: {column} is {values}, one model's profile has one value")
+        shape[column] = values[0]
+    if not all(str(v).strip().lower() == "true" for v in frame["use_gated_mlp"].unique()):
+        raise ValueError(f"{path}: use_gated_mlp is not True; the roofline prices gated (SwiGLU) FFNs only")
+    return ModelSpec(name=Path(directory).name, layers=layers, hidden=shape["n_embd"], heads=shape["n_head"],
+                     kv_heads=shape["n_kv_head"], head_dim=shape["n_embd"] // shape["n_head"],
+                     intermediate=shape["n_expanded_embd"], vocab=shape["vocab_size"])
+
+
 def vidur_rows(directory: Path, model, hardware, tp: int) -> list[dict]:
     """``operator_profile`` rows (op, name, m, k, n, flops, bytes, seconds) from a Vidur model folder; ``layer_dense``
     rows carry their own ``roofline_s`` (the simulator's cost model, not one operator's rule)."""
@@ -100,10 +127,14 @@ def vidur_rows(directory: Path, model, hardware, tp: int) -> list[dict]:
                              bytes=b * (k * n + t * k + t * n), seconds=_ms(r, op)))
         parts = roofline.breakdown(t, t * (t + 1) / 2, t, 0, 0)
         weights = sum(k * n for k, n in shapes.values())  # per device
+        # the cost model's fixed costs are those of every kernel of a step (attention, KV write, LM head, ...): the
+        # layer here is charged its traffic and the fixed cost of the nine kernels Vidur's layer times
+        traffic = parts["elementwise"] - roofline.kernels_per_step * hardware.kernel_latency_s
         rows.append(dict(op="layer_dense", name="layer", m=t, k=h, n=model.intermediate // tp,
                          flops=2.0 * t * weights, bytes=b * weights,
                          seconds=sum(_ms(r, op) for op in _LAYER_OPS),
-                         roofline_s=(parts["dense_gemm"] + parts["elementwise"]) / model.layers))
+                         roofline_s=(parts["dense_gemm"] + traffic) / model.layers
+                         + len(_LAYER_OPS) * hardware.kernel_latency_s))
 
     attn_path = directory / "attention.csv"
     if attn_path.is_file():

@@ -304,6 +304,62 @@ def test_operator_profile_vidur_refuses_another_models_profile(tmp_path):
     assert proc.returncode == 2 and "a Git LFS pointer" in proc.stderr
 
 
+def _vidur_gemms(path: Path, heads: int, kv_heads: int, hidden: int, ffn: int, ec: float, em: float, t0: float,
+                 gated: bool = True) -> None:
+    """A Vidur-format mlp.csv whose four GEMMs take what the smooth roofline (n = 2) gives on an A100 at compute
+    fraction ``ec``, HBM fraction ``em`` and kernel latency ``t0``, at TP 1 and 2 and 1..4,096 tokens."""
+    ops = ["input_layernorm", "attn_pre_proj", "attn_rope", "attn_post_proj", "post_attention_layernorm",
+           "mlp_up_proj", "mlp_act", "mlp_down_proj", "add"]
+    d = hidden // heads
+    lines = [",".join([f"time_stats.{op}.median" for op in ops] + [
+        "n_head", "n_kv_head", "n_embd", "n_expanded_embd", "vocab_size", "use_gated_mlp", "num_tokens",
+        "num_tensor_parallel_workers"])]
+    for tp in (1, 2):
+        shapes = {"attn_pre_proj": (hidden, (heads + 2 * kv_heads) * d // tp), "attn_post_proj": (hidden // tp, hidden),
+                  "mlp_up_proj": (hidden, 2 * ffn // tp), "mlp_down_proj": (ffn // tp, hidden)}
+        for t in (2 ** i for i in range(13)):
+            ms = dict.fromkeys(ops, 0.003)
+            for op, (k, n) in shapes.items():
+                c, m = 2 * t * k * n / (312e12 * ec), 2 * (k * n + t * k + t * n) / (2e12 * em)
+                ms[op] = (t0 + math.hypot(c, m)) * 1e3
+            lines.append(",".join([str(ms[op]) for op in ops] + [str(heads), str(kv_heads), str(hidden), str(ffn),
+                                                                 "32000", str(gated), str(t), str(tp)]))
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "mlp.csv").write_text("\n".join(lines) + "\n")
+
+
+def test_vidur_fit_recovers_the_coefficients_the_kernel_times_were_made_with(tmp_path):
+    # two "fit" models and a held-out one, all timed by one A100 at known fractions: the fit finds them, and the
+    # held-out model's GEMMs are then priced within rounding, where the profile as committed is not
+    truth = dict(ec=0.62, em=0.75, t0=7e-6)
+    _vidur_gemms(tmp_path / "a", 32, 8, 4096, 14336, **truth)
+    _vidur_gemms(tmp_path / "b", 40, 40, 5120, 13824, **truth)
+    _vidur_gemms(tmp_path / "held", 64, 8, 8192, 28672, **truth)
+    figures = last_json(run("benchmarks/vidur_fit.py", "--hardware", "a100", "--fit", str(tmp_path / "a"),
+                            str(tmp_path / "b"), "--hold-out", str(tmp_path / "held")))
+    fitted = figures["fitted"]
+    assert fitted["gemm_efficiency"] == pytest.approx(0.62, abs=0.005)
+    assert fitted["memory_efficiency"] == pytest.approx(0.75, abs=0.005)
+    assert fitted["kernel_latency_s"] == pytest.approx(7e-6, abs=2e-7)
+    assert figures["gemms_fitted"] == 2 * 2 * 13 * 4  # models x degrees x token counts x GEMMs
+    held = [m for m in figures["models"] if m["set"] == "held_out"]
+    assert [(m["model"], m["tp"]) for m in held] == [("held", 1), ("held", 2)]  # shapes read from the table
+    assert all(abs(m["fitted"]["gemm_worst_pct"]) < 1.0 for m in held)
+    assert all(abs(m["profile"]["gemm_median_pct"]) > 5.0 for m in held)
+
+
+def test_vidur_fit_refuses_a_held_out_model_it_fits_and_an_ungated_ffn(tmp_path):
+    _vidur_gemms(tmp_path / "a", 32, 8, 4096, 14336, 0.7, 0.8, 5e-6)
+    proc = subprocess.run([sys.executable, "benchmarks/vidur_fit.py", "--hardware", "a100", "--fit",
+                           str(tmp_path / "a"), "--hold-out", str(tmp_path / "a")], cwd=ROOT, capture_output=True,
+                          text=True)
+    assert proc.returncode == 2 and "--hold-out repeats a --fit folder" in proc.stderr
+    _vidur_gemms(tmp_path / "phi", 32, 32, 2560, 10240, 0.7, 0.8, 5e-6, gated=False)
+    proc = subprocess.run([sys.executable, "benchmarks/vidur_fit.py", "--hardware", "a100", "--fit",
+                           str(tmp_path / "phi")], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2 and "use_gated_mlp is not True" in proc.stderr
+
+
 def test_serving_costs_fit_recovers_the_cores_engines_and_pollers_take_from_each_other():
     # two streams at once, and a stream beside a poller, simulated with known engine_cpu and idle_poll_cpu
     import dataclasses
