@@ -66,11 +66,10 @@ def _match(frame, model, tp: int, path: Path, shape: dict[str, int]):
     return frame[frame["num_tensor_parallel_workers"] == tp]
 
 
-def vidur_model(directory: Path, layers: int = 32):
+def vidur_model(directory: Path):
     """The ModelSpec of a Vidur model folder's shapes (``mlp.csv``'s n_head, n_kv_head, n_embd, n_expanded_embd,
     vocab_size), named after the folder: what ``vidur_fit.py`` prices a model by that has no conf/model file. The
-    layer count is not in the table; it only spreads the per-step kernels over the layers (6 of them, well under 1%
-    of a layer at any count)."""
+    layer count is not in the table, and one layer is what every row prices."""
     from omnisim.cost import ModelSpec
 
     path = Path(directory) / "mlp.csv"
@@ -87,7 +86,7 @@ def vidur_model(directory: Path, layers: int = 32):
         shape[column] = values[0]
     if not all(str(v).strip().lower() == "true" for v in frame["use_gated_mlp"].unique()):
         raise ValueError(f"{path}: use_gated_mlp is not True; the roofline prices gated (SwiGLU) FFNs only")
-    return ModelSpec(name=Path(directory).name, layers=layers, hidden=shape["n_embd"], heads=shape["n_head"],
+    return ModelSpec(name=Path(directory).name, layers=1, hidden=shape["n_embd"], heads=shape["n_head"],
                      kv_heads=shape["n_kv_head"], head_dim=shape["n_embd"] // shape["n_head"],
                      intermediate=shape["n_expanded_embd"], vocab=shape["vocab_size"])
 
