@@ -360,6 +360,56 @@ def test_vidur_fit_refuses_a_held_out_model_it_fits_and_an_ungated_ffn(tmp_path)
     assert proc.returncode == 2 and "use_gated_mlp is not True" in proc.stderr
 
 
+def _vidur_all_reduce(path: Path, base: float, alpha: float, eff: float) -> None:
+    """A Vidur-format all_reduce.csv (ms medians): one-node groups of 2, 4 and 8 on a 300 GB/s link whose messages
+    from 8 MiB take base + 2(g-1) alpha + 2(g-1)/g bytes / (300 GB/s x eff), smaller ones a launch-bound 50 us; and
+    a group of 2 across two nodes."""
+    lines = [",time_stats.all_reduce.median,rank,num_workers,size,collective,devices_per_node,max_devices_per_node"]
+    for g, per_node in ((2, 2), (4, 4), (8, 8), (2, 1)):
+        for size in (2 ** i for i in range(11, 27)):
+            steps = 2 * (g - 1)
+            t = base + steps * alpha + steps / g * size / (300e9 * eff) if size >= 2 ** 23 else 50e-6
+            lines.append(f"{len(lines) - 1},{t * 1e3},0,{g},{size},all_reduce,{per_node},8")
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "all_reduce.csv").write_text("\n".join(lines) + "\n")
+
+
+def test_vidur_collectives_recovers_the_bandwidth_path_the_times_were_made_with(tmp_path):
+    _vidur_all_reduce(tmp_path, 90e-6, 1e-6, 0.4)  # far from the committed a100 profile's bulk path
+    figures = last_json(run("benchmarks/vidur_collectives.py", "--hardware", "a100", "--network", str(tmp_path),
+                            "--fit-groups", "2", "8", "--hold-out-groups", "4", "--bulk-bytes", str(2 ** 23)))
+    fitted = figures["fitted"]
+    assert fitted["bulk_collective_base_s"] == pytest.approx(90e-6, rel=1e-3)
+    assert fitted["bulk_link_latency_s"] == pytest.approx(1e-6, rel=1e-3)
+    assert fitted["bulk_bus_efficiency"] == pytest.approx(0.4, abs=1e-3)
+    rows = {(r["workers"], r["per_node"], r["band"]): r for r in figures["rows"]}
+    held = rows[(4, 4, ">=8MiB")]
+    assert held["role"] == "held out" and abs(held["fitted_worst_pct"]) < 0.5 and held["profile_median_pct"] < -20
+    # below the bulk size the fitted profile is the profile (vLLM's own all-reduce there, not NCCL)
+    assert rows[(8, 8, "<1MiB")]["fitted_median_pct"] == rows[(8, 8, "<1MiB")]["profile_median_pct"]
+    assert rows[(2, 1, ">=8MiB")]["role"] == "across nodes"
+
+
+def test_vidur_collectives_refuses_bad_tables_and_groups(tmp_path):
+    def refused(*args):
+        proc = subprocess.run([sys.executable, "benchmarks/vidur_collectives.py", "--hardware", "a100", *args],
+                              cwd=ROOT, capture_output=True, text=True)
+        assert proc.returncode == 2, proc.stderr
+        return proc.stderr
+    _vidur_all_reduce(tmp_path / "ok", 40e-6, 3e-6, 0.55)
+    assert "also in --fit-groups" in refused("--network", str(tmp_path / "ok"), "--fit-groups", "2", "4",
+                                             "--hold-out-groups", "4")
+    assert "no one-node rows of 16 GPUs" in refused("--network", str(tmp_path / "ok"), "--fit-groups", "16")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "all_reduce.csv").write_text("num_workers,size\n2,1024\n")
+    assert "missing column(s) devices_per_node, time_stats.all_reduce.median" in refused(
+        "--network", str(tmp_path / "bad"), "--fit-groups", "2")
+    (tmp_path / "neg").mkdir()
+    (tmp_path / "neg" / "all_reduce.csv").write_text(
+        "num_workers,devices_per_node,size,time_stats.all_reduce.median\n2,2,1024,0.01\n2,2,2048,-0.01\n")
+    assert "row 3 has" in refused("--network", str(tmp_path / "neg"), "--fit-groups", "2")
+
+
 def test_serving_costs_fit_recovers_the_cores_engines_and_pollers_take_from_each_other():
     # two streams at once, and a stream beside a poller, simulated with known engine_cpu and idle_poll_cpu
     import dataclasses

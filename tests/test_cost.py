@@ -130,7 +130,8 @@ H100_ARGS = dict(name="x", bf16_tflops=989, hbm_GB=80, hbm_TBps=3.35, intra_node
     (dict(int8_tflops=-1), "int8_tflops"), (dict(roofline_smoothing=0.5), "roofline_smoothing"),
     (dict(kernel_latency_s=-1e-6), "kernel_latency_s"), (dict(a2a_efficiency=0), "a2a_efficiency"),
     (dict(bus_efficiency=1.2), "bus_efficiency"), (dict(int8_gemm_efficiency=2), "int8_gemm_efficiency"),
-    (dict(link_latency_s=-1), "link_latency_s"),
+    (dict(link_latency_s=-1), "link_latency_s"), (dict(bulk_bus_efficiency=0), "bulk_bus_efficiency"),
+    (dict(bulk_allreduce_bytes=-1), "bulk_allreduce_bytes"), (dict(bulk_link_latency_s=-1), "bulk_link_latency_s"),
 ])
 def test_hardware_spec_errors_name_the_field(changes, field):
     with pytest.raises(ValueError, match=field):
@@ -411,6 +412,38 @@ def test_tp_all_reduce_is_alpha_beta_in_message_and_group_size():
     assert ar(8, 4096, slow) - ar(8, 1, slow) == pytest.approx(2 * (ar(8, 4096) - ar(8, 1)))
     # past the node the ring runs at the scale-out link with the network's alpha
     assert ar(16, 4096) > 3 * ar(8, 4096)
+
+
+def test_tp_all_reduce_takes_the_bandwidth_path_from_the_bulk_size_per_rank():
+    """From bulk_allreduce_bytes per rank (each rank's tokens x hidden x 2 bytes) a TP all-reduce inside a node is
+    charged the bulk coefficients, below it the latency path's; across nodes, and with bulk 0, one path."""
+    from omnisim.cost.roofline import all_reduce_s
+
+    model = load("model", "llama3_70b")
+    hw = replace(load("hardware", "h100"), bulk_allreduce_bytes=8 * 2 ** 20, bulk_collective_base_s=40e-6,
+                 bulk_link_latency_s=3e-6, bulk_bus_efficiency=0.6)
+    switch = 8 * 2 ** 20 // (model.hidden * 2)  # tokens per rank whose message is 8 MiB: 512 at hidden 8192
+    for tp, dp in ((2, 1), (8, 1), (4, 2)):
+        cost = RooflineModel(model, hw, Parallelism(tp=tp, dp=dp))
+        for tokens in (1, switch - 1, switch, 4 * switch):
+            got = cost.breakdown(tokens * dp, float(tokens * dp), tokens * dp, 0, 0)["tp_all_reduce"]
+            message = tokens * model.hidden * 2
+            assert got == pytest.approx(2 * model.layers * all_reduce_s(hw, tp, message))
+            steps = 2 * (tp - 1)
+            base, alpha, eff = (hw.collective_base_s, hw.link_latency_s, hw.bus_efficiency) if tokens < switch \
+                else (40e-6, 3e-6, 0.6)
+            assert all_reduce_s(hw, tp, message) == pytest.approx(
+                base + steps * alpha + steps / tp * message / (hw.intra_node_GBps * 1e9 * eff))
+        # the step itself jumps by the two paths' difference at the switch (the rest of the step is smooth)
+        cost1 = RooflineModel(model, replace(hw, bulk_allreduce_bytes=0.0), Parallelism(tp=tp, dp=dp))
+        extra = [cost.step_time(t * dp, float(t * dp), t * dp, 0, 0) - cost1.step_time(t * dp, float(t * dp),
+                                                                                      t * dp, 0, 0)
+                 for t in (switch - 1, switch)]
+        assert extra[0] == pytest.approx(0.0, abs=1e-12) and extra[1] > 2 * model.layers * 30e-6
+    # across nodes the network's coefficients, whatever the size
+    plain = replace(hw, bulk_allreduce_bytes=0.0)
+    assert all_reduce_s(hw, 16, 64 * 2 ** 20) == all_reduce_s(plain, 16, 64 * 2 ** 20)
+    assert all_reduce_s(hw, 1, 64 * 2 ** 20) == 0.0
 
 
 def test_ep_all_to_all_is_alpha_beta_with_bus_efficiency():

@@ -25,7 +25,10 @@ class HardwareSpec:
     Collectives (alpha-beta per collective): collective_base_s (fixed cost of one collective: launch, sync),
     link_latency_s / net_latency_s (alpha per ring step inside / across nodes), bus_efficiency / net_efficiency
     (all-reduce bus bandwidth reached, fraction of the link's), a2a_efficiency (EP dispatch/combine bandwidth
-    reached, fraction of the link's).
+    reached, fraction of the link's). Those describe the latency path; a TP all-reduce inside a node of at least
+    bulk_allreduce_bytes per rank (0 = never) runs the bandwidth path instead, with its own bulk_collective_base_s,
+    bulk_link_latency_s and bulk_bus_efficiency (vLLM hands messages under its custom all-reduce's limit to that
+    kernel and larger ones to NCCL's ring, whose pipeline costs tens of microseconds to fill).
     Engine: step_overhead_s (fixed engine cost per step: scheduler, input prep, sampling, output processing);
     seq_overhead_s (engine cost per sequence in a step, per DP rank: each runs its own engine loop).
     reserved_GB: device memory neither weights nor KV may use (activations, graphs, runtime workspace).
@@ -54,6 +57,10 @@ class HardwareSpec:
     bus_efficiency: float = 1.0
     net_efficiency: float = 1.0
     a2a_efficiency: float = 1.0
+    bulk_allreduce_bytes: float = 0.0
+    bulk_collective_base_s: float = 0.0
+    bulk_link_latency_s: float = 0.0
+    bulk_bus_efficiency: float = 1.0
     step_overhead_s: float = 0.002
     seq_overhead_s: float = 0.0
     reserved_GB: float = 2.0
@@ -72,7 +79,8 @@ class HardwareSpec:
         if self.int8_tflops < 0:
             fail("int8_tflops", "must be >= 0 (0 = no 8-bit speed-up)")
         for field in ("gemm_efficiency", "memory_efficiency", "attention_efficiency", "decode_attention_efficiency",
-                      "mla_decode_efficiency", "bus_efficiency", "net_efficiency", "a2a_efficiency"):
+                      "mla_decode_efficiency", "bus_efficiency", "net_efficiency", "a2a_efficiency",
+                      "bulk_bus_efficiency"):
             if not 0 < getattr(self, field) <= 1:
                 fail(field, "must be in (0, 1]")
         if not 0 <= self.int8_gemm_efficiency <= 1:
@@ -80,7 +88,7 @@ class HardwareSpec:
         if not self.roofline_smoothing >= 1:
             fail("roofline_smoothing", "must be >= 1 (1 = compute and memory never overlap, inf = max of the two)")
         for field in ("kernel_latency_s", "collective_base_s", "link_latency_s", "net_latency_s", "step_overhead_s",
-                      "seq_overhead_s"):
+                      "seq_overhead_s", "bulk_allreduce_bytes", "bulk_collective_base_s", "bulk_link_latency_s"):
             if not getattr(self, field) >= 0:
                 fail(field, "must be >= 0")
         if not 0 <= self.reserved_GB < self.hbm_GB:

@@ -63,8 +63,10 @@ class RooflineModel:
     - ep_all_to_all (ep > 1): per MoE layer, dispatch (``dispatch_bytes`` per value) and combine (``combine_bytes``)
       of the busiest rank's remote assignments at a2a_efficiency of the scale-up link for peers in the node and of
       scale-out for the rest, each plus one collective's latency.
-    - tp_all_reduce (tp > 1): two ring all-reduces of BF16 activations per layer, alpha-beta:
-      base + 2(tp-1) * alpha + 2(tp-1)/tp * bytes / (link * bus_efficiency).
+    - tp_all_reduce (tp > 1): two ring all-reduces of BF16 activations per layer, alpha-beta
+      (``all_reduce_s``): base + 2(tp-1) * alpha + 2(tp-1)/tp * bytes / (link * bus_efficiency), inside a node on
+      the latency path's coefficients below the hardware's bulk_allreduce_bytes per rank and the bandwidth path's
+      (bulk_*) from there.
     - MTP / speculative decoding (``mtp_tokens`` k > 0): every decode sequence verifies k + 1 tokens per step (k + 1
       query tokens through every GEMM, MoE and collective; attention reads each KV once for all of them), and the
       draft module (one more layer and the LM head per draft token, DeepSeek-V3's MTP) runs k times; a step yields
@@ -189,15 +191,19 @@ class RooflineModel:
             self._a2a_latency_s = 2.0 * m.moe_layers * (lat0 + hop)  # dispatch + combine per MoE layer
         else:
             self._a2a_s = self._a2a_latency_s = 0.0
+        # two all-reduces per layer of each rank's tokens (tokens / dp) x hidden activations; past the bulk size a
+        # message takes the bandwidth path's coefficients (per step: tokens at or above _bulk_tokens)
+        message_per_token = m.hidden * ACTIVATION_BYTES / dp
+        self._ar_s = self._ar_latency_s = self._bulk_ar_s = self._bulk_ar_latency_s = 0.0
+        self._bulk_tokens = math.inf
         if tp > 1:
-            inside = tp <= hw.devices_per_node
-            bw = (hw.intra_node_GBps * hw.bus_efficiency if inside else hw.inter_node_GBps * hw.net_efficiency) * 1e9
-            alpha = hw.link_latency_s if inside else hw.net_latency_s
-            ring = 2.0 * (tp - 1) / tp
-            self._ar_s = 2.0 * m.layers * ring * m.hidden * ACTIVATION_BYTES / dp / bw
-            self._ar_latency_s = 2.0 * m.layers * (lat0 + 2.0 * (tp - 1) * alpha)
-        else:
-            self._ar_s = self._ar_latency_s = 0.0
+            per_byte, fixed = all_reduce_coefficients(hw, tp, lat0)
+            self._ar_s, self._ar_latency_s = 2.0 * m.layers * message_per_token * per_byte, 2.0 * m.layers * fixed
+            if hw.bulk_allreduce_bytes and tp <= hw.devices_per_node:
+                per_byte, fixed = all_reduce_coefficients(hw, tp, bulk=True)
+                self._bulk_ar_s = 2.0 * m.layers * message_per_token * per_byte
+                self._bulk_ar_latency_s = 2.0 * m.layers * fixed
+                self._bulk_tokens = hw.bulk_allreduce_bytes / message_per_token
 
     # ---- the hot path: called once per engine step; keep it to plain float arithmetic --------------------------
     def step_time(self, prefill_tokens: int, prefill_attention: float, prefill_context: int,
@@ -251,7 +257,8 @@ class RooflineModel:
                         (prefill_context + prefill_tokens) * self._kv_byte_s)
         if decode_seqs:
             total += decode_context * self._ctx_s + decode_seqs * self._kv_write_s
-        comm = tokens * self._ar_s + self._ar_latency_s if self._ar_s else 0.0
+        comm = 0.0 if not self._ar_s else tokens * self._ar_s + self._ar_latency_s if tokens < self._bulk_tokens \
+            else tokens * self._bulk_ar_s + self._bulk_ar_latency_s
         if self._moe_on:
             if self._ep_on:
                 load = expert_tokens * moe_imbalance
@@ -317,7 +324,8 @@ class RooflineModel:
                                             + compute * self._inv_layers) if self._q > 1 and decode_seqs else 0.0
         compute += out["mtp_draft"]
         a2a = tokens * moe_imbalance * self._a2a_s + self._a2a_latency_s if self._ep_on else 0.0
-        ar = tokens * self._ar_s + self._ar_latency_s if self._ar_s else 0.0
+        ar = 0.0 if not self._ar_s else tokens * self._ar_s + self._ar_latency_s if tokens < self._bulk_tokens \
+            else tokens * self._bulk_ar_s + self._bulk_ar_latency_s
         if mb > 1:
             out = {k: v * mb for k, v in out.items()}
             compute, a2a, ar = compute * mb, a2a * mb, ar * mb
@@ -356,6 +364,29 @@ class RooflineModel:
         mtp = f", mtp={self.mtp_tokens}@{self.mtp_acceptance}" if self.mtp_tokens else ""
         mtp += f", micro_batches={self.micro_batches}" if self.micro_batches > 1 else ""
         return f"RooflineModel({self.model.name}, {self.hardware.name}, tp={p.tp}, dp={p.dp}, ep={p.ep}{mtp})"
+
+
+def all_reduce_coefficients(hw: HardwareSpec, tp: int, base_s: float | None = None,
+                            bulk: bool = False) -> tuple[float, float]:
+    """(seconds per byte of each rank's message, fixed seconds) of one ring all-reduce over ``tp`` devices: inside
+    a node the latency path (``base_s``, None = the hardware's collective_base_s) or with ``bulk`` the bandwidth
+    path (bulk_*); across nodes the network's alpha and bandwidth with the latency path's base."""
+    base = hw.collective_base_s if base_s is None else base_s
+    steps = 2.0 * (tp - 1)
+    if tp > hw.devices_per_node:
+        bw, alpha = hw.inter_node_GBps * hw.net_efficiency, hw.net_latency_s
+    elif bulk:
+        bw, alpha, base = hw.intra_node_GBps * hw.bulk_bus_efficiency, hw.bulk_link_latency_s, hw.bulk_collective_base_s
+    else:
+        bw, alpha = hw.intra_node_GBps * hw.bus_efficiency, hw.link_latency_s
+    return steps / tp / (bw * 1e9), base + steps * alpha
+
+
+def all_reduce_s(hw: HardwareSpec, tp: int, nbytes: float, base_s: float | None = None) -> float:
+    """One TP all-reduce of ``nbytes`` per rank as a step charges it (``RooflineModel`` prices two per layer)."""
+    bulk = 0 < hw.bulk_allreduce_bytes <= nbytes and tp <= hw.devices_per_node
+    per_byte, fixed = all_reduce_coefficients(hw, tp, base_s, bulk)
+    return fixed + nbytes * per_byte if tp > 1 else 0.0
 
 
 def activation_bytes_per_token(m: ModelSpec) -> float:
