@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from omnisim.cost.roofline import all_reduce_s  # noqa: E402
 from operator_profile import load  # noqa: E402
+from vidur_profile import _need, _read  # noqa: E402
 
 MIB = 1 << 20
 VLLM_CUSTOM_ALLREDUCE_BYTES = 8 * MIB  # vllm/distributed/device_communicators/custom_all_reduce.py max_size
@@ -43,11 +44,11 @@ def read_all_reduce(directory: Path):
     path = Path(directory) / "all_reduce.csv"
     if not path.is_file():
         raise ValueError(f"{path}: no such file (give a Vidur data/profiling/network/<cluster> folder)")
-    frame = pd.read_csv(path)
-    missing = [c for c in COLUMNS if c not in frame.columns]
-    if missing:
-        raise ValueError(f"{path}: not a Vidur all-reduce profile, missing column(s) {', '.join(missing)}")
+    frame = _read(path)
+    _need(frame, COLUMNS, path)
     frame = frame[list(COLUMNS)].dropna()
+    if frame.empty:
+        raise ValueError(f"{path}: no complete rows")
     out = pd.DataFrame({"workers": frame["num_workers"].astype(int), "per_node": frame["devices_per_node"].astype(int),
                         "bytes": frame["size"].astype(float), "seconds": frame["time_stats.all_reduce.median"] * 1e-3})
     bad = out[(out.workers < 2) | (out.per_node < 1) | (out.bytes <= 0) | (out.seconds <= 0)]

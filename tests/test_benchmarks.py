@@ -404,6 +404,9 @@ def test_vidur_collectives_refuses_bad_tables_and_groups(tmp_path):
     (tmp_path / "bad" / "all_reduce.csv").write_text("num_workers,size\n2,1024\n")
     assert "missing column(s) devices_per_node, time_stats.all_reduce.median" in refused(
         "--network", str(tmp_path / "bad"), "--fit-groups", "2")
+    (tmp_path / "lfs").mkdir()
+    (tmp_path / "lfs" / "all_reduce.csv").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:00\n")
+    assert "a Git LFS pointer" in refused("--network", str(tmp_path / "lfs"), "--fit-groups", "2")
     (tmp_path / "neg").mkdir()
     (tmp_path / "neg" / "all_reduce.csv").write_text(
         "num_workers,devices_per_node,size,time_stats.all_reduce.median\n2,2,1024,0.01\n2,2,2048,-0.01\n")
