@@ -1,6 +1,7 @@
 """Least-squares fit of the smooth roofline's kernel coefficients to measured kernel times: a hardware profile's
 compute efficiency, memory efficiency and per-kernel latency, from a published table of GEMM times
-(``fidelity_published.py``: DeepGEMM's H800 table; ``vidur_fit.py``: Vidur's A100 profiles).
+(``fidelity_published.py``: DeepGEMM's H800 table; ``vidur_fit.py``: Vidur's A100 profiles); and the HBM fraction
+of memory-bound kernels of known fixed cost (``fit_memory_fraction``: the small kernels' elementwise_efficiency).
 
 The model is RooflineModel's per-operator rule, t = latency + ((F / (peak * e_c))^n + (B / (bw * e_m))^n)^(1/n),
 fitted in log time (every kernel weighs the same, small or large): a coarse grid, then three refinements around
@@ -32,6 +33,26 @@ def fit_roofline(flops, nbytes, seconds, peak_flops: float, bandwidth: float, n:
     err = np.abs(predict(flops, nbytes, peak_flops, bandwidth, n, ec, em, t0) / measured - 1)
     return {"n": n, "compute_efficiency": round(ec, 3), "memory_efficiency": round(em, 3),
             "kernel_latency_s": round(t0, 8), "median_abs_error_pct": round(float(np.median(err)) * 100, 1),
+            "max_abs_error_pct": round(float(err.max()) * 100, 1)}
+
+
+def fit_memory_fraction(nbytes, seconds, bandwidth: float, fixed_s) -> dict:
+    """The fraction e of ``bandwidth`` that best fits t = fixed_s + bytes / (bandwidth * e) in log time, with the
+    fit's median and worst |error| in % (``fixed_s``: one per row or one for all)."""
+    import numpy as np
+
+    nbytes, measured = np.asarray(nbytes, float), np.asarray(seconds, float)
+    fixed = np.broadcast_to(np.asarray(fixed_s, float), measured.shape)
+    if not len(measured) or (measured <= 0).any() or (nbytes < 0).any():
+        raise ValueError("fit_memory_fraction: needs non-empty rows with positive times and bytes >= 0")
+    best, span = 0.5, 0.5
+    for _ in range(4):
+        grid = np.linspace(max(0.01, best - span), min(1.0, best + span), 81)
+        pred = fixed[None, :] + nbytes[None, :] / (bandwidth * grid[:, None])
+        best = float(grid[np.argmin((np.log(pred / measured) ** 2).mean(axis=1))])
+        span /= 8
+    err = np.abs((fixed + nbytes / (bandwidth * best)) / measured - 1)
+    return {"memory_fraction": round(best, 3), "median_abs_error_pct": round(float(np.median(err)) * 100, 1),
             "max_abs_error_pct": round(float(err.max()) * 100, 1)}
 
 

@@ -8,7 +8,9 @@ a Vidur checkout's model folder.
   gate_up, down), and the whole layer without attention (the GEMMs, norms, rope, activation and residual add) a
   ``layer_dense`` row priced by ``RooflineModel.breakdown`` itself: the dense GEMMs and elementwise traffic per
   layer, and the per-kernel cost of the nine kernels the row times (the cost model's per-step fixed cost also
-  counts attention, the KV write and the per-step kernels, which are not in this table).
+  counts attention, the KV write and the per-step kernels, which are not in this table); its five small kernels
+  (two norms, rope, activation, residual add) an ``elementwise`` row priced as the cost model charges them: their
+  activation traffic (``activation_bytes_per_token``) at the elementwise HBM fraction and a per-kernel cost each.
 - ``attention.csv`` (optional; in Vidur's repository a Git LFS file): ``prefill_attention`` rows (one sequence,
   ``prefill_chunk_size`` new tokens after ``kv_cache_size`` cached ones) and ``decode_attention`` rows
   (``batch_size`` sequences of ``kv_cache_size`` tokens), the attention kernel alone.
@@ -23,6 +25,7 @@ from pathlib import Path
 _GEMMS = {"attn_pre_proj": "qkv", "attn_post_proj": "o", "mlp_up_proj": "gate_up", "mlp_down_proj": "down"}
 _LAYER_OPS = ("input_layernorm", "attn_pre_proj", "attn_rope", "attn_post_proj", "post_attention_layernorm",
               "mlp_up_proj", "mlp_act", "mlp_down_proj", "add")  # everything of one layer but attention ("emb": once)
+SMALL_OPS = tuple(op for op in _LAYER_OPS if op not in _GEMMS)
 
 
 def _power_of_two(x: int) -> bool:
@@ -95,6 +98,7 @@ def vidur_rows(directory: Path, model, hardware, tp: int) -> list[dict]:
     """``operator_profile`` rows (op, name, m, k, n, flops, bytes, seconds) from a Vidur model folder; ``layer_dense``
     rows carry their own ``roofline_s`` (the simulator's cost model, not one operator's rule)."""
     from omnisim.cost import Parallelism, RooflineModel
+    from omnisim.cost.roofline import activation_bytes_per_token
 
     if model.attention == "mla" or model.is_moe:
         raise ValueError(f"--vidur: Vidur profiles dense GQA models; {model.name!r} is not one")
@@ -115,6 +119,7 @@ def vidur_rows(directory: Path, model, hardware, tp: int) -> list[dict]:
     shapes = {"qkv": (h, (heads + 2 * kv_heads) * d), "o": (heads * d, h),
               "gate_up": (h, 2 * model.intermediate // tp), "down": (model.intermediate // tp, h)}
     roofline = RooflineModel(model, hardware, Parallelism(tp=tp))
+    small_bytes = activation_bytes_per_token(model, Parallelism(tp=tp)) / model.layers  # per token
     rows = []
     for _, r in mlp.iterrows():
         t = int(r["num_tokens"])
@@ -134,6 +139,10 @@ def vidur_rows(directory: Path, model, hardware, tp: int) -> list[dict]:
                          seconds=sum(_ms(r, op) for op in _LAYER_OPS),
                          roofline_s=(parts["dense_gemm"] + traffic) / model.layers
                          + len(_LAYER_OPS) * hardware.kernel_latency_s))
+        rows.append(dict(op="elementwise", name="small", m=t, k=h, n=model.intermediate // tp, flops=0.0,
+                         bytes=t * small_bytes, seconds=sum(_ms(r, op) for op in SMALL_OPS),
+                         roofline_s=t * small_bytes / hardware.elementwise_Bps
+                         + len(SMALL_OPS) * hardware.kernel_latency_s))
 
     attn_path = directory / "attention.csv"
     if attn_path.is_file():

@@ -305,9 +305,11 @@ def test_operator_profile_vidur_refuses_another_models_profile(tmp_path):
 
 
 def _vidur_gemms(path: Path, heads: int, kv_heads: int, hidden: int, ffn: int, ec: float, em: float, t0: float,
-                 gated: bool = True) -> None:
+                 gated: bool = True, small: float | None = None) -> None:
     """A Vidur-format mlp.csv whose four GEMMs take what the smooth roofline (n = 2) gives on an A100 at compute
-    fraction ``ec``, HBM fraction ``em`` and kernel latency ``t0``, at TP 1 and 2 and 1..4,096 tokens."""
+    fraction ``ec``, HBM fraction ``em`` and kernel latency ``t0``, at TP 1 and 2 and 1..4,096 tokens; its five small
+    kernels 3 us each, or with ``small`` t0 each plus their traffic (norms on the whole hidden vector, rope and the
+    activation on a TP rank's heads and width) at that fraction of the A100's 2 TB/s."""
     ops = ["input_layernorm", "attn_pre_proj", "attn_rope", "attn_post_proj", "post_attention_layernorm",
            "mlp_up_proj", "mlp_act", "mlp_down_proj", "add"]
     d = hidden // heads
@@ -319,6 +321,10 @@ def _vidur_gemms(path: Path, heads: int, kv_heads: int, hidden: int, ffn: int, e
                   "mlp_up_proj": (hidden, 2 * ffn // tp), "mlp_down_proj": (ffn // tp, hidden)}
         for t in (2 ** i for i in range(13)):
             ms = dict.fromkeys(ops, 0.003)
+            if small:
+                traffic = t * 2 * (2 * 4 * hidden + 2 * (heads / tp + kv_heads / min(tp, kv_heads)) * d + 3 * ffn / tp)
+                ms.update({op: t0 * 1e3 for op in ops})
+                ms["add"] += traffic / (2e12 * small) * 1e3
             for op, (k, n) in shapes.items():
                 c, m = 2 * t * k * n / (312e12 * ec), 2 * (k * n + t * k + t * n) / (2e12 * em)
                 ms[op] = (t0 + math.hypot(c, m)) * 1e3
@@ -331,7 +337,7 @@ def _vidur_gemms(path: Path, heads: int, kv_heads: int, hidden: int, ffn: int, e
 def test_vidur_fit_recovers_the_coefficients_the_kernel_times_were_made_with(tmp_path):
     # two "fit" models and a held-out one, all timed by one A100 at known fractions: the fit finds them, and the
     # held-out model's GEMMs are then priced within rounding, where the profile as committed is not
-    truth = dict(ec=0.62, em=0.75, t0=7e-6)
+    truth = dict(ec=0.62, em=0.75, t0=7e-6, small=0.55)
     _vidur_gemms(tmp_path / "a", 32, 8, 4096, 14336, **truth)
     _vidur_gemms(tmp_path / "b", 40, 40, 5120, 13824, **truth)
     _vidur_gemms(tmp_path / "held", 64, 8, 8192, 28672, **truth)
@@ -341,6 +347,7 @@ def test_vidur_fit_recovers_the_coefficients_the_kernel_times_were_made_with(tmp
     assert fitted["gemm_efficiency"] == pytest.approx(0.62, abs=0.005)
     assert fitted["memory_efficiency"] == pytest.approx(0.75, abs=0.005)
     assert fitted["kernel_latency_s"] == pytest.approx(7e-6, abs=2e-7)
+    assert fitted["elementwise_efficiency"] == pytest.approx(0.55, abs=0.01)  # from the traffic-bound token counts
     assert figures["gemms_fitted"] == 2 * 2 * 13 * 4  # models x degrees x token counts x GEMMs
     held = [m for m in figures["models"] if m["set"] == "held_out"]
     assert [(m["model"], m["tp"]) for m in held] == [("held", 1), ("held", 2)]  # shapes read from the table

@@ -132,6 +132,7 @@ H100_ARGS = dict(name="x", bf16_tflops=989, hbm_GB=80, hbm_TBps=3.35, intra_node
     (dict(bus_efficiency=1.2), "bus_efficiency"), (dict(int8_gemm_efficiency=2), "int8_gemm_efficiency"),
     (dict(link_latency_s=-1), "link_latency_s"), (dict(bulk_bus_efficiency=0), "bulk_bus_efficiency"),
     (dict(bulk_allreduce_bytes=-1), "bulk_allreduce_bytes"), (dict(bulk_link_latency_s=-1), "bulk_link_latency_s"),
+    (dict(elementwise_efficiency=1.5), "elementwise_efficiency"),
 ])
 def test_hardware_spec_errors_name_the_field(changes, field):
     with pytest.raises(ValueError, match=field):
@@ -392,6 +393,41 @@ def test_decode_step_is_affine_in_context(model, hardware, kw):
     for seqs in (1, 17, 256):
         t = [cost.step_time(0, 0.0, 0, seqs, ctx, 1.2) for ctx in (seqs * 100, seqs * 2100, seqs * 4100)]
         assert t[1] - t[0] == pytest.approx(t[2] - t[1], rel=1e-9)
+
+
+def test_small_kernels_move_a_tp_ranks_share_at_the_elementwise_fraction():
+    """Norms run on every TP rank's whole hidden vector; rope on its q heads and KV heads, activations on its slice
+    of the FFN width (Vidur's A100 tables: those kernels shrink with TP, the norms do not); routed experts' on the
+    experts a device holds. The traffic is read at elementwise_efficiency of HBM (0 = memory_efficiency)."""
+    model, hw = load("model", "llama3_70b"), load("hardware", "h100")
+
+    def traffic(spec, parallel, tokens=4096):  # bytes per token and layer the step's elementwise term charges
+        cost = RooflineModel(model if parallel.ep == 1 else moe, spec, parallel)
+        extra = cost.breakdown(tokens, float(tokens), tokens, 0, 0)["elementwise"] - \
+            cost.kernels_per_step * spec.kernel_latency_s
+        return extra / tokens * spec.elementwise_Bps / cost.model.layers
+
+    moe = load("model", "deepseek_r1")
+    norms = 2 * 4 * model.hidden * 2
+    for tp in (1, 2, 8):
+        rope = 2 * (model.heads / tp + model.kv_heads / min(tp, model.kv_heads)) * model.attention_head_dim * 2
+        act = 3 * model.intermediate / tp * 2
+        assert traffic(hw, Parallelism(tp=tp)) == pytest.approx(norms + rope + act)
+    # two DP ranks halve each device's tokens
+    assert traffic(hw, Parallelism(tp=2, dp=2)) == pytest.approx(traffic(hw, Parallelism(tp=2)) / 2)
+    # MLA and MoE (tp 2 x dp 4, ep 8): the latents' norms and the one rope key on every rank, the shared expert's
+    # activation on a TP slice of each DP rank's tokens, the routed ones on top_k / ep of all assignments
+    m = moe
+    per_rank = (2 * 4 * m.hidden + 2 * (m.q_lora_rank + m.kv_lora_rank) + 2 * (m.heads / 2 + 1) * m.qk_rope_head_dim) \
+        * m.layers + 3 * (m.dense_layers * m.intermediate + m.moe_layers * m.shared_experts * m.expert_intermediate) / 2
+    routed = 3 * m.moe_layers * m.top_k * m.expert_intermediate / 8
+    assert traffic(hw, Parallelism(tp=2, dp=4, ep=8)) * m.layers == pytest.approx((per_rank / 4 + routed) * 2)
+    slow = replace(hw, elementwise_efficiency=hw.memory_efficiency / 2)
+    assert slow.elementwise_Bps == pytest.approx(hw.memory_Bps / 2) and hw.elementwise_Bps == hw.memory_Bps
+    base = RooflineModel(model, hw, Parallelism(tp=2)).breakdown(4096, 4096.0, 4096, 0, 0)["elementwise"]
+    halved = RooflineModel(model, slow, Parallelism(tp=2)).breakdown(4096, 4096.0, 4096, 0, 0)["elementwise"]
+    fixed = RooflineModel(model, hw, Parallelism(tp=2)).kernels_per_step * hw.kernel_latency_s
+    assert halved - fixed == pytest.approx(2 * (base - fixed))
 
 
 def test_tp_all_reduce_is_alpha_beta_in_message_and_group_size():

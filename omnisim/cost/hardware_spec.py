@@ -15,7 +15,8 @@ class HardwareSpec:
     device per direction: IB, RoCE), devices_per_node (devices sharing the scale-up domain).
     Kernels (fractions of those peaks, each the asymptote of a published kernel benchmark):
     - gemm_efficiency / int8_gemm_efficiency: large BF16 / 8-bit GEMMs (0 for the 8-bit one = the BF16 figure);
-      memory_efficiency: HBM streaming of weights and activations.
+      memory_efficiency: HBM streaming of weights; elementwise_efficiency: HBM reached by the small kernels (norms,
+      rope, activation functions: one thread block per token, below a GEMM's streaming; 0 = memory_efficiency).
     - roofline_smoothing n: an operator with compute time C and memory time M takes (C^n + M^n)^(1/n) (a smooth
       maximum: n = inf is the plain roofline max(C, M), n = 1 no overlap at all), plus kernel_latency_s per kernel
       (the fixed cost of one kernel launch: ramp-up and tail; Hockney's t0). Never below max(C, M).
@@ -46,6 +47,7 @@ class HardwareSpec:
     gemm_efficiency: float = 0.7
     int8_gemm_efficiency: float = 0.0
     memory_efficiency: float = 0.8
+    elementwise_efficiency: float = 0.0
     roofline_smoothing: float = math.inf
     kernel_latency_s: float = 0.0
     attention_efficiency: float = 0.5
@@ -85,6 +87,8 @@ class HardwareSpec:
                 fail(field, "must be in (0, 1]")
         if not 0 <= self.int8_gemm_efficiency <= 1:
             fail("int8_gemm_efficiency", "must be in [0, 1] (0 = gemm_efficiency)")
+        if not 0 <= self.elementwise_efficiency <= 1:
+            fail("elementwise_efficiency", "must be in [0, 1] (0 = memory_efficiency)")
         if not self.roofline_smoothing >= 1:
             fail("roofline_smoothing", "must be >= 1 (1 = compute and memory never overlap, inf = max of the two)")
         for field in ("kernel_latency_s", "collective_base_s", "link_latency_s", "net_latency_s", "step_overhead_s",
@@ -114,3 +118,8 @@ class HardwareSpec:
     def memory_Bps(self) -> float:
         """Achievable HBM read bandwidth, bytes/s."""
         return self.hbm_TBps * 1e12 * self.memory_efficiency
+
+    @property
+    def elementwise_Bps(self) -> float:
+        """HBM bandwidth the small kernels (norms, rope, activation functions) reach, bytes/s."""
+        return self.hbm_TBps * 1e12 * (self.elementwise_efficiency or self.memory_efficiency)

@@ -59,7 +59,8 @@ class RooflineModel:
       weights of the experts a step touches are read once (expected fraction 1 - (1 - top_k/E)^tokens), so small
       batches are memory bound and large ones grouped-GEMM compute bound.
     - elementwise: every kernel's fixed cost (kernel_latency_s times the kernels per step, see KERNELS_*), plus the
-      activation traffic of norms, rope and activation functions per token.
+      activation traffic of norms, rope and activation functions per token (``activation_bytes_per_token``: rope
+      and activations on a TP rank's heads and width) at the hardware's elementwise_efficiency of HBM.
     - ep_all_to_all (ep > 1): per MoE layer, dispatch (``dispatch_bytes`` per value) and combine (``combine_bytes``)
       of the busiest rank's remote assignments at a2a_efficiency of the scale-up link for peers in the node and of
       scale-out for the rest, each plus one collective's latency.
@@ -177,7 +178,7 @@ class RooflineModel:
             + m.dense_layers * KERNELS_DENSE_FFN + m.moe_layers * KERNELS_MOE_FFN + KERNELS_PER_STEP
         self.kernels_per_step = kernels
         self._fixed_s = kernels * hw.kernel_latency_s
-        self._elem_s = activation_bytes_per_token(m) / dp / mem
+        self._elem_s = activation_bytes_per_token(m, parallel) / hw.elementwise_Bps
         self._inv_layers = 1.0 / m.layers
 
         lat0 = self.collective_latency_s
@@ -389,17 +390,21 @@ def all_reduce_s(hw: HardwareSpec, tp: int, nbytes: float, base_s: float | None 
     return fixed + nbytes * per_byte if tp > 1 else 0.0
 
 
-def activation_bytes_per_token(m: ModelSpec) -> float:
-    """Bytes the small kernels of one token move over all layers (BF16, read + write): two RMSNorms with their
-    fused residual add (4 vectors of hidden each), rope on q and k, the activation function (reads gate and up,
-    writes one), and MLA's norms of the q and kv latents."""
+def activation_bytes_per_token(m: ModelSpec, parallel: Parallelism | None = None) -> float:
+    """Bytes the small kernels of one token move over all layers on one device (BF16, read + write), for a token
+    of the instance (tokens spread over its dp ranks): two RMSNorms with their fused residual add (4 vectors of
+    hidden each) and MLA's norms of the q and kv latents, on every TP rank; rope on a TP rank's q heads and KV heads
+    (GQA's split over min(tp, kv_heads); MLA's one rope key whole); the activation function (reads gate and up,
+    writes one) on a TP rank's slice of the dense and shared-expert width, and on the routed experts a device holds
+    (tensor-sharded over tp, or whole experts over ep devices)."""
+    p = parallel if parallel is not None else Parallelism()
     norms = 2 * 4 * m.hidden
     if m.attention == "mla":
-        rope = 2 * (m.heads + 1) * m.qk_rope_head_dim
+        rope = 2 * (m.heads / p.tp + 1) * m.qk_rope_head_dim
         norms += 2 * (m.q_lora_rank + m.kv_lora_rank)
     else:
-        rope = 2 * (m.heads + m.kv_heads) * m.attention_head_dim
-    per_layer = (norms + rope) * m.layers
-    act = 3 * (m.dense_layers * m.intermediate
-               + m.moe_layers * (m.shared_experts + m.top_k) * m.expert_intermediate)
-    return (per_layer + act) * ACTIVATION_BYTES
+        rope = 2 * (m.heads / p.tp + m.kv_heads / kv_shards(m, p)) * m.attention_head_dim
+    per_rank = (norms + rope) * m.layers \
+        + 3 * (m.dense_layers * m.intermediate + m.moe_layers * m.shared_experts * m.expert_intermediate) / p.tp
+    routed = 3 * m.moe_layers * m.top_k * m.expert_intermediate / (p.ep if p.ep > 1 else p.devices)
+    return (per_rank / p.dp + routed) * ACTIVATION_BYTES
