@@ -5,7 +5,8 @@ float) and a constructor would fail deep inside, or not at all. ``check_node`` w
 for every ``_target_``, checks each given argument against its annotation: numbers are finite numbers (never NaN,
 infinity, a bool or a string), integers are whole, booleans are booleans, strings are strings, sequences are
 sequences, ``X | None`` also takes null. Ranges (``> 0``, divisibility) stay with the constructors, which name their
-field too. Unknown keys are Hydra's to reject (the constructor's signature), so they are left alone here.
+field too. A key the target does not take is refused here too, naming it and what the target takes: Hydra would
+only find it when the object is built, and a partial (``cost``) not until its first call.
 """
 from __future__ import annotations
 
@@ -29,10 +30,13 @@ def check_node(node: Any, path: str) -> None:
     if isinstance(node, dict):
         target = node.get("_target_")
         hints = _hints(target) if isinstance(target, str) else {}
+        takes = _params(target) if isinstance(target, str) else None
         for key, value in node.items():
             if key.startswith("_"):
                 continue
             where = f"{path}.{key}" if path else str(key)
+            if takes is not None and key not in takes:
+                raise ConfigValueError(f"{where}: not a setting of {target} (it takes {', '.join(sorted(takes))})")
             if isinstance(value, dict) and "_target_" in value:
                 check_node(value, where)
                 continue
@@ -58,6 +62,19 @@ def _hints(target: str) -> dict[str, Any]:
         return {}
     hints.pop("return", None)
     return hints
+
+
+@functools.lru_cache(maxsize=None)
+def _params(target: str) -> frozenset[str] | None:
+    """The keyword arguments ``target`` takes, or None when it takes any (``**kwargs``) or cannot be inspected."""
+    try:
+        params = inspect.signature(get_method(target)).parameters.values()
+    except Exception:  # noqa: BLE001 - Hydra reports a target it cannot import, naming it
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    return frozenset(p.name for p in params
+                     if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY))
 
 
 def _kind(value: Any) -> str:

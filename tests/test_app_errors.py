@@ -28,6 +28,8 @@ def omnisim(*args: str, cwd: Path, env: dict | None = None) -> subprocess.Comple
     ("cluster.decode.tp=3", "cluster.decode.tp=3 does not divide the 32 attention heads"),
     ("workload.max_requests=0", "the workload produced no requests"),
     ("backend.timer_s=1e-12", "backend.timer_s must be 0 (no timer) or between 1e-4 and 60 s"),
+    ("+workload.ratee=3", "workload.ratee: not a setting of omnisim.workload.PoissonWorkload"),
+    ("+cost.moe_dispatchh=auto", "cost.moe_dispatchh: not a setting of omnisim.cost.RooflineModel (it takes "),
 ])
 def test_a_user_error_is_one_line_and_exit_2(tmp_path, override, message):
     out = omnisim(override, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
