@@ -31,7 +31,8 @@ CASES = {
           "workload.max_requests=10000", "~workload.lengths",
           f"+workload.lengths={{_target_: omnisim.workload.EmpiricalLengths, path: '{AZURE}', "
           "prompt_column: ContextTokens, output_column: GeneratedTokens}"],
-    "b": ["model=deepseek_r1", "hardware=ascend_910c", "cluster=r1_7p1d", "workload=azure", "workload.rate_scale=10.0"],
+    "b": ["model=deepseek_r1", "hardware=ascend_910c", "cluster=r1_7p1d", "workload=azure", "workload.rate_scale=10.0",
+          "cost.moe_dispatch=all_to_all"],
 }
 
 

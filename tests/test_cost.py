@@ -482,6 +482,25 @@ def test_tp_all_reduce_takes_the_bandwidth_path_from_the_bulk_size_per_rank():
     assert all_reduce_s(hw, 1, 64 * 2 ** 20) == 0.0
 
 
+def test_moe_with_tp_and_one_dp_rank_dispatches_only_when_asked():
+    """vLLM's rule (moe_dispatch=auto): with one DP rank every TP rank holds every token and the TP all-reduce after
+    the MoE sums the experts' outputs, so no dispatch/combine is charged (the busiest EP rank still computes its
+    share); with attention DP the tokens are dispatched; moe_dispatch=all_to_all dispatches whenever ep > 1."""
+    model, hw = load("model", "deepseek_r1"), load("hardware", "h100")
+    def parts(parallel, **kw):
+        return RooflineModel(model, hw, parallel, **kw).breakdown(4096, 4096.0, 4096, 0, 0, 1.3)
+    auto, a2a = parts(Parallelism(tp=8, ep=8)), parts(Parallelism(tp=8, ep=8), moe_dispatch="all_to_all")
+    assert auto["ep_all_to_all"] == 0.0 < a2a["ep_all_to_all"]
+    assert auto["tp_all_reduce"] == a2a["tp_all_reduce"] > 0 and auto["moe"] == a2a["moe"]
+    balanced = RooflineModel(model, hw, Parallelism(tp=8, ep=8)).breakdown(4096, 4096.0, 4096, 0, 0, 1.0)
+    assert auto["moe"] > balanced["moe"]  # the busiest EP rank's load still counts
+    assert parts(Parallelism(tp=8, ep=8)) == auto
+    dp = parts(Parallelism(tp=2, dp=4, ep=8))
+    assert dp["ep_all_to_all"] > 0 and dp == parts(Parallelism(tp=2, dp=4, ep=8), moe_dispatch="all_to_all")
+    with pytest.raises(ValueError, match="moe_dispatch must be one of auto, all_to_all"):
+        RooflineModel(model, hw, Parallelism(tp=8, ep=8), moe_dispatch="deepep")
+
+
 def test_ep_all_to_all_is_alpha_beta_with_bus_efficiency():
     model, hw = load("model", "deepseek_r1"), load("hardware", "h800")
     def a2a(spec, tokens):

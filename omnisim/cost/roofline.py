@@ -14,6 +14,7 @@ from omnisim.cost.parallelism import Parallelism
 COMPUTE_OPS = ("dense_gemm", "lm_head", "prefill_attention", "decode_attention", "moe")
 FIXED_OPS = ("elementwise", "mtp_draft")
 COMM_OPS = ("ep_all_to_all", "tp_all_reduce")
+MOE_DISPATCH = ("auto", "all_to_all")  # RooflineModel's moe_dispatch
 ACTIVATION_BYTES = 2.0  # BF16 activations: TP all-reduce messages, norms, rope, activation functions
 
 # Kernels one step launches per layer, from the layer's structure as vLLM / SGLang run it (QKV or the fused MLA
@@ -61,9 +62,9 @@ class RooflineModel:
     - elementwise: every kernel's fixed cost (kernel_latency_s times the kernels per step, see KERNELS_*), plus the
       activation traffic of norms, rope and activation functions per token (``activation_bytes_per_token``: rope
       and activations on a TP rank's heads and width) at the hardware's elementwise_efficiency of HBM.
-    - ep_all_to_all (ep > 1): per MoE layer, dispatch (``dispatch_bytes`` per value) and combine (``combine_bytes``)
-      of the busiest rank's remote assignments at a2a_efficiency of the scale-up link for peers in the node and of
-      scale-out for the rest, each plus one collective's latency.
+    - ep_all_to_all (ep > 1, tokens dispatched: see ``moe_dispatch``): per MoE layer, dispatch (``dispatch_bytes``
+      per value) and combine (``combine_bytes``) of the busiest rank's remote assignments at a2a_efficiency of the
+      scale-up link for peers in the node and of scale-out for the rest, each plus one collective's latency.
     - tp_all_reduce (tp > 1): two ring all-reduces of BF16 activations per layer, alpha-beta
       (``all_reduce_s``): base + 2(tp-1) * alpha + 2(tp-1)/tp * bytes / (link * bus_efficiency), inside a node on
       the latency path's coefficients below the hardware's bulk_allreduce_bytes per rank and the bandwidth path's
@@ -82,7 +83,11 @@ class RooflineModel:
     ``collective_latency_s`` (None = the hardware's collective_base_s),
     ``overhead_s`` / ``seq_overhead_s`` (engine overhead per step and per sequence of a DP rank; None = the
     hardware's step_overhead_s / seq_overhead_s; a prefill counts as one sequence), ``dispatch_bytes`` (None = the
-    model's dtype_bytes: 8-bit models dispatch 8-bit activations), ``combine_bytes``.
+    model's dtype_bytes: 8-bit models dispatch 8-bit activations), ``combine_bytes``, ``moe_dispatch`` ("auto":
+    vLLM's rule, tokens are dispatched to the experts' devices only when attention is data parallel, dp > 1; with one
+    DP rank every TP rank holds every token, computes its own experts on them and the TP all-reduce after the MoE
+    sums their outputs, so no dispatch is charged; "all_to_all": dispatch and combine whenever ep > 1, as
+    OmniInfer's prefill does with TP and EP, ``prefill_moe_all_to_all``).
     ``moe_imbalance`` only matters with ep > 1 (without EP every device holds a slice of every expert).
     """
 
@@ -90,7 +95,7 @@ class RooflineModel:
                  comm_overlap: float = 0.0, collective_latency_s: float | None = None, overhead_s: float | None = None,
                  seq_overhead_s: float | None = None, dispatch_bytes: float | None = None,
                  combine_bytes: float = 2.0, mtp_tokens: int = 0, mtp_acceptance: float = 0.0,
-                 micro_batches: int = 1) -> None:
+                 micro_batches: int = 1, moe_dispatch: str = "auto") -> None:
         parallel = parallel if parallel is not None else Parallelism()
         if not isinstance(model, ModelSpec) or not isinstance(hardware, HardwareSpec) \
                 or not isinstance(parallel, Parallelism):
@@ -113,6 +118,8 @@ class RooflineModel:
             raise ValueError(f"cost: mtp_acceptance must be in [0, 1), got {mtp_acceptance}")
         if isinstance(micro_batches, bool) or not isinstance(micro_batches, int) or micro_batches < 1:
             raise ValueError(f"cost: micro_batches must be an integer >= 1, got {micro_batches!r}")
+        if moe_dispatch not in MOE_DISPATCH:
+            raise ValueError(f"cost: moe_dispatch must be one of {', '.join(MOE_DISPATCH)}, got {moe_dispatch!r}")
         if micro_batches > 1 and comm_overlap:
             raise ValueError("cost: give comm_overlap (a fraction hidden) or micro_batches (a pipeline), not both")
         self.model, self.hardware, self.parallel = model, hardware, parallel
@@ -182,7 +189,8 @@ class RooflineModel:
         self._inv_layers = 1.0 / m.layers
 
         lat0 = self.collective_latency_s
-        if ep > 1:
+        self.moe_dispatch = moe_dispatch
+        if ep > 1 and (dp > 1 or moe_dispatch == "all_to_all"):
             in_node = min(ep, hw.devices_per_node)
             link_s_per_byte = max((in_node - 1) / ep / (hw.intra_node_GBps * 1e9 * hw.a2a_efficiency),
                                   (ep - in_node) / ep / (hw.inter_node_GBps * 1e9 * hw.a2a_efficiency))
