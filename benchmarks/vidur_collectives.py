@@ -62,8 +62,11 @@ def price(frame, hw):
     """The profile's time of each row, its group placed as the row says (``per_node`` of its GPUs per node)."""
     import numpy as np
 
-    return np.array([all_reduce_s(dataclasses.replace(hw, devices_per_node=int(n)), int(w), b)
-                     for w, n, b in zip(frame.workers, frame.per_node, frame.bytes)])
+    out = np.empty(len(frame))
+    for (w, n), g in frame.groupby(["workers", "per_node"]):
+        placed = dataclasses.replace(hw, devices_per_node=int(n))
+        out[frame.index.get_indexer(g.index)] = [all_reduce_s(placed, int(w), b) for b in g.bytes]
+    return out
 
 
 def fit_bulk(frame, hw) -> dict:

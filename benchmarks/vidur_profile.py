@@ -141,8 +141,7 @@ def vidur_rows(directory: Path, model, hardware, tp: int) -> list[dict]:
                          + len(_LAYER_OPS) * hardware.kernel_latency_s))
         rows.append(dict(op="elementwise", name="small", m=t, k=h, n=model.intermediate // tp, flops=0.0,
                          bytes=t * small_bytes, seconds=sum(_ms(r, op) for op in SMALL_OPS),
-                         roofline_s=t * small_bytes / hardware.elementwise_Bps
-                         + len(SMALL_OPS) * hardware.kernel_latency_s))
+                         roofline_s=traffic / model.layers + len(SMALL_OPS) * hardware.kernel_latency_s))
 
     attn_path = directory / "attention.csv"
     if attn_path.is_file():
