@@ -39,10 +39,13 @@ the simulator is told the steal of the runs it is compared with, ``serving.steal
 - engine_cpu, idle_poll_cpu, own_engine_cpu (``fit_host``), with the simulator in the loop: idle_poll_s first, how
   long an engine that stopped stepping keeps its cores busy (its processes' cores in windows right after a stream,
   its worker spinning on the queue: the core-seconds before they fall below a tenth of the plateau, over the
-  plateau). Then engine_cpu so that two streams on two servers at once (part 4) take what they took, idle_poll_cpu
-  so that a stream while the other server polls (part 4) does, and own_engine_cpu (what a stepping engine takes
-  from its own API server's work) so that a short request (128 tokens) 50 ms into a stream on its own server
-  exceeds the same request alone by what it did (its front-end beside its own engine); then the first two again.
+  plateau). Then engine_cpu so that two streams on two servers at once (part 4) take what they took; idle_poll_cpu
+  so that streams sent POLL_LATE_S after the other server answered a short request take what they took (their
+  mean), and idle_poll_delay_s so that the same stream sent at once does (a poll takes hold only a while after
+  the last step; twice, in turn); and own_engine_cpu (what a stepping engine takes from its own API server's
+  work) so that a short request (128 tokens) 50 ms into a stream on its own server exceeds the same request alone
+  by what it did (its front-end beside its own engine); then the first three again. (A raw file without the
+  later streams: idle_poll_cpu from the stream sent at once, no delay.)
   The same request 50 ms into a stream on the other server is evidence (prefill and front-end beside another
   engine), not fitted.
   What the processes burn alone (CPU seconds per wall second, psutil: engine_cores_alone, the idle plateau) is
@@ -437,7 +440,7 @@ def sim_scenario(exp, costs, requests, background: float) -> dict:
     result = Simulation(dataclasses.replace(exp, workload=Listed(), serving=costs)).run()
     records = result.records.set_index("request_id").loc[[f"r{i}" for i in range(len(requests))]]
     lat = request_latencies(records)  # in request order (the records are in the order requests finished)
-    return {"ttft": lat["ttft_s"].tolist(), "tpot": lat["tpot_s"].tolist()}
+    return {"ttft": lat["ttft_s"].tolist(), "tpot": lat["tpot_s"].tolist(), "e2e": lat["e2e_s"].tolist()}
 
 
 def solve_increasing(f, target: float, lo: float, hi: float, iters: int = 40) -> float:
@@ -457,17 +460,27 @@ def sim_tpot(costs, exp, n: int, background: float, output: int = 128) -> float:
     return statistics.median(sim_scenario(exp, costs, [(64, output, 0.0)] * n, background)["tpot"])
 
 
-def sim_polled_tpot(costs, exp, background: float) -> float:
-    """TPOT of a 128-token stream on one instance of ``exp`` (round robin over two) started right after a 2-token
-    request on the other, whose engine then polls."""
-    return sim_scenario(exp, costs, [(64, 2, 0.0), (64, 128, 0.05)], background)["tpot"][1]
+def sim_polled_tpot(costs, exp, background: float, delay: float = 0.0) -> float:
+    """TPOT of a 128-token stream on one instance of ``exp`` (round robin over two) sent ``delay`` after a 2-token
+    request on the other has been answered (that engine polls then), as part 4 sends them."""
+    done = sim_scenario(exp, costs, [(64, 2, 0.0)], background)["e2e"][0]
+    return sim_scenario(exp, costs, [(64, 2, 0.0), (64, 128, done + delay)], background)["tpot"][1]
 
 
-def fit_contention(base, exp, two: tuple[float, float], polled: tuple[float | None, float]) -> tuple[float, float]:
-    """(engine_cpu, idle_poll_cpu) with the simulator in the loop: the cores a stepping engine takes from another
-    so that two lone streams at once on ``exp``'s two instances take ``two`` = (TPOT, background); then the cores
-    an engine polling its queue takes from a stepping one, so that a stream while the other polls takes ``polled``
-    (TPOT None, or no idle_poll_s: ``base``'s idle_poll_cpu stays)."""
+def sim_polled_late(costs, exp, late: dict, background: float) -> float:
+    """The mean over ``late``'s delays of sim_polled_tpot."""
+    return statistics.mean(sim_polled_tpot(costs, exp, background, float(d)) for d in late)
+
+
+def fit_contention(base, exp, two: tuple[float, float], polled: tuple[float | None, float],
+                   late: tuple[dict, float] | None = None) -> tuple[float, float, float]:
+    """(engine_cpu, idle_poll_cpu, idle_poll_delay_s) with the simulator in the loop: the cores a stepping engine
+    takes from another so that two lone streams at once on ``exp``'s two instances take ``two`` = (TPOT,
+    background); then the cores an engine polling its queue takes from a stepping one, so that a stream sent right
+    after the other answered takes ``polled`` (TPOT None, or no idle_poll_s: ``base``'s idle_poll_cpu stays).
+    With ``late`` = ({delay: TPOT}, background), streams sent those delays later: idle_poll_cpu so that they take
+    their mean, then idle_poll_delay_s so that the one sent at once takes ``polled`` (a poll takes hold only some
+    time after the last step: a stream at once was slowed far less than one sent 0.3 s later), twice."""
     import dataclasses
 
     cores = float(base.host_cores)
@@ -475,10 +488,21 @@ def fit_contention(base, exp, two: tuple[float, float], polled: tuple[float | No
                                   0.5, cores, iters=30)
     base = dataclasses.replace(base, engine_cpu=engine_cpu)
     if polled[0] is None or not base.idle_poll_s:
-        return engine_cpu, base.idle_poll_cpu
-    idle_poll_cpu = solve_increasing(lambda x: sim_polled_tpot(dataclasses.replace(base, idle_poll_cpu=x), exp,
-                                                               polled[1]), polled[0], 0.0, cores, iters=30)
-    return engine_cpu, idle_poll_cpu
+        return engine_cpu, base.idle_poll_cpu, base.idle_poll_delay_s
+    if not late or not late[0]:
+        idle_poll_cpu = solve_increasing(lambda x: sim_polled_tpot(dataclasses.replace(base, idle_poll_cpu=x), exp,
+                                                                   polled[1]), polled[0], 0.0, cores, iters=30)
+        return engine_cpu, idle_poll_cpu, base.idle_poll_delay_s
+    target = statistics.mean(late[0].values())
+    for _ in range(2):
+        base = dataclasses.replace(base, idle_poll_cpu=solve_increasing(
+            lambda x: sim_polled_late(dataclasses.replace(base, idle_poll_cpu=x), exp, late[0], late[1]), target, 0.0,
+            cores, iters=30))
+        # a longer delay slows the stream sent at once less: solve on its negative
+        base = dataclasses.replace(base, idle_poll_delay_s=solve_increasing(
+            lambda x: -sim_polled_tpot(dataclasses.replace(base, idle_poll_delay_s=x), exp, polled[1]), -polled[0],
+            0.0, min(base.idle_poll_s, min(float(d) for d in late[0])), iters=25))
+    return engine_cpu, base.idle_poll_cpu, base.idle_poll_delay_s
 
 
 def sim_pd_tpot(costs, exp, background: float) -> float:
@@ -502,23 +526,26 @@ def short_excess(costs, exps: dict, real: dict, background: dict, where: str) ->
 
 
 def fit_host(base, exps: dict, two: tuple[float, float], polled: tuple[float | None, float],
-             short: dict | None, short_bg: dict) -> tuple[float, float, float]:
-    """(engine_cpu, idle_poll_cpu, own_engine_cpu) with the simulator in the loop: engine_cpu and idle_poll_cpu by
-    fit_contention (two streams at once, a stream beside a poller), then own_engine_cpu so that a short request
+             short: dict | None, short_bg: dict, late: tuple[dict, float] | None = None) -> dict:
+    """engine_cpu, idle_poll_cpu, idle_poll_delay_s and own_engine_cpu (a dict of them) with the simulator in the
+    loop: the first three by fit_contention (two streams at once, streams beside a poller), then own_engine_cpu so
+    that a short request
     beside a stream on its own server exceeds the same request alone by what it did (``short``: real TTFTs
-    "alone", "own", "other"; medians), then the first two again with it. Without the short requests (an older raw
-    file): own_engine_cpu = engine_cpu."""
+    "alone", "own", "other"; medians), then the first three again with it. Without the short requests (an older
+    raw file): own_engine_cpu = engine_cpu."""
     import dataclasses
 
-    engine_cpu, idle_poll_cpu = fit_contention(base, exps["two"], two, polled)
+    names = ("engine_cpu", "idle_poll_cpu", "idle_poll_delay_s")
+    fit = dict(zip(names, fit_contention(base, exps["two"], two, polled, late)))
     if not short:
-        return engine_cpu, idle_poll_cpu, engine_cpu
+        return {**fit, "own_engine_cpu": fit["engine_cpu"]}
     real = {k: statistics.median(v) for k, v in short.items()}
-    base = dataclasses.replace(base, engine_cpu=engine_cpu, idle_poll_cpu=idle_poll_cpu)
+    base = dataclasses.replace(base, **fit)
     own = solve_increasing(lambda x: short_excess(dataclasses.replace(base, own_engine_cpu=x), exps, real, short_bg,
                                                   "own"), 0.0, 0.0, float(base.host_cores), iters=25)
-    engine_cpu, idle_poll_cpu = fit_contention(dataclasses.replace(base, own_engine_cpu=own), exps["two"], two, polled)
-    return engine_cpu, idle_poll_cpu, own
+    fit = dict(zip(names, fit_contention(dataclasses.replace(base, own_engine_cpu=own), exps["two"], two, polled,
+                                         late)))
+    return {**fit, "own_engine_cpu": own}
 
 
 def prefill_served(costs, model_s: float, prompt: int) -> float:
@@ -605,6 +632,9 @@ def without_steal(m: dict) -> dict:
                 c[key] *= polled
             for key in ("polled_itls", "polled_engine_itls"):
                 c[key] = [v * polled for v in c[key]]
+        if c.get("polled_late"):
+            late = 1.0 - c.get("polled_late_steal", 0.0)
+            c["polled_late"] = {d: [v * late for v in vs] for d, vs in c["polled_late"].items()}
         c["engine_cores_alone"] /= one
         c["idle_cores"] = [v / one for v in c["idle_cores"]]
     return m
@@ -643,6 +673,9 @@ def pooled(ms: list[dict]) -> dict:
     c["idle_window_s"] = cs[0]["idle_window_s"]
     for key in dict.fromkeys(k for ci in cs for k in ci if k.endswith("_background") and not isinstance(ci[k], dict)):
         c[key] = mean(ci[key] for ci in cs if key in ci)
+    lates = [ci for ci in cs if ci.get("polled_late")]  # sessions from before it was measured have none
+    if lates:
+        c["polled_late"] = {d: [x for ci in lates for x in ci["polled_late"].get(d, [])] for d in lates[-1]["polled_late"]}
     shorts = [ci for ci in cs if ci.get("short_ttfts")]
     if shorts:
         c["short_ttfts"] = {k: [x for ci in shorts for x in ci["short_ttfts"][k]] for k in shorts[0]["short_ttfts"]}
@@ -722,10 +755,13 @@ def derive(m: dict, exps: dict, cost, block: int, kv_bytes_per_token: float, hos
     base = dataclasses.replace(base, frontend_s=frontend_s, frontend_per_token_s=frontend_per_token_s,
                                response_s=response_s)
     short = c.get("short_ttfts")
-    engine_cpu, idle_poll_cpu, own_engine_cpu = fit_host(
-        base, exps, (two_itl, c["two_background"]), (c.get("polled_engine_itl"), c.get("polled_background", 0.0)),
-        short, c.get("short_background", {}))
-    base = dataclasses.replace(base, engine_cpu=engine_cpu, idle_poll_cpu=idle_poll_cpu, own_engine_cpu=own_engine_cpu)
+    late = ({d: med(v) for d, v in c["polled_late"].items()}, c.get("polled_late_background", 0.0)) \
+        if c.get("polled_late") else None
+    host = fit_host(base, exps, (two_itl, c["two_background"]),
+                    (c.get("polled_engine_itl"), c.get("polled_background", 0.0)), short,
+                    c.get("short_background", {}), late)
+    base = dataclasses.replace(base, **host)
+    engine_cpu, idle_poll_cpu, own_engine_cpu = host["engine_cpu"], host["idle_poll_cpu"], host["own_engine_cpu"]
     if short:
         ev["short_requests"] = {
             "real_ttft_ms": {k: statistics.median(v) * 1e3 for k, v in short.items()},
@@ -739,6 +775,10 @@ def derive(m: dict, exps: dict, cost, block: int, kv_bytes_per_token: float, hos
                     "idle_poll_cores_alone": idle_cores_alone, "idle_poll_cpu_fitted": idle_poll_cpu,
                     "polled_itl_ms": c.get("polled_engine_itl", math.nan) * 1e3,
                     "sim_polled_tpot_ms": sim_polled_tpot(base, exps["two"], c.get("polled_background", 0.0)) * 1e3,
+                    "idle_poll_delay_s_fitted": base.idle_poll_delay_s,
+                    "polled_late_itl_ms": {d: v * 1e3 for d, v in (late or ({}, 0))[0].items()},
+                    "sim_polled_late_tpot_ms": {d: sim_polled_tpot(base, exps["two"], late[1], float(d)) * 1e3
+                                                for d in (late or ({}, 0))[0]},
                     "step_factor_grid_sse": {f: fit[0] for f, fit in fits.items()}, "fit_log_errors": fits[best][2],
                     "batch_itl_ms": {b: v * 1e3 for b, v in batches.items()},
                     "sim_batch_itl_ms": {b: sim_tpot(base, exps["one"], b, bg["batch"], 64) * 1e3 for b in batches},
@@ -765,7 +805,9 @@ def derive(m: dict, exps: dict, cost, block: int, kv_bytes_per_token: float, hos
                            "sim_tpot_ms": sim_pd_tpot(dataclasses.replace(pd_costs, connector_step_s=connector_step_s),
                                                       exps["pd"], bg["pd"]) * 1e3}
     pd_rows = m["pd"]
-    s_pd = engine_stretch(base, bg["pd"] + idle_poll_cpu)  # the other side's worker still polls: sent one by one
+    # the other side's worker still polls (sent one by one), its last step a few to tens of ms before these steps
+    # start: its cores count when its poll takes hold at once (no idle_poll_delay_s)
+    s_pd = engine_stretch(base, bg["pd"] + (0.0 if base.idle_poll_delay_s else idle_poll_cpu))
     rule = ServingCosts(kv_rule="example_connector")
     rule_ok = True
     save_x, save_y, load_x, load_y = [], [], [], []
@@ -802,7 +844,7 @@ def derive(m: dict, exps: dict, cost, block: int, kv_bytes_per_token: float, hos
                   kv_rule="example_connector" if rule_ok else "link", connector_step_s=connector_step_s,
                   host_cores=host_cores,
                   engine_cpu=engine_cpu, own_engine_cpu=own_engine_cpu, idle_poll_s=idle_poll_s,
-                  idle_poll_cpu=idle_poll_cpu, background_cores=0.0, steal=0.0, proxy_s=proxy_s,
+                  idle_poll_cpu=idle_poll_cpu, idle_poll_delay_s=base.idle_poll_delay_s, background_cores=0.0, steal=0.0, proxy_s=proxy_s,
                   proxy_token_s=proxy_token_s)
     return coeffs, ev
 
@@ -830,6 +872,10 @@ class Part:
 
 PROXY_OUTPUTS = (8, 64)  # two stream lengths: the proxy's CPU per request and per chunk
 PARKED_S = 1.5  # vLLM's shm queues stop polling 1 s after their last message
+# Part 4's stream beside a poller is also sent these long after the other server answered (2026-12-04 19:37, a
+# 64-token stream after the other's last step: at once 6-18% slower than beside a parked server, 0.15-0.6 s
+# later 27-32%, 1.3 s later not at all): the poll takes hold some time after the last step.
+POLL_LATE_S = (0.3, 0.6)
 COLOCATED_PARTS = ("prefill", "decode", "batch", "contention", "proxy")
 
 
@@ -941,7 +987,8 @@ def measure_colocated(m: dict, meta: dict, repeats: int, quick: bool, lengths, o
         if "contention" not in m:
             # 4. contention: one stream on one server (the other idle), then one on each at once
             one, two, one_e, two_e, cores_alone, idle, polled, polled_e = [], [], [], [], [], [], [], []
-            host1, host2, host3 = [], [], []  # (background, steal) of each repeat's part
+            host1, host2, host3, host_late = [], [], [], []  # (background, steal) of each repeat's part
+            late: dict[str, list[float]] = {}
             short, short_host = ({k: [] for k in ("alone", "own", "other")} for _ in range(2))
             for _ in range(repeats):
                 wait_quiet()
@@ -967,6 +1014,16 @@ def measure_colocated(m: dict, meta: dict, repeats: int, quick: bool, lengths, o
                 polled.append(itl(rs[0]))
                 polled_e.append(hist_mean(p.metrics[a], "vllm:inter_token_latency_seconds"))
                 host3.append(p.host())
+                # the same stream sent POLL_LATE_S later: a poll takes hold only a while after the last step
+                for delay in POLL_LATE_S:
+                    time.sleep(PARKED_S)
+                    asyncio.run(sequential(client, b, [(64, 2, True)]))
+                    time.sleep(delay)
+                    with Probe({a: pid_a, b: pids["mixed-1"]}) as p:
+                        asyncio.run(concurrent(client, [(a, 64, 128, True)]))
+                    late.setdefault(str(delay), []).append(hist_mean(p.metrics[a],
+                                                                     "vllm:inter_token_latency_seconds"))
+                    host_late.append(p.host())
                 # a short request alone, then BESIDE_S into a stream on its own server, and on the other's
                 for key, urls_ in (("alone", (a,)), ("own", (a, a)), ("other", (a, b))):
                     time.sleep(PARKED_S)
@@ -975,7 +1032,8 @@ def measure_colocated(m: dict, meta: dict, repeats: int, quick: bool, lengths, o
                     short[key].append(rs[-1]["ttft"])
                     short_host[key].append(p.host())
             med = statistics.median
-            (bg1, steal1), (bg2, steal2), (bg3, steal3) = (mean_host(h) for h in (host1, host2, host3))
+            (bg1, steal1), (bg2, steal2), (bg3, steal3), (bg4, steal4) = (mean_host(h) for h in (host1, host2, host3,
+                                                                                              host_late))
             shorts = {k: mean_host(h) for k, h in short_host.items()}
             m["contention"] = {"one_client_itl": med(one), "two_client_itl": med(two), "one_itls": one,
                                "two_itls": two, "one_engine_itl": med(one_e), "two_engine_itl": med(two_e),
@@ -986,7 +1044,8 @@ def measure_colocated(m: dict, meta: dict, repeats: int, quick: bool, lengths, o
                                "two_steal": steal2,
                                "polled_client_itl": med(polled), "polled_engine_itl": med(polled_e),
                                "polled_itls": polled, "polled_engine_itls": polled_e,
-                               "polled_background": bg3, "polled_steal": steal3, "short_ttfts": short,
+                               "polled_background": bg3, "polled_steal": steal3, "polled_late": late,
+                               "polled_late_background": bg4, "polled_late_steal": steal4, "short_ttfts": short,
                                "short_background": {k: v[0] for k, v in shorts.items()},
                                "short_steal": {k: v[1] for k, v in shorts.items()}}
             log(f"contention: {m['contention']}")
@@ -1146,7 +1205,8 @@ FIELDS_DOC = {
     "host_cores": "cores every instance's processes share",
     "engine_cpu": "cores a stepping engine takes from the others (fitted to two streams on two servers at once)",
     "idle_poll_s": "an engine that stopped stepping keeps polling its shm queue this long",
-    "idle_poll_cpu": "taking this many cores from a stepping engine (fitted to a stream beside a poller)",
+    "idle_poll_cpu": "taking this many cores from a stepping engine (fitted to streams beside a poller)",
+    "idle_poll_delay_s": "from this long after its last step (fitted to a stream sent at once beside it)",
     "proxy_s": "the omnisim proxy (with the client in one process) per request",
     "proxy_token_s": "and per streamed token",
 }

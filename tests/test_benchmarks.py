@@ -210,6 +210,22 @@ def test_fidelity_cpu_quick():
     assert "load average" in out
 
 
+@pytest.mark.vllm
+def test_poll_profile_times_a_stream_beside_a_parked_and_a_polling_neighbour(tmp_path):
+    pytest.importorskip("vllm")
+    pytest.importorskip("transformers")
+    out = run("benchmarks/poll_profile.py", "--rounds", "1", "--delays", "0.3", timeout=900)
+    figures = last_json(out)
+    assert set(figures) == {"parked", "stream+0.3s", "short+0s", "short+0.3s", "prefill+0s", "prefill+0.3s",
+                            "own+0s", "own+0.3s"}
+    assert figures["parked"]["x_parked"] == 1.0 and figures["parked"]["b_cores"] < 0.1  # b idle and parked
+    assert all(f["itl_ms"] > 0 for f in figures.values())
+    assert figures["stream+0.3s"]["b_cores"] > 0.1  # b's worker spins on its queue after answering
+    proc = subprocess.run([sys.executable, "benchmarks/poll_profile.py", "--delays", "-1"], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "--delays: every value must be >= 0" in proc.stderr
+
+
 def test_fidelity_rescore_of_the_readmes_run_gives_its_figures_with_the_committed_coefficients():
     # The README's table is the newest run kept in benchmarks/fidelity_runs/, simulated with conf/serving/vllm_cpu.yaml
     # as committed: rescoring it (no servers) gives the same simulated figures. If this fails, the simulator's served
@@ -437,9 +453,32 @@ def test_serving_costs_fit_recovers_the_cores_engines_and_pollers_take_from_each
     measured_two = sim_tpot(true, two, 2, 0.02)
     measured_polled = sim_polled_tpot(true, two, 0.01)
     assert measured_polled > sim_polled_tpot(dataclasses.replace(true, idle_poll_cpu=0.0), two, 0.01)  # it matters
-    engine_cpu, idle_poll_cpu = fit_contention(base, two, (measured_two, 0.02), (measured_polled, 0.01))
+    engine_cpu, idle_poll_cpu, delay = fit_contention(base, two, (measured_two, 0.02), (measured_polled, 0.01))
     assert engine_cpu == pytest.approx(1.45, rel=1e-3) and idle_poll_cpu == pytest.approx(0.6, rel=1e-2)
+    assert delay == 0.0  # no later streams measured: the poll takes hold at once, as base has it
     assert fit_contention(base, two, (measured_two, 0.02), (None, 0.0))[1] == 1.0  # not measured: kept
+
+
+def test_serving_costs_fit_recovers_when_a_poll_takes_hold_from_streams_sent_at_once_and_later():
+    # streams sent at once and 0.3 / 0.6 s after the other engine's last request, simulated with a known plateau and
+    # delay: the stream sent at once hardly sees the poll, the later ones do, and fit_contention finds both
+    import dataclasses
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from serving_costs import STEP_TABLE, compose, fit_contention, sim_polled_tpot, sim_tpot
+
+    from omnisim.sim.serving import ServingCosts
+
+    two, _ = compose("cpu_tiny_colocated2", "serving=none", "proxy=round_robin", f"cost.path={STEP_TABLE}",
+                     backend="sim")
+    base = ServingCosts(token_s=4e-5, api_step_s=3e-4, step_factor=1.5, host_cores=2, engine_cpu=1.7,
+                        idle_poll_s=0.95, idle_poll_cpu=0.2)
+    true = dataclasses.replace(base, engine_cpu=1.5, idle_poll_cpu=0.8, idle_poll_delay_s=0.15)
+    at_once = sim_polled_tpot(true, two, 0.0)
+    late = {d: sim_polled_tpot(true, two, 0.0, float(d)) for d in ("0.3", "0.6")}
+    assert at_once < min(late.values())  # the delay shows
+    fitted = fit_contention(base, two, (sim_tpot(true, two, 2, 0.0), 0.0), (at_once, 0.0), (late, 0.0))
+    assert fitted == pytest.approx((1.5, 0.8, 0.15), rel=2e-2)
 
 
 def test_serving_costs_fit_recovers_what_engines_take_from_api_work_and_a_pd_instances_steps():
@@ -465,9 +504,11 @@ def test_serving_costs_fit_recovers_what_engines_take_from_api_work_and_a_pd_ins
     assert short["own"][0] > sim_short_ttft(dataclasses.replace(true, own_engine_cpu=0.5), exps, "own", 0.01)
     fitted = fit_host(base, exps, (sim_tpot(true, exps["two"], 2, 0.02), 0.02),
                       (sim_polled_tpot(true, exps["two"], 0.01), 0.01), short, bg)
-    assert fitted == pytest.approx((1.45, 0.6, 1.3), rel=1e-2)
-    engine_cpu, _, own = fit_host(base, exps, (sim_tpot(true, exps["two"], 2, 0.02), 0.02), (None, 0.0), None, {})
-    assert own == engine_cpu  # no short requests measured: an API server sees its own engine as any other, as before
+    assert fitted == pytest.approx({"engine_cpu": 1.45, "idle_poll_cpu": 0.6, "idle_poll_delay_s": 0.0,
+                                    "own_engine_cpu": 1.3}, rel=1e-2)
+    fitted = fit_host(base, exps, (sim_tpot(true, exps["two"], 2, 0.02), 0.02), (None, 0.0), None, {})
+    assert fitted["own_engine_cpu"] == fitted["engine_cpu"]  # no short requests measured: an API server sees its
+    # own engine as any other, as before
     pd_costs = dataclasses.replace(true, kv_rule="example_connector")
     measured = sim_pd_tpot(dataclasses.replace(pd_costs, connector_step_s=4e-4), exps["pd"], 0.0)
     assert measured > sim_pd_tpot(pd_costs, exps["pd"], 0.0)
@@ -481,7 +522,7 @@ def test_serving_costs_pools_sessions_after_taking_each_ones_steal_out():
     import statistics
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from serving_costs import pooled
+    from serving_costs import pooled, without_steal
 
     raws = sorted((ROOT / "benchmarks/serving_costs_raw").glob("*.json"))
     assert len(raws) >= 2, "the committed sessions the shipped serving=vllm_cpu was derived from"
@@ -490,9 +531,12 @@ def test_serving_costs_pools_sessions_after_taking_each_ones_steal_out():
     for part in ("prefill", "decode", "batch", "pd", "api_groups"):
         assert len(both[part]) == len(a[part]) + len(b[part])
     c = both["contention"]
-    assert c["two_engine_itls"] == a["contention"]["two_engine_itls"] + b["contention"]["two_engine_itls"]
+    a_, b_ = without_steal(a)["contention"], without_steal(b)["contention"]
+    assert c["two_engine_itls"] == a_["two_engine_itls"] + b_["two_engine_itls"]
     assert c["two_engine_itl"] == statistics.median(c["two_engine_itls"])
     assert set(c["short_ttfts"]) == {"alone", "own", "other"}
+    # the streams sent later beside a poller come from the sessions that measured them
+    assert "polled_late" not in a["contention"] and c["polled_late"] == b_["polled_late"]
     # a session whose decode part lost half its time to the hypervisor counts for half its wall times
     stolen = copy.deepcopy(b)
     stolen["loads"]["decode"]["steal_fraction"] = 0.5
