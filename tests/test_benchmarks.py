@@ -217,7 +217,8 @@ def test_poll_profile_times_a_stream_beside_a_parked_and_a_polling_neighbour(tmp
     out = run("benchmarks/poll_profile.py", "--rounds", "1", "--delays", "0.3", timeout=900)
     figures = last_json(out)
     assert set(figures) == {"parked", "stream+0.3s", "short+0s", "short+0.3s", "prefill+0s", "prefill+0.3s",
-                            "own+0s", "own+0.3s"}
+                            "own+0s", "own+0.1s", "own+0.3s", "own+0.6s", "own+0.9s", "own64+0s", "own64+0.3s"}
+    assert all(f["ttft_ms"] > 0 for f in figures.values())
     assert figures["parked"]["x_parked"] == 1.0 and figures["parked"]["b_cores"] < 0.1  # b idle and parked
     assert all(f["itl_ms"] > 0 for f in figures.values())
     assert figures["stream+0.3s"]["b_cores"] > 0.1  # b's worker spins on its queue after answering
