@@ -437,7 +437,7 @@ def test_vidur_collectives_refuses_bad_tables_and_groups(tmp_path):
     assert "row 3 has" in refused("--network", str(tmp_path / "neg"), "--fit-groups", "2")
 
 
-def test_serving_costs_fit_recovers_the_cores_engines_and_pollers_take_from_each_other():
+def test_serving_costs_fit_recovers_what_engines_and_pollers_take_from_each_other_and_when_a_poll_holds():
     # two streams at once, and a stream beside a poller, simulated with known engine_cpu and idle_poll_cpu
     import dataclasses
 
@@ -458,22 +458,9 @@ def test_serving_costs_fit_recovers_the_cores_engines_and_pollers_take_from_each
     assert engine_cpu == pytest.approx(1.45, rel=1e-3) and idle_poll_cpu == pytest.approx(0.6, rel=1e-2)
     assert delay == 0.0  # no later streams measured: the poll takes hold at once, as base has it
     assert fit_contention(base, two, (measured_two, 0.02), (None, 0.0))[1] == 1.0  # not measured: kept
-
-
-def test_serving_costs_fit_recovers_when_a_poll_takes_hold_from_streams_sent_at_once_and_later():
     # streams sent at once and 0.3 / 0.6 s after the other engine's last request, simulated with a known plateau and
     # delay: the stream sent at once hardly sees the poll, the later ones do, and fit_contention finds both
-    import dataclasses
-
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from serving_costs import STEP_TABLE, compose, fit_contention, sim_polled_tpot, sim_tpot
-
-    from omnisim.sim.serving import ServingCosts
-
-    two, _ = compose("cpu_tiny_colocated2", "serving=none", "proxy=round_robin", f"cost.path={STEP_TABLE}",
-                     backend="sim")
-    base = ServingCosts(token_s=4e-5, api_step_s=3e-4, step_factor=1.5, host_cores=2, engine_cpu=1.7,
-                        idle_poll_s=0.95, idle_poll_cpu=0.2)
+    base = dataclasses.replace(base, idle_poll_s=0.95, idle_poll_cpu=0.2)
     true = dataclasses.replace(base, engine_cpu=1.5, idle_poll_cpu=0.8, idle_poll_delay_s=0.15)
     at_once = sim_polled_tpot(true, two, 0.0)
     late = {d: sim_polled_tpot(true, two, 0.0, float(d)) for d in ("0.3", "0.6")}
