@@ -227,6 +227,18 @@ def test_poll_profile_times_a_stream_beside_a_parked_and_a_polling_neighbour(tmp
     assert proc.returncode == 2 and "--delays: every value must be >= 0" in proc.stderr
 
 
+@pytest.mark.vllm
+def test_ttft_gap_times_a_request_by_how_long_its_engine_idled():
+    pytest.importorskip("vllm")
+    pytest.importorskip("transformers")
+    figures = last_json(run("benchmarks/ttft_gap.py", "--rounds", "1", "--gaps", "0", "0.3", timeout=900))
+    assert set(figures) == {"gap 0s", "gap 0.3s", "busy 0.3s", "parked"}
+    assert all(v > 0 for v in figures.values())
+    proc = subprocess.run([sys.executable, "benchmarks/ttft_gap.py", "--rounds", "0"], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "--rounds must be >= 1" in proc.stderr
+
+
 def test_fidelity_rescore_of_the_readmes_run_gives_its_figures_with_the_committed_coefficients():
     # The README's table is the newest run kept in benchmarks/fidelity_runs/, simulated with conf/serving/vllm_cpu.yaml
     # as committed: rescoring it (no servers) gives the same simulated figures. If this fails, the simulator's served
