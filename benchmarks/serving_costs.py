@@ -675,7 +675,8 @@ def pooled(ms: list[dict]) -> dict:
         c[key] = mean(ci[key] for ci in cs if key in ci)
     lates = [ci for ci in cs if ci.get("polled_late")]  # sessions from before it was measured have none
     if lates:
-        c["polled_late"] = {d: [x for ci in lates for x in ci["polled_late"].get(d, [])] for d in lates[-1]["polled_late"]}
+        c["polled_late"] = {d: [x for ci in lates for x in ci["polled_late"].get(d, [])]
+                            for d in lates[-1]["polled_late"]}
     shorts = [ci for ci in cs if ci.get("short_ttfts")]
     if shorts:
         c["short_ttfts"] = {k: [x for ci in shorts for x in ci["short_ttfts"][k]] for k in shorts[0]["short_ttfts"]}
@@ -844,7 +845,8 @@ def derive(m: dict, exps: dict, cost, block: int, kv_bytes_per_token: float, hos
                   kv_rule="example_connector" if rule_ok else "link", connector_step_s=connector_step_s,
                   host_cores=host_cores,
                   engine_cpu=engine_cpu, own_engine_cpu=own_engine_cpu, idle_poll_s=idle_poll_s,
-                  idle_poll_cpu=idle_poll_cpu, idle_poll_delay_s=base.idle_poll_delay_s, background_cores=0.0, steal=0.0, proxy_s=proxy_s,
+                  idle_poll_cpu=idle_poll_cpu, idle_poll_delay_s=base.idle_poll_delay_s, background_cores=0.0,
+                  steal=0.0, proxy_s=proxy_s,
                   proxy_token_s=proxy_token_s)
     return coeffs, ev
 

