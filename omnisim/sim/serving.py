@@ -353,9 +353,9 @@ class ServedInstance(Instance):
         if self.busy != was_busy and self.host.cores:
             if was_busy:
                 self.idle_since = now
-                for at in ((self.host.idle_poll_delay_s, self.host.idle_poll_s) if self.host.idle_poll_s else ()):
-                    if at:
-                        self.env.timeout(at).callbacks.append(lambda _e, t=now: self._poll_changed(t))
+                # the others' pace changes when its poll takes hold and when it ends (no poll: both 0)
+                for at in {self.host.idle_poll_delay_s, self.host.idle_poll_s} - {0.0}:
+                    self.env.timeout(at).callbacks.append(lambda _e, t=now: self._poll_changed(t))
             self.host.engine_changed(self)
 
     def _poll_changed(self, idle_since: float) -> None:
